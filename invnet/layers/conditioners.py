@@ -1,0 +1,160 @@
+"""Conditioners: the small, non-invertible networks inside coupling blocks.
+
+Convolutions here never pad by themselves: each 3x3 (or kxk) convolution is preceded by a padding
+module made by a ``pad`` factory ``(ndim, width) -> nn.Module``. The default pads with zeros; a
+domain-decomposed network passes a factory that exchanges halos with neighbouring ranks instead
+and zero-pads only at the global border, so the same conditioner code serves both.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ZeroPad", "ConvConditioner", "MLPConditioner", "make_conditioner", "PadFactory"]
+
+PadFactory = Callable[[int, int], nn.Module]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class ZeroPad(nn.Module):
+    """Zero padding of ``width`` cells on both sides of every space dimension.
+
+    >>> import torch
+    >>> ZeroPad(2, 1)(torch.ones(1, 1, 2, 2)).shape
+    torch.Size([1, 1, 4, 4])
+    """
+
+    def __init__(self, ndim: int, width: int) -> None:
+        super().__init__()
+        self.ndim = ndim
+        self.width = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.width == 0:
+            return x
+        return F.pad(x, [self.width] * (2 * self.ndim))
+
+
+class _ResidualPointwise(nn.Module):
+    def __init__(self, conv: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.act = act
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.act(self.conv(h))
+
+
+class ConvConditioner(nn.Module):
+    r"""Residual convolutional conditioner, Glow-style:
+
+    .. math::
+        h_1 = \mathrm{ReLU}(K_1 * x),\quad h_2 = h_1 + \mathrm{ReLU}(K_2 h_1)\ (\text{1x1}),
+        \quad \text{out} = K_3 * h_2
+
+    with ``residual_blocks`` extra 1x1 residual stages. The last convolution starts at zero (the
+    coupling starts as the identity), following "Glow" (Kingma and Dhariwal, 2018,
+    arXiv:1807.03039).
+
+    Args:
+        in_channels, out_channels, hidden: channel counts.
+        ndim: 1, 2 or 3 space dimensions.
+        kernel_size: odd size of the first and last convolutions (their reach is
+            ``kernel_size // 2`` cells each).
+        residual_blocks: number of 1x1 residual stages (at least 1).
+        pad: padding factory ``(ndim, width) -> nn.Module`` (zero padding by default).
+        zero_init: start the last convolution at zero.
+
+    >>> import torch
+    >>> net = ConvConditioner(3, 4, hidden=8, ndim=2)
+    >>> net(torch.randn(2, 3, 5, 5)).shape
+    torch.Size([2, 4, 5, 5])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden: int,
+        ndim: int,
+        kernel_size: int = 3,
+        residual_blocks: int = 1,
+        pad: PadFactory = ZeroPad,
+        zero_init: bool = True,
+    ) -> None:
+        super().__init__()
+        if ndim not in _CONV:
+            raise ValueError(f"ConvConditioner needs 1, 2 or 3 space dimensions, got {ndim}")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        conv = _CONV[ndim]
+        width = kernel_size // 2
+        #: how far the conditioner reaches in cells (halo width a domain decomposition needs)
+        self.reach = 2 * width
+        self.pad_in = pad(ndim, width)
+        self.conv_in = conv(in_channels, hidden, kernel_size)
+        self.act = nn.ReLU()
+        self.body = nn.Sequential(
+            *[_ResidualPointwise(conv(hidden, hidden, 1), nn.ReLU()) for _ in range(max(1, residual_blocks))]
+        )
+        self.pad_out = pad(ndim, width)
+        self.conv_out = conv(hidden, out_channels, kernel_size)
+        if zero_init:
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.conv_in(self.pad_in(x)))
+        h = self.body(h)
+        return self.conv_out(self.pad_out(h))
+
+
+class MLPConditioner(nn.Module):
+    r"""Residual MLP conditioner for vectors (ndim 0):
+    :math:`h_1 = \mathrm{ReLU}(W_1 x)`, :math:`h_2 = h_1 + \mathrm{ReLU}(W_2 h_1)`, out :math:`= W_3 h_2`
+    (last layer starts at zero).
+
+    >>> import torch
+    >>> MLPConditioner(3, 4, hidden=8)(torch.randn(2, 3)).shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, hidden: int, residual_blocks: int = 1, zero_init: bool = True
+    ) -> None:
+        super().__init__()
+        self.reach = 0
+        self.lin_in = nn.Linear(in_channels, hidden)
+        self.act = nn.ReLU()
+        self.body = nn.Sequential(
+            *[_ResidualPointwise(nn.Linear(hidden, hidden), nn.ReLU()) for _ in range(max(1, residual_blocks))]
+        )
+        self.lin_out = nn.Linear(hidden, out_channels)
+        if zero_init:
+            nn.init.zeros_(self.lin_out.weight)
+            nn.init.zeros_(self.lin_out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin_out(self.body(self.act(self.lin_in(x))))
+
+
+def make_conditioner(
+    in_channels: int, out_channels: int, hidden: int, ndim: int, pad: Optional[PadFactory] = None, **kwargs
+) -> nn.Module:
+    """A :class:`ConvConditioner` for ``ndim >= 1``, an :class:`MLPConditioner` for ``ndim == 0``."""
+    if hidden < 1:
+        raise ValueError(f"hidden must be a positive channel count, got {hidden}")
+    if ndim == 0:
+        return MLPConditioner(in_channels, out_channels, hidden, **kwargs)
+    return ConvConditioner(in_channels, out_channels, hidden, ndim, pad=pad or ZeroPad, **kwargs)
+
+
+def expand_condition(c: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a vector condition ``(N, C)`` over the space of ``like``; fields pass through."""
+    if c.dim() == 2 and like.dim() > 2:
+        return c.reshape(c.shape + (1,) * (like.dim() - 2)).expand(c.shape + tuple(like.shape[2:]))
+    return c

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install invnet (editable) with everything its tests and applications need, into the current
+# Python environment. An installed torch is kept as it is (GPU users keep their CUDA build).
+# Without torch: on a machine with an NVIDIA driver pip's default (CUDA) build is taken; without
+# one the CPU build 2.13.0, which pip finds on disk on our CPU machines in seconds. Set
+# INVNET_TORCH_SPEC to choose another, e.g. INVNET_TORCH_SPEC="torch==2.5.1".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    if [ -n "${INVNET_TORCH_SPEC:-}" ]; then
+        spec=$INVNET_TORCH_SPEC
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        spec=torch
+    else
+        spec=torch==2.13.0
+    fi
+    echo "[setup] installing $spec"
+    "$PY" -m pip install -q "$spec"
+fi
+if ! "$PY" -c "import invnet, mpi4py, pytest_timeout, skimage, pylops" >/dev/null 2>&1 \
+    || [ "$("$PY" -c 'import invnet, pathlib; print(pathlib.Path(invnet.__file__).resolve().parent.parent)')" != "$(pwd -P)" ]; then
+    echo "[setup] installing invnet and its dependencies"
+    "$PY" -m pip install -q -e ".[all]"
+fi
