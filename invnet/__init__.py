@@ -3,9 +3,10 @@
 Blocks rebuild their input from their output, so training keeps the activations of one block at a
 time whatever the depth. See docs/architecture.md.
 """
-from . import layers
+from . import distributions, layers, losses, networks
 from .core import Backward, Chain, InvertibleModule, memory_saving, memory_saving_enabled
 
 __version__ = "0.1.0"
 
-__all__ = ["InvertibleModule", "Chain", "Backward", "memory_saving", "memory_saving_enabled", "layers"]
+__all__ = ["InvertibleModule", "Chain", "Backward", "memory_saving", "memory_saving_enabled", "layers", "networks",
+           "distributions", "losses"]

@@ -1,0 +1,4 @@
+"""Assembled flows (Glow, HINT, conditional forms, loops, summary networks)."""
+from .base import FlowNetwork
+
+__all__ = ["FlowNetwork"]

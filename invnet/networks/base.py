@@ -1,0 +1,81 @@
+"""Networks: an invertible module with a base density, so it has ``log_prob`` and ``sample``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..core.module import InvertibleModule
+from ..distributions import StandardNormal
+from ..losses import bits_per_dim
+
+__all__ = ["FlowNetwork"]
+
+
+class FlowNetwork(InvertibleModule):
+    r"""Base class of invnet's networks: an invertible map :math:`z = f(x; c)` with a standard
+    normal latent, so that
+
+    .. math:: \log q(x \mid c) = \log \mathcal N(f(x; c); 0, I) + \log|\det J_f(x; c)|.
+
+    Subclasses implement the block contract (``_forward``, ``_inverse``, ``_vjp``,
+    ``_check_shape``); this class adds ``log_prob``, ``bits_per_dim`` and ``sample``.
+    """
+
+    base = StandardNormal()
+
+    def latent_shape(self, x_shape: tuple[int, ...], c_shape: Optional[tuple[int, ...]] = None) -> tuple[int, ...]:
+        """Shape of the latent for data of shape ``x_shape`` (validates it)."""
+        return self.check_shape(tuple(x_shape), c_shape, inverse=False)
+
+    def log_prob(self, x: Tensor, c: Optional[Tensor] = None) -> Tensor:
+        """:math:`\\log q(x|c)` per sample, in nats, shape ``(batch,)``."""
+        z, logdet = self(x, c)
+        return self.base.log_prob(z) + logdet
+
+    def bits_per_dim(self, x: Tensor, c: Optional[Tensor] = None, bin_width: float = 1.0) -> Tensor:
+        """Negative log-likelihood per sample in bits per dimension (see :func:`invnet.losses.bits_per_dim`)."""
+        return bits_per_dim(self.log_prob(x, c), x[0].numel(), bin_width)
+
+    def sample(
+        self,
+        n: int,
+        c: Optional[Tensor] = None,
+        temperature: float = 1.0,
+        shape: Optional[tuple[int, ...]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Draw ``n`` samples :math:`x = f^{-1}(T z; c)`, :math:`z \\sim \\mathcal N(0, I)`.
+
+        Args:
+            n: number of samples.
+            c: condition: one per sample (batch ``n``) or one row serving all ``n``.
+            temperature: :math:`T` (1 samples the model; below 1 trades diversity for quality).
+            shape: shape of one data sample ``(channels, *space)``; networks that know it
+                (``self.data_shape``) or can infer it from ``c`` need not be told.
+            generator: optional random generator.
+        """
+        if n < 1:
+            raise ValueError(f"n must be a positive number of samples, got {n}")
+        if c is not None:
+            if c.shape[0] == 1 and n > 1:
+                c = c.expand((n,) + tuple(c.shape[1:]))
+            elif c.shape[0] != n:
+                raise ValueError(f"c must hold one condition per sample ({n}) or a single row, got batch {c.shape[0]}")
+        shape = self._sample_data_shape(c, shape)
+        ref = next(iter(self.parameters()), None)
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        device = ref.device if ref is not None else None
+        z_shape = self.latent_shape((n,) + tuple(shape), None if c is None else tuple(c.shape))
+        z = self.base.sample(z_shape, temperature, dtype=dtype, device=device, generator=generator)
+        x, _ = self.inverse(z, c)
+        return x
+
+    def _sample_data_shape(self, c: Optional[Tensor], shape: Optional[tuple[int, ...]]) -> tuple[int, ...]:
+        if shape is not None:
+            return tuple(shape)
+        known = getattr(self, "data_shape", None)
+        if known is not None:
+            return tuple(known)
+        raise ValueError(f"{type(self).__name__}.sample needs shape=(channels, *space) of one sample")
