@@ -1,12 +1,14 @@
 """Small linear-Gaussian run: an amortized ConditionalGlow against the exact Gaussian posterior."""
 import importlib.util
 import pathlib
+import sys
 
 import torch
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "applications" / "linear_gaussian" / "lingauss.py"
 _spec = importlib.util.spec_from_file_location("invnet_app_lingauss", _PATH)
 lingauss = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = lingauss  # dataclasses look their module up
 _spec.loader.exec_module(lingauss)
 
 
