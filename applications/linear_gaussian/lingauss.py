@@ -19,7 +19,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from invnet.networks import ConditionalGlow, FlowNetwork, VectorSummary
+from torch import nn
+
+from invnet.networks import ConditionalGlow, FlowNetwork, ImageSummary, VectorSummary
 
 D64 = torch.float64
 
@@ -47,6 +49,22 @@ class LinearGaussianProblem:
         prior_cov = q @ torch.diag(eig) @ q.T
         prior_mean = 0.5 * torch.randn(dim_x, generator=g, dtype=D64)
         A = torch.randn(dim_y, dim_x, generator=g, dtype=D64) / math.sqrt(dim_x)
+        return cls(A, prior_mean, prior_cov, float(noise_std))
+
+    @classmethod
+    def field(cls, n: int = 16, m: int = 8, noise_std: float = 0.1, length_scale: float = 3.0, seed: int = 0) -> "LinearGaussianProblem":
+        """A 1D field variant: ``x`` on ``n`` grid points with a squared-exponential prior
+        covariance :math:`P_{ij} = e^{-(i-j)^2 / (2 \ell^2)} + 0.05\,\delta_{ij}`, observed as
+        ``m`` blurred samples (Gaussian blur of width ``n / m``, every ``n / m``-th point)."""
+        if n % m:
+            raise ValueError(f"the field size n={n} must be a multiple of the observation size m={m}")
+        i = torch.arange(n, dtype=D64)
+        prior_cov = torch.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * length_scale**2)) + 0.05 * torch.eye(n, dtype=D64)
+        centres = (torch.arange(m, dtype=D64) + 0.5) * (n / m) - 0.5
+        A = torch.exp(-((centres[:, None] - i[None, :]) ** 2) / (2 * (n / m) ** 2))
+        A = A / A.sum(1, keepdim=True)
+        g = torch.Generator().manual_seed(seed)
+        prior_mean = 0.3 * torch.sin(2 * math.pi * i / n + float(torch.rand(1, generator=g, dtype=D64)) * 6.0)
         return cls(A, prior_mean, prior_cov, float(noise_std))
 
     @property
@@ -96,20 +114,51 @@ def _glow(dim_x: int, dim_y: int, hidden: int, depth: int, summary: int) -> Flow
     return ConditionalGlow(dim_x, dim_y, hidden=hidden, levels=1, depth=depth, ndim=0)
 
 
+def _glow_field(dim_x: int, dim_y: int, hidden: int, depth: int, summary: int) -> FlowNetwork:
+    # x is a 1D field (1 channel, dim_x points); y (dim_y points) is resampled onto x's grid
+    k = summary or 2
+    return ConditionalGlow(1, k, hidden=hidden, levels=2, depth=depth, ndim=1,
+                           summary=ImageSummary(1, k, out_size=(dim_x,), hidden=hidden))
+
+
 NETWORKS: dict[str, Callable[..., FlowNetwork]] = {"glow": _glow}
+FIELD_NETWORKS: dict[str, Callable[..., FlowNetwork]] = {"glow": _glow_field}
 
 
-def build_network(name: str, dim_x: int, dim_y: int, hidden: int = 64, depth: int = 8, summary: int = 0) -> FlowNetwork:
-    """A conditional flow ``q(x | y)`` over vectors, with ``log_prob(x, y)`` and ``sample(n, y)``.
-    ``summary > 0`` inserts a learned vector summary of ``y`` with that many outputs."""
-    if name not in NETWORKS:
-        raise ValueError(f"unknown network {name!r}; available: {sorted(NETWORKS)}")
-    return NETWORKS[name](dim_x, dim_y, hidden, depth, summary)
+class FieldAdapter(nn.Module):
+    """Presents a flow over 1D fields ``(N, 1, n)`` conditioned on observations ``(N, 1, m)`` with
+    the vector interface of this module: ``log_prob(x, y)`` and ``sample(k, y)`` on rows."""
+
+    def __init__(self, net: FlowNetwork, n: int) -> None:
+        super().__init__()
+        self.net = net
+        self.n = n
+
+    def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.net.log_prob(x[:, None, :], y[:, None, :])
+
+    def sample(self, k: int, y: Tensor) -> Tensor:
+        return self.net.sample(k, y[:, None, :], shape=(1, self.n))[:, 0]
+
+
+def build_network(
+    name: str, dim_x: int, dim_y: int, hidden: int = 64, depth: int = 8, summary: int = 0, field: bool = False
+) -> nn.Module:
+    """A conditional flow ``q(x | y)`` with ``log_prob(x, y)`` and ``sample(n, y)`` on rows.
+
+    Vectors: ``summary > 0`` inserts a learned vector summary of ``y`` with that many outputs.
+    ``field=True``: a 1D multiscale flow over the field ``x`` whose condition is the observation
+    resampled onto x's grid by an image summary network (``summary`` channels, default 2)."""
+    table = FIELD_NETWORKS if field else NETWORKS
+    if name not in table:
+        raise ValueError(f"unknown network {name!r}; available: {sorted(table)}")
+    net = table[name](dim_x, dim_y, hidden, depth, summary)
+    return FieldAdapter(net, dim_x) if field else net
 
 
 # --------------------------------------------------------------------------------------------
 def train(
-    net: FlowNetwork,
+    net: nn.Module,
     problem: LinearGaussianProblem,
     steps: int,
     batch: int = 512,
@@ -167,7 +216,7 @@ def _metrics_from_samples(problem: LinearGaussianProblem, y: Tensor, samples: Te
 
 @torch.no_grad()
 def evaluate(
-    net: FlowNetwork,
+    net: nn.Module,
     problem: LinearGaussianProblem,
     n_y: int = 50,
     n_samples: int = 20000,

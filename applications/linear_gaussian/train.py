@@ -23,7 +23,8 @@ def main(argv=None) -> dict:
     p.add_argument("--network", default="glow", choices=sorted(NETWORKS))
     p.add_argument("--dim-x", type=int, default=8)
     p.add_argument("--dim-y", type=int, default=6)
-    p.add_argument("--noise", type=float, default=0.3)
+    p.add_argument("--noise", type=float, default=None, help="noise std (default 0.3 vectors, 0.1 field)")
+    p.add_argument("--field", action="store_true", help="1D field variant: x on --dim-x points, y = --dim-y blurred samples")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--summary", type=int, default=0, help="outputs of a learned vector summary of y (0: none)")
@@ -38,8 +39,11 @@ def main(argv=None) -> dict:
     if a.steps < 1:
         p.error("--steps must be positive")
     torch.manual_seed(a.seed)
-    problem = LinearGaussianProblem.random(a.dim_x, a.dim_y, a.noise, seed=a.seed)
-    net = build_network(a.network, a.dim_x, a.dim_y, a.hidden, a.depth, a.summary)
+    if a.field:
+        problem = LinearGaussianProblem.field(a.dim_x, a.dim_y, 0.1 if a.noise is None else a.noise, seed=a.seed)
+    else:
+        problem = LinearGaussianProblem.random(a.dim_x, a.dim_y, 0.3 if a.noise is None else a.noise, seed=a.seed)
+    net = build_network(a.network, a.dim_x, a.dim_y, a.hidden, a.depth, a.summary, field=a.field)
     t0 = time.time()
     train(net, problem, a.steps, a.batch, a.lr, seed=a.seed + 1, log_every=max(1, a.steps // 10))
     seconds = time.time() - t0
