@@ -53,7 +53,7 @@ class LinearGaussianProblem:
 
     @classmethod
     def field(cls, n: int = 16, m: int = 8, noise_std: float = 0.1, length_scale: float = 3.0, seed: int = 0) -> "LinearGaussianProblem":
-        """A 1D field variant: ``x`` on ``n`` grid points with a squared-exponential prior
+        r"""A 1D field variant: ``x`` on ``n`` grid points with a squared-exponential prior
         covariance :math:`P_{ij} = e^{-(i-j)^2 / (2 \ell^2)} + 0.05\,\delta_{ij}`, observed as
         ``m`` blurred samples (Gaussian blur of width ``n / m``, every ``n / m``-th point)."""
         if n % m:
