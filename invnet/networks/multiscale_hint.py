@@ -1,0 +1,281 @@
+"""Multiscale HINT: squeeze, HINT steps, factor out half the channels, recurse on the rest."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..core.chain import Chain
+from ..core.module import GradStore, InvertibleModule, add_optional
+from ..layers._shapes import check_condition
+from ..layers.conditioners import PadFactory
+from ..layers.squeeze import HaarSqueeze, Squeeze
+from .base import FlowNetwork
+from .hint import check_common, hint_step, sample_shape_from_condition
+
+__all__ = ["MultiscaleHINT", "SQUEEZES"]
+
+SQUEEZES = ("haar", "checkerboard", "patch")
+
+
+def make_squeeze(kind: str, ndim: int) -> Optional[InvertibleModule]:
+    """Haar wavelet or space-to-depth squeeze; none for vectors (``ndim == 0``)."""
+    if ndim == 0:
+        return None
+    if kind == "haar":
+        return HaarSqueeze(ndim=ndim)
+    return Squeeze(kind, ndim=ndim)
+
+
+class ScaleLevel(InvertibleModule):
+    r"""One scale of a multiscale flow, nested: with :math:`S` the squeeze,
+
+    .. math::
+        h = F(S x; S c), \quad [a, b] = h, \quad z = S^{-1}[\,\mathrm{inner}(a; S c),\ b\,]
+
+    (the last level has no inner level: :math:`z = S^{-1} h`). So :math:`z` has the shape of
+    :math:`x` and :math:`\log|\det J| = \log|\det J_F| + \log|\det J_{\mathrm{inner}}|` (the squeeze
+    is orthogonal). A field condition is squeezed along with ``x`` (so each scale sees it at its
+    own size); a vector condition passes unchanged. Vectors (``ndim == 0``) skip the squeeze.
+
+    The backward walks the nesting inside-out: squeeze ``z`` and its cotangent, let the inner
+    level rebuild ``a``, then the steps rebuild the squeezed input; nothing is stored.
+    """
+
+    def __init__(
+        self, steps: Chain, squeeze: Optional[InvertibleModule], keep: int, inner: Optional["ScaleLevel"]
+    ) -> None:
+        super().__init__()
+        self.steps = steps
+        self.squeeze = squeeze
+        self.keep = keep
+        self.inner = inner
+        self.cond_channels = steps.cond_channels
+
+    def _sq(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None or self.squeeze is None:
+            return t
+        return self.squeeze._squeeze(t)
+
+    def _unsq(self, t: Tensor) -> Tensor:
+        return t if self.squeeze is None else self.squeeze._unsqueeze(t)
+
+    def _cond(self, c: Optional[Tensor]) -> Optional[Tensor]:
+        # a field condition follows x to every scale; a vector condition serves all scales
+        return self._sq(c) if c is not None and c.dim() > 2 else c
+
+    def _forward(self, x, c):
+        c = self._cond(c)
+        h, logdet = self.steps._forward(self._sq(x), c)
+        if self.inner is not None:
+            a, ld = self.inner._forward(h[:, : self.keep], c)
+            h = torch.cat([a, h[:, self.keep :]], dim=1)
+            logdet = logdet + ld
+        return self._unsq(h), logdet
+
+    def _inverse(self, z, c):
+        c = self._cond(c)
+        h = self._sq(z)
+        logdet = z.new_zeros(z.shape[0])
+        if self.inner is not None:
+            a, logdet = self.inner._inverse(h[:, : self.keep], c)
+            h = torch.cat([a, h[:, self.keep :]], dim=1)
+        x, ld = self.steps._inverse(h, c)
+        return self._unsq(x), logdet + ld
+
+    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
+        c_k = self._cond(c)
+        h, dh = self._sq(z), self._sq(dz)
+        dc = None
+        if self.inner is not None:
+            a, da, dc = self.inner._vjp(h[:, : self.keep], dh[:, : self.keep], dlogdet, c_k, grads)
+            h = torch.cat([a, h[:, self.keep :]], dim=1)
+            dh = torch.cat([da, dh[:, self.keep :]], dim=1)
+        x, dx, dc_steps = self.steps._vjp(h, dh, dlogdet, c_k, grads)
+        return self._unsq(x), self._unsq(dx), self._cond_vjp(add_optional(dc, dc_steps), c)
+
+    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+        c_k = self._cond(c)
+        h, dh, dc = self.steps._vjp_inverse(self._sq(x), self._sq(dx), dlogdet, c_k, grads)
+        if self.inner is not None:
+            a, da, dc_inner = self.inner._vjp_inverse(h[:, : self.keep], dh[:, : self.keep], dlogdet, c_k, grads)
+            h = torch.cat([a, h[:, self.keep :]], dim=1)
+            dh = torch.cat([da, dh[:, self.keep :]], dim=1)
+            dc = add_optional(dc, dc_inner)
+        return self._unsq(h), self._unsq(dh), self._cond_vjp(dc, c)
+
+    def _cond_vjp(self, dc: Optional[Tensor], c: Optional[Tensor]) -> Optional[Tensor]:
+        # the squeeze of the condition is orthogonal: its adjoint is the unsqueeze
+        if dc is None or c is None or c.dim() <= 2 or self.squeeze is None:
+            return dc
+        return self.squeeze._unsqueeze(dc)
+
+
+class MultiscaleHINT(FlowNetwork):
+    r"""Multiscale HINT: ``levels`` scales, each a squeeze, ``depth`` HINT steps and (except the
+    last) a split that factors out half the channels; the kept half goes on to the next scale.
+
+    From "HINT: Hierarchical Invertible Neural Transport for Density Estimation and Bayesian
+    Inference" (Kruse et al., 2021, arXiv:1905.10687) with the multiscale architecture of
+    "Density estimation using Real NVP" (Dinh et al., 2016, arXiv:1605.08803) and Haar squeezes as
+    in InvertibleNetworks.jl. Written as a nest of :class:`ScaleLevel` blocks:
+
+    .. math::
+        L_k(x) = S^{-1}\big[\,L_{k+1}(a),\ b\,\big],\quad [a, b] = F_k(S x),\qquad
+        L_{\text{last}}(x) = S^{-1} F_{\text{last}}(S x)
+
+    so the latent ``z = L_0(x)`` has **the shape of** ``x`` and no state is kept between calls
+    (the inverse needs no previous forward). :meth:`latent_parts` cuts ``z`` into the per-scale
+    latents (finest first), :meth:`merge_latent_parts` puts them back.
+
+    Args:
+        channels: channels of ``x``.
+        hidden: hidden channels of every conditioner.
+        levels: number of scales (1 or more); space sizes must be divisible by ``2**levels``.
+        depth: HINT steps per scale.
+        ndim: space dimensions 1 to 3; 0 (vectors) skips the squeezes and only factors out
+            channels, so ``channels`` must stay >= 2 after ``levels - 1`` halvings.
+        squeeze: ``"haar"`` (orthonormal Haar wavelet, default), ``"checkerboard"`` or ``"patch"``.
+        cond_channels: channels of an optional condition: a field ``(N, cond, *space)`` (squeezed
+            with ``x``, so scale ``k`` sees ``cond * 2**(ndim*(k+1))`` channels) for ``ndim >= 1``,
+            or a vector ``(N, cond)`` for ``ndim == 0``.
+        mixing, clamp, leaf_channels, pad, **conditioner_kwargs: as :class:`~invnet.networks.HINT`.
+
+    >>> import torch
+    >>> from invnet.networks import MultiscaleHINT
+    >>> flow = MultiscaleHINT(2, hidden=8, levels=2, depth=1, ndim=2)
+    >>> x = torch.randn(3, 2, 8, 8)
+    >>> z, logdet = flow(x)
+    >>> z.shape, [tuple(p.shape) for p in flow.latent_parts(z)]
+    (torch.Size([3, 2, 8, 8]), [(3, 4, 4, 4), (3, 4, 2, 2)])
+    >>> bool(torch.equal(flow.merge_latent_parts(flow.latent_parts(z)), z))
+    True
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: int = 64,
+        levels: int = 3,
+        depth: int = 4,
+        ndim: int = 2,
+        squeeze: str = "haar",
+        cond_channels: int = 0,
+        mixing: str = "householder",
+        clamp: float = 2.0,
+        leaf_channels: int = 3,
+        pad: Optional[PadFactory] = None,
+        **conditioner_kwargs,
+    ) -> None:
+        super().__init__()
+        if levels < 1:
+            raise ValueError(f"levels must be at least 1, got {levels}")
+        if squeeze not in SQUEEZES:
+            raise ValueError(f"squeeze must be one of {SQUEEZES}, got {squeeze!r}")
+        check_common(channels, hidden, depth, ndim, mixing, min_channels=2 if ndim == 0 else 1)
+        if cond_channels < 0:
+            raise ValueError(f"cond_channels must be >= 0, got {cond_channels}")
+        self.channels = channels
+        self.ndim = ndim
+        self.levels = levels
+        self.cond_channels = cond_channels
+        factor = 2**ndim
+        # channel counts per scale (after its squeeze) and the kept halves
+        widths, keeps = [], []
+        c_in = channels
+        for k in range(levels):
+            w = c_in * factor
+            keep = w // 2
+            if w < 2:
+                raise ValueError(
+                    f"MultiscaleHINT with {channels} channels and ndim={ndim} cannot be halved {levels - 1} "
+                    f"time(s): scale {k} would have {w} channel(s), a coupling needs at least 2; use fewer "
+                    f"levels or more channels"
+                )
+            widths.append(w)
+            keeps.append(keep)
+            c_in = keep
+        self.widths = tuple(widths)
+        self.keeps = tuple(keeps)
+        inner: Optional[ScaleLevel] = None
+        for k in reversed(range(levels)):
+            cond_k = cond_channels * factor ** (k + 1)
+            steps = Chain(
+                *[
+                    hint_step(widths[k], hidden, ndim, cond_k, mixing, clamp, leaf_channels, 100 * k + j, pad,
+                              **conditioner_kwargs)
+                    for j in range(depth)
+                ]
+            )
+            inner = ScaleLevel(steps, make_squeeze(squeeze, ndim), keeps[k], inner)
+        self.flow = inner
+        if ndim == 0:
+            self.data_shape = (channels,)
+
+    def _check_shape(self, shape, c_shape, inverse):
+        shape = super()._check_shape(shape, c_shape, inverse)
+        step = 2**self.levels
+        bad = [s for s in shape[2:] if s % step]
+        if bad:
+            raise ValueError(
+                f"MultiscaleHINT with levels={self.levels} needs every space size divisible by 2**levels = "
+                f"{step}; got space shape {tuple(shape[2:])}"
+            )
+        if self.cond_channels and c_shape is not None and self.ndim and len(c_shape) == 2:
+            raise ValueError(
+                f"MultiscaleHINT takes a field condition of shape ({shape[0]}, {self.cond_channels}, "
+                f"*{tuple(shape[2:])}); got a vector condition {tuple(c_shape)} (expand it over space)"
+            )
+        check_condition(type(self).__name__, shape, c_shape, self.cond_channels)
+        return shape
+
+    def _forward(self, x, c):
+        return self.flow._forward(x, c)
+
+    def _inverse(self, z, c):
+        return self.flow._inverse(z, c)
+
+    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
+        return self.flow._vjp(z, dz, dlogdet, c, grads)
+
+    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+        return self.flow._vjp_inverse(x, dx, dlogdet, c, grads)
+
+    def _sample_data_shape(self, c, shape):
+        return sample_shape_from_condition(self, c, shape)
+
+    def latent_parts(self, z: Tensor) -> list[Tensor]:
+        """Cut a latent (shape of ``x``) into per-scale parts, finest first: part ``k < levels-1``
+        is the factored-out half ``b`` of scale ``k`` (``widths[k] - keeps[k]`` channels at space
+        size ``/ 2**(k+1)``); the last part is the whole last scale.
+        Parts are the squeezed latent, so they are independent standard normals under the model."""
+        self.check_shape(tuple(z.shape), None, inverse=True)
+        parts = []
+        level: Optional[ScaleLevel] = self.flow
+        h = z
+        while level is not None:
+            h = level._sq(h)
+            if level.inner is None:
+                parts.append(h)
+            else:
+                parts.append(h[:, level.keep :])
+                h = h[:, : level.keep]
+            level = level.inner
+        return parts
+
+    def merge_latent_parts(self, parts: list[Tensor]) -> Tensor:
+        """Inverse of :meth:`latent_parts`."""
+        if len(parts) != self.levels:
+            raise ValueError(f"expected {self.levels} latent parts (one per scale), got {len(parts)}")
+        chain = []
+        level: Optional[ScaleLevel] = self.flow
+        while level is not None:
+            chain.append(level)
+            level = level.inner
+        h = parts[-1]
+        for k in reversed(range(self.levels)):
+            if k < self.levels - 1:
+                h = torch.cat([h, parts[k]], dim=1)
+            h = chain[k]._unsq(h)
+        return h
