@@ -148,7 +148,7 @@ class MultiscaleHINT(FlowNetwork):
     >>> x = torch.randn(3, 2, 8, 8)
     >>> z, logdet = flow(x)
     >>> z.shape, [tuple(p.shape) for p in flow.latent_parts(z)]
-    (torch.Size([3, 2, 8, 8]), [(3, 4, 4, 4), (3, 4, 2, 2)])
+    (torch.Size([3, 2, 8, 8]), [(3, 4, 4, 4), (3, 16, 2, 2)])
     >>> bool(torch.equal(flow.merge_latent_parts(flow.latent_parts(z)), z))
     True
     """
