@@ -15,7 +15,36 @@ from ..layers.hint import HINTCoupling
 from .base import FlowNetwork
 from .hint import channel_mixing, check_common, hint_step
 
-__all__ = ["ConditionalHINT"]
+__all__ = ["ConditionalHINT", "conditional_x_step"]
+
+
+def conditional_x_step(
+    channels: int,
+    cond_channels: int,
+    hidden: int,
+    ndim: int,
+    mixing: str = "householder",
+    leaf_channels: int = 3,
+    seed: int = 0,
+    **kwargs,
+) -> Chain:
+    """One x-lane step of a conditional HINT: ``Chain(ActNorm, mixing, ConditionalAffine,
+    HINTCoupling)`` with the lane coupling and every HINT conditioner fed the y-lane state ``c``
+    (mixing and HINT coupling are left out for a single channel). ``kwargs``: ``clamp``, ``pad``
+    and conditioner options.
+
+    >>> import torch
+    >>> step = conditional_x_step(3, 2, hidden=8, ndim=0)
+    >>> step(torch.randn(4, 3), torch.randn(4, 2))[0].shape
+    torch.Size([4, 3])
+    """
+    blocks = [ActNorm(channels, ndim=ndim)]
+    if channels >= 2:
+        blocks.append(channel_mixing(channels, mixing, ndim, seed=seed))
+    blocks.append(ConditionalAffine(channels, cond_channels, hidden, ndim, **kwargs))
+    if channels >= 2:
+        blocks.append(HINTCoupling(channels, hidden, ndim, cond_channels, leaf_channels=leaf_channels, seed=seed, **kwargs))
+    return Chain(*blocks)
 
 
 class ConditionalHINT(FlowNetwork):
@@ -99,20 +128,12 @@ class ConditionalHINT(FlowNetwork):
                 return Chain(ActNorm(1, ndim=ndim))
             return hint_step(cond_channels, hidden, ndim, 0, mixing, leaf_channels=leaf_channels, seed=k, **kw)
 
-        def x_step(k: int) -> Chain:
-            blocks = [ActNorm(channels, ndim=ndim)]
-            if channels >= 2:
-                blocks.append(channel_mixing(channels, mixing, ndim, seed=1000 + k))
-            blocks.append(ConditionalAffine(channels, cond_channels, hidden, ndim, **kw))
-            if channels >= 2:
-                blocks.append(
-                    HINTCoupling(channels, hidden, ndim, cond_channels, leaf_channels=leaf_channels, seed=1000 + k, **kw)
-                )
-            return Chain(*blocks)
-
         #: the observation lane alone: ``y_lane(y) -> (z_y, log|det dz_y/dy|)``
         self.y_lane = Chain(*[y_step(k) for k in range(depth)])
-        self.x_steps = torch.nn.ModuleList([x_step(k) for k in range(depth)])
+        self.x_steps = torch.nn.ModuleList(
+            [conditional_x_step(channels, cond_channels, hidden, ndim, mixing, leaf_channels, 1000 + k, **kw)
+             for k in range(depth)]
+        )
         if ndim == 0:
             self.data_shape = (channels,)
 
