@@ -7,7 +7,7 @@ import torch
 
 import invnet
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_, saved_bytes
-from invnet.networks import ConditionalHINT
+from invnet.networks import ConditionalHINT, MultiscaleConditionalHINT
 
 F64 = torch.float64
 
@@ -150,3 +150,73 @@ def test_linear_gaussian_posterior_is_recovered():
         mean_err = (s.mean(0) - post_mean(y_test[j : j + 1])[0]) / Sp.diagonal().sqrt()
         assert float(mean_err.abs().max()) < 0.2
         assert float(torch.linalg.norm(torch.cov(s.T) - Sp) / torch.linalg.norm(Sp)) < 0.15
+
+
+def _inverse_gradient_error(net, x, y) -> float:
+    """Memory saving on vs off for the inverse map at z = f(x), relative to each tensor's scale;
+    tensors whose true gradient is zero (y-lane couplings whose output only reaches z_y: the
+    inverse path meets them through a forward-then-inverse round trip) must stay at round-off."""
+    from invnet.core.checks import _loss_grads
+
+    with torch.no_grad():
+        z = net(x, y)[0]
+    gen = torch.Generator().manual_seed(0)
+    w, w_ld = torch.randn(z.shape, generator=gen, dtype=F64), torch.randn(z.shape[0], generator=gen, dtype=F64)
+    with invnet.memory_saving(True):
+        a = _loss_grads(net, z, y, w, w_ld, True)
+    with invnet.memory_saving(False):
+        b = _loss_grads(net, z, y, w, w_ld, True)
+    scale = max(float(t.abs().max()) for t in b)
+    worst = 0.0
+    for u, v in zip(a, b):
+        if float(v.abs().max()) < 1e-12 * scale:
+            assert float(u.abs().max()) < 1e-12 * scale
+        else:
+            worst = max(worst, float((u - v).abs().max() / v.abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("ndim,cx,cy,squeeze", [(0, 4, 4, "haar"), (1, 1, 2, "haar"), (2, 1, 1, "checkerboard"),
+                                                (3, 1, 1, "haar")])
+def test_multiscale_conditional_hint_exact(ndim, cx, cy, squeeze):
+    net = MultiscaleConditionalHINT(cx, cy, 6, levels=2, depth=2, ndim=ndim, squeeze=squeeze)
+    net = randomize_parameters_(net.double(), 0.1)
+    x, y = torch.randn(2, cx, *(4,) * ndim, dtype=F64), torch.randn(2, cy, *(4,) * ndim, dtype=F64)
+    assert invertibility_error(net, x, y) < 1e-12
+    if ndim < 3:
+        assert logdet_error(net, x, y) < 1e-10
+    assert gradient_error(net, x, y) < 1e-10  # into x, y and every parameter of both lanes
+    assert _inverse_gradient_error(net, x, y) < 1e-10
+    z = net(x, y)[0]
+    assert z.shape == x.shape and net.forward_y(y).shape == y.shape
+    parts = net.latent_parts(z)
+    assert len(parts) == 2 and sum(p.numel() for p in parts) == z.numel()
+
+
+def test_multiscale_conditional_hint_joint_density_and_memory():
+    net = randomize_parameters_(MultiscaleConditionalHINT(4, 4, 6, levels=2, depth=1, ndim=0).double(), 0.1)
+    x, y = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    net.forward_y(y)
+    with torch.no_grad():
+        joint = net.joint_log_prob(x, y)
+    with invnet.memory_saving(False):
+        for i in range(3):
+            def both(v):
+                return torch.cat([net(v[:, :4], v[:, 4:])[0], net.forward_y(v[:, 4:])], dim=1)
+
+            v = torch.cat([x[i : i + 1], y[i : i + 1]], dim=1)
+            jac = torch.autograd.functional.jacobian(both, v).reshape(8, 8)
+            assert torch.all(jac[4:, :4] == 0)
+            expected = net.base.log_prob(both(v)) + torch.linalg.slogdet(jac)[1]
+            assert abs(float(joint[i] - expected[0].detach())) < 1e-10
+    xs, ys = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    nets = [MultiscaleConditionalHINT(1, 1, 8, levels=2, depth=d, ndim=2) for d in (1, 3)]
+    sizes = []
+    for n in nets:
+        n(xs, ys)
+        sizes.append(saved_bytes(lambda: -n.log_prob(xs.clone().requires_grad_(True), ys).sum()))
+    assert sizes[0] == sizes[1]
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*levels"):
+        nets[0](torch.randn(2, 1, 8, 6), torch.randn(2, 1, 8, 6))
+    with pytest.raises(ValueError, match="cannot be halved"):
+        MultiscaleConditionalHINT(1, 4, 8, levels=2, depth=1, ndim=0)  # x-lane: 1 channel cannot split
