@@ -11,7 +11,7 @@ import torch
 
 import invnet
 from invnet.core.checks import saved_bytes
-from invnet.networks import HINT, ConditionalHINT, MultiscaleHINT
+from invnet.networks import HINT, ConditionalHINT, MultiscaleConditionalHINT, MultiscaleHINT
 
 
 def step_bytes(net, x, c, enabled: bool) -> int:
@@ -30,9 +30,10 @@ def main() -> None:
         "HINT(3, 32, depth, ndim=2)": (lambda d: HINT(3, 32, d, 2), None),
         "MultiscaleHINT(3, 32, 3, depth, ndim=2)": (lambda d: MultiscaleHINT(3, 32, 3, d, 2), None),
         "ConditionalHINT(3, 3, 32, depth, ndim=2)": (lambda d: ConditionalHINT(3, 3, 32, d, 2), y),
+        "MultiscaleConditionalHINT(3, 3, 32, 3, depth, 2)": (lambda d: MultiscaleConditionalHINT(3, 3, 32, 3, d, 2), y),
     }
     print("input 4x3x32x32 float32; MB saved by autograd for one log-likelihood step")
-    print(f"{'network':44s} {'depth':>5s} {'params':>9s} {'saving on':>10s} {'off':>10s}")
+    print(f"{'network':50s} {'depth':>5s} {'params':>9s} {'saving on':>10s} {'off':>10s}")
     for name, (make, c) in makers.items():
         for depth in (2, 4, 8):
             net = make(depth)
@@ -41,7 +42,7 @@ def main() -> None:
             n_params = sum(p.numel() for p in net.parameters())
             on = step_bytes(net, x, c, True) / 2**20
             off = step_bytes(net, x, c, False) / 2**20
-            print(f"{name:44s} {depth:5d} {n_params:9d} {on:10.2f} {off:10.2f}")
+            print(f"{name:50s} {depth:5d} {n_params:9d} {on:10.2f} {off:10.2f}")
 
 
 if __name__ == "__main__":
