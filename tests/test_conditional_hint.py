@@ -189,7 +189,7 @@ def test_multiscale_conditional_hint_exact(ndim, cx, cy, squeeze):
     assert _inverse_gradient_error(net, x, y) < 1e-10
     z = net(x, y)[0]
     assert z.shape == x.shape and net.forward_y(y).shape == y.shape
-    parts = net.latent_parts(z)
+    parts = net.split_latent(z)
     assert len(parts) == 2 and sum(p.numel() for p in parts) == z.numel()
 
 

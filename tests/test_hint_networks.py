@@ -45,11 +45,11 @@ def test_multiscale_latent_has_the_shape_of_x_and_cuts_into_scales():
     x = torch.randn(2, 3, 16, 8, dtype=F64)
     z, _ = net(x)
     assert z.shape == x.shape
-    parts = net.latent_parts(z)
+    parts = net.split_latent(z)
     # scale k factors out half of its 3 * 4 * ... channels at space size / 2**(k+1)
     assert [tuple(p.shape) for p in parts] == [(2, 6, 8, 4), (2, 12, 4, 2), (2, 48, 2, 1)]
     assert sum(p.numel() for p in parts) == z.numel()
-    assert torch.allclose(net.merge_latent_parts(parts), z, atol=1e-13)
+    assert torch.allclose(net.merge_latent(parts), z, atol=1e-13)
     # the parts are an orthogonal re-arrangement of z: same squared norm (same Gaussian density)
     total = sum(-0.5 * (p**2).flatten(1).sum(1) for p in parts)
     assert torch.allclose(total, -0.5 * (z**2).flatten(1).sum(1), atol=1e-9)

@@ -6,8 +6,8 @@ from .glow import Glow
 from .hint import HINT, hint_step
 from .multiscale import MultiscaleLevel
 from .multiscale_conditional_hint import MultiscaleConditionalHINT
-from .multiscale_hint import MultiscaleHINT, ScaleLevel
+from .multiscale_hint import MultiscaleHINT
 from .summary import ImageSummary, VectorSummary
 
 __all__ = ["FlowNetwork", "Glow", "ConditionalGlow", "MultiscaleLevel", "ImageSummary", "VectorSummary"]
-__all__ += ["HINT", "MultiscaleHINT", "ConditionalHINT", "hint_step", "ScaleLevel", "MultiscaleConditionalHINT"]
+__all__ += ["HINT", "MultiscaleHINT", "ConditionalHINT", "hint_step", "MultiscaleConditionalHINT"]

@@ -10,7 +10,8 @@ from ..core.module import GradStore
 from ..layers.conditioners import PadFactory
 from .base import FlowNetwork
 from .conditional_hint import conditional_x_step
-from .multiscale_hint import MultiscaleHINT, ScaleLevel
+from .multiscale import MultiscaleLevel
+from .multiscale_hint import MultiscaleHINT
 
 __all__ = ["MultiscaleConditionalHINT"]
 
@@ -34,7 +35,7 @@ class MultiscaleConditionalHINT(FlowNetwork):
     :math:`z_y` does not depend on :math:`x`, the Jacobian is block triangular and ``forward(x,
     c=y)`` returns :math:`(z_x, \log|\det \partial z_x/\partial x|)`: :meth:`log_prob` is
     :math:`\log q(x \mid y)`. Both latents have the shapes of ``x`` and ``y``; cut :math:`z_x`
-    into scales with :meth:`latent_parts`.
+    into scales with :meth:`split_latent`.
 
     Memory: the backward of each scale runs that scale's y-steps forward once (no graph), lets the
     inner scale rebuild and differentiate, then walks the steps back, rebuilding both lanes.
@@ -125,20 +126,20 @@ class MultiscaleConditionalHINT(FlowNetwork):
         self.y_lane.check_shape(tuple(c_shape))  # divisibility by 2**levels
         return shape
 
-    def _y_level(self, k: int) -> ScaleLevel:
+    def _y_level(self, k: int) -> MultiscaleLevel:
         level = self.y_lane.flow
         for _ in range(k):
             level = level.inner
         return level
 
     @staticmethod
-    def _y_used(yl: ScaleLevel) -> int:
+    def _y_used(yl: MultiscaleLevel) -> int:
         # y-steps whose output reaches x: all of them when an inner scale takes the kept half of
         # the last y state, else the last one only shapes z_y (skipping it also keeps its forward
         # and inverse from cancelling in round-off)
         return len(yl.steps) if yl.inner is not None else len(yl.steps) - 1
 
-    def _y_top(self, yl: ScaleLevel, y: Tensor) -> Tensor:
+    def _y_top(self, yl: MultiscaleLevel, y: Tensor) -> Tensor:
         for step in yl.steps.blocks[: self._y_used(yl)]:
             y, _ = step._forward(y, None)
         return y
@@ -146,7 +147,7 @@ class MultiscaleConditionalHINT(FlowNetwork):
     # -- recursion over scales ----------------------------------------------------------------------
     def _fwd(self, k: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         yl = self._y_level(k)
-        X, Y = yl._sq(x), yl._sq(y)
+        X, Y = yl._down(x), yl._down(y)
         logdet = x.new_zeros(x.shape[0])
         used = self._y_used(yl)
         for j, (step_x, step_y) in enumerate(zip(self.x_levels[k], yl.steps.blocks)):
@@ -159,12 +160,12 @@ class MultiscaleConditionalHINT(FlowNetwork):
             a, ld = self._fwd(k + 1, X[:, :kx], Y[:, : yl.keep])
             X = torch.cat([a, X[:, kx:]], dim=1)
             logdet = logdet + ld
-        return yl._unsq(X), logdet
+        return yl._up(X), logdet
 
     def _inv(self, k: int, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         yl = self._y_level(k)
-        X = yl._sq(z)
-        Y = self._y_top(yl, yl._sq(y))
+        X = yl._down(z)
+        Y = self._y_top(yl, yl._down(y))
         logdet = z.new_zeros(z.shape[0])
         if yl.inner is not None:
             kx = self.x_keeps[k]
@@ -176,12 +177,12 @@ class MultiscaleConditionalHINT(FlowNetwork):
                 Y, _ = yl.steps[j]._inverse(Y, None)
             X, ld = self.x_levels[k][j]._inverse(X, Y)
             logdet = logdet + ld
-        return yl._unsq(X), logdet
+        return yl._up(X), logdet
 
     def _back(self, k: int, z, dz, dlogdet, y, grads: GradStore):
         yl = self._y_level(k)
-        X, dX = yl._sq(z), yl._sq(dz)
-        Y = self._y_top(yl, yl._sq(y))
+        X, dX = yl._down(z), yl._down(dz)
+        Y = self._y_top(yl, yl._down(y))
         dY = torch.zeros_like(Y)
         if yl.inner is not None:
             kx = self.x_keeps[k]
@@ -196,7 +197,7 @@ class MultiscaleConditionalHINT(FlowNetwork):
                 Y, dY, _ = yl.steps[j]._vjp(Y, dY, no_logdet, None, grads)
             X, dX, dc = self.x_levels[k][j]._vjp(X, dX, dlogdet, Y, grads)
             dY = dY + dc
-        return yl._unsq(X), yl._unsq(dX), yl._unsq(dY)
+        return yl._up(X), yl._up(dX), yl._up(dY)
 
     # -- contract -------------------------------------------------------------------------------------
     def _forward(self, x, c):
@@ -221,12 +222,12 @@ class MultiscaleConditionalHINT(FlowNetwork):
         """:math:`\\log q(x, y) = \\log q(x \\mid y) + \\log q_y(y)` per sample, in nats."""
         return self.log_prob(x, y) + self.y_lane.log_prob(y)
 
-    def latent_parts(self, z: Tensor) -> list[Tensor]:
-        """Cut :math:`z_x` into per-scale parts, finest first (as :meth:`MultiscaleHINT.latent_parts`)."""
+    def split_latent(self, z: Tensor) -> list[Tensor]:
+        """Cut :math:`z_x` into per-scale parts, finest first (as :meth:`MultiscaleHINT.split_latent`)."""
         parts = []
         h = z
         for k in range(self.levels):
-            h = self._y_level(k)._sq(h)
+            h = self._y_level(k)._down(h)
             if k == self.levels - 1:
                 parts.append(h)
             else:

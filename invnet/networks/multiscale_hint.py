@@ -7,12 +7,13 @@ import torch
 from torch import Tensor
 
 from ..core.chain import Chain
-from ..core.module import GradStore, InvertibleModule, add_optional
+from ..core.module import GradStore, InvertibleModule
 from ..layers._shapes import check_condition
 from ..layers.conditioners import PadFactory
 from ..layers.squeeze import HaarSqueeze, Squeeze
 from .base import FlowNetwork
 from .hint import check_common, hint_step, sample_shape_from_condition
+from .multiscale import MultiscaleLevel
 
 __all__ = ["MultiscaleHINT", "SQUEEZES"]
 
@@ -28,90 +29,6 @@ def make_squeeze(kind: str, ndim: int) -> Optional[InvertibleModule]:
     return Squeeze(kind, ndim=ndim)
 
 
-class ScaleLevel(InvertibleModule):
-    r"""One scale of a multiscale flow, nested: with :math:`S` the squeeze,
-
-    .. math::
-        h = F(S x; S c), \quad [a, b] = h, \quad z = S^{-1}[\,\mathrm{inner}(a; S c),\ b\,]
-
-    (the last level has no inner level: :math:`z = S^{-1} h`). So :math:`z` has the shape of
-    :math:`x` and :math:`\log|\det J| = \log|\det J_F| + \log|\det J_{\mathrm{inner}}|` (the squeeze
-    is orthogonal). A field condition is squeezed along with ``x`` (so each scale sees it at its
-    own size); a vector condition passes unchanged. Vectors (``ndim == 0``) skip the squeeze.
-
-    The backward walks the nesting inside-out: squeeze ``z`` and its cotangent, let the inner
-    level rebuild ``a``, then the steps rebuild the squeezed input; nothing is stored.
-    """
-
-    def __init__(
-        self, steps: Chain, squeeze: Optional[InvertibleModule], keep: int, inner: Optional["ScaleLevel"]
-    ) -> None:
-        super().__init__()
-        self.steps = steps
-        self.squeeze = squeeze
-        self.keep = keep
-        self.inner = inner
-        self.cond_channels = steps.cond_channels
-
-    def _sq(self, t: Optional[Tensor]) -> Optional[Tensor]:
-        if t is None or self.squeeze is None:
-            return t
-        return self.squeeze._squeeze(t)
-
-    def _unsq(self, t: Tensor) -> Tensor:
-        return t if self.squeeze is None else self.squeeze._unsqueeze(t)
-
-    def _cond(self, c: Optional[Tensor]) -> Optional[Tensor]:
-        # a field condition follows x to every scale; a vector condition serves all scales
-        return self._sq(c) if c is not None and c.dim() > 2 else c
-
-    def _forward(self, x, c):
-        c = self._cond(c)
-        h, logdet = self.steps._forward(self._sq(x), c)
-        if self.inner is not None:
-            a, ld = self.inner._forward(h[:, : self.keep], c)
-            h = torch.cat([a, h[:, self.keep :]], dim=1)
-            logdet = logdet + ld
-        return self._unsq(h), logdet
-
-    def _inverse(self, z, c):
-        c = self._cond(c)
-        h = self._sq(z)
-        logdet = z.new_zeros(z.shape[0])
-        if self.inner is not None:
-            a, logdet = self.inner._inverse(h[:, : self.keep], c)
-            h = torch.cat([a, h[:, self.keep :]], dim=1)
-        x, ld = self.steps._inverse(h, c)
-        return self._unsq(x), logdet + ld
-
-    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
-        c_k = self._cond(c)
-        h, dh = self._sq(z), self._sq(dz)
-        dc = None
-        if self.inner is not None:
-            a, da, dc = self.inner._vjp(h[:, : self.keep], dh[:, : self.keep], dlogdet, c_k, grads)
-            h = torch.cat([a, h[:, self.keep :]], dim=1)
-            dh = torch.cat([da, dh[:, self.keep :]], dim=1)
-        x, dx, dc_steps = self.steps._vjp(h, dh, dlogdet, c_k, grads)
-        return self._unsq(x), self._unsq(dx), self._cond_vjp(add_optional(dc, dc_steps), c)
-
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
-        c_k = self._cond(c)
-        h, dh, dc = self.steps._vjp_inverse(self._sq(x), self._sq(dx), dlogdet, c_k, grads)
-        if self.inner is not None:
-            a, da, dc_inner = self.inner._vjp_inverse(h[:, : self.keep], dh[:, : self.keep], dlogdet, c_k, grads)
-            h = torch.cat([a, h[:, self.keep :]], dim=1)
-            dh = torch.cat([da, dh[:, self.keep :]], dim=1)
-            dc = add_optional(dc, dc_inner)
-        return self._unsq(h), self._unsq(dh), self._cond_vjp(dc, c)
-
-    def _cond_vjp(self, dc: Optional[Tensor], c: Optional[Tensor]) -> Optional[Tensor]:
-        # the squeeze of the condition is orthogonal: its adjoint is the unsqueeze
-        if dc is None or c is None or c.dim() <= 2 or self.squeeze is None:
-            return dc
-        return self.squeeze._unsqueeze(dc)
-
-
 class MultiscaleHINT(FlowNetwork):
     r"""Multiscale HINT: ``levels`` scales, each a squeeze, ``depth`` HINT steps and (except the
     last) a split that factors out half the channels; the kept half goes on to the next scale.
@@ -119,15 +36,15 @@ class MultiscaleHINT(FlowNetwork):
     From "HINT: Hierarchical Invertible Neural Transport for Density Estimation and Bayesian
     Inference" (Kruse et al., 2021, arXiv:1905.10687) with the multiscale architecture of
     "Density estimation using Real NVP" (Dinh et al., 2016, arXiv:1605.08803) and Haar squeezes as
-    in InvertibleNetworks.jl. Written as a nest of :class:`ScaleLevel` blocks:
+    in InvertibleNetworks.jl. Written as a nest of :class:`~invnet.networks.MultiscaleLevel` blocks:
 
     .. math::
         L_k(x) = S^{-1}\big[\,L_{k+1}(a),\ b\,\big],\quad [a, b] = F_k(S x),\qquad
         L_{\text{last}}(x) = S^{-1} F_{\text{last}}(S x)
 
     so the latent ``z = L_0(x)`` has **the shape of** ``x`` and no state is kept between calls
-    (the inverse needs no previous forward). :meth:`latent_parts` cuts ``z`` into the per-scale
-    latents (finest first), :meth:`merge_latent_parts` puts them back.
+    (the inverse needs no previous forward). :meth:`split_latent` cuts ``z`` into the per-scale
+    latents (finest first), :meth:`merge_latent` puts them back.
 
     Args:
         channels: channels of ``x``.
@@ -147,9 +64,9 @@ class MultiscaleHINT(FlowNetwork):
     >>> flow = MultiscaleHINT(2, hidden=8, levels=2, depth=1, ndim=2)
     >>> x = torch.randn(3, 2, 8, 8)
     >>> z, logdet = flow(x)
-    >>> z.shape, [tuple(p.shape) for p in flow.latent_parts(z)]
+    >>> z.shape, [tuple(p.shape) for p in flow.split_latent(z)]
     (torch.Size([3, 2, 8, 8]), [(3, 4, 4, 4), (3, 16, 2, 2)])
-    >>> bool(torch.allclose(flow.merge_latent_parts(flow.latent_parts(z)), z, atol=1e-6))
+    >>> bool(torch.allclose(flow.merge_latent(flow.split_latent(z)), z, atol=1e-6))
     True
     """
 
@@ -198,7 +115,7 @@ class MultiscaleHINT(FlowNetwork):
             c_in = keep
         self.widths = tuple(widths)
         self.keeps = tuple(keeps)
-        inner: Optional[ScaleLevel] = None
+        inner: Optional[MultiscaleLevel] = None
         for k in reversed(range(levels)):
             cond_k = cond_channels * factor ** (k + 1)
             steps = Chain(
@@ -208,7 +125,7 @@ class MultiscaleHINT(FlowNetwork):
                     for j in range(depth)
                 ]
             )
-            inner = ScaleLevel(steps, make_squeeze(squeeze, ndim), keeps[k], inner)
+            inner = MultiscaleLevel(steps, make_squeeze(squeeze, ndim), inner, keeps[k] if inner is not None else None)
         self.flow = inner
         if ndim == 0:
             self.data_shape = (channels,)
@@ -245,37 +162,16 @@ class MultiscaleHINT(FlowNetwork):
     def _sample_data_shape(self, c, shape):
         return sample_shape_from_condition(self, c, shape)
 
-    def latent_parts(self, z: Tensor) -> list[Tensor]:
+    def split_latent(self, z: Tensor) -> list[Tensor]:
         """Cut a latent (shape of ``x``) into per-scale parts, finest first: part ``k < levels-1``
-        is the factored-out half ``b`` of scale ``k`` (``widths[k] - keeps[k]`` channels at space
-        size ``/ 2**(k+1)``); the last part is the whole last scale.
-        Parts are the squeezed latent, so they are independent standard normals under the model."""
+        is the factored-out half of scale ``k`` (``widths[k] - keeps[k]`` channels at space size
+        ``/ 2**(k+1)``); the last part is the whole last scale. The parts are an orthogonal
+        rearrangement of ``z``: independent standard normals under the model."""
         self.check_shape(tuple(z.shape), None, inverse=True)
-        parts = []
-        level: Optional[ScaleLevel] = self.flow
-        h = z
-        while level is not None:
-            h = level._sq(h)
-            if level.inner is None:
-                parts.append(h)
-            else:
-                parts.append(h[:, level.keep :])
-                h = h[:, : level.keep]
-            level = level.inner
-        return parts
+        return self.flow.split_latent(z)
 
-    def merge_latent_parts(self, parts: list[Tensor]) -> Tensor:
-        """Inverse of :meth:`latent_parts`."""
+    def merge_latent(self, parts: list[Tensor]) -> Tensor:
+        """Inverse of :meth:`split_latent`."""
         if len(parts) != self.levels:
             raise ValueError(f"expected {self.levels} latent parts (one per scale), got {len(parts)}")
-        chain = []
-        level: Optional[ScaleLevel] = self.flow
-        while level is not None:
-            chain.append(level)
-            level = level.inner
-        h = parts[-1]
-        for k in reversed(range(self.levels)):
-            if k < self.levels - 1:
-                h = torch.cat([h, parts[k]], dim=1)
-            h = chain[k]._unsq(h)
-        return h
+        return self.flow.merge_latent(list(parts))
