@@ -17,7 +17,10 @@ __all__ = ["HINTCoupling", "hint_conditioner_count"]
 
 def hint_conditioner_count(channels: int, leaf_channels: int = 3) -> int:
     """Number of affine sub-couplings (each with its own conditioner) in a :class:`HINTCoupling`
-    over ``channels`` channels: one per node of the recursion tree with 2 or more channels.
+    over ``channels`` channels: one per node of the recursion tree with 2 or more channels,
+    :math:`n(C) = 1` for :math:`2 \le C \le C_{\text{leaf}}`, else
+    :math:`1 + n(\lfloor C/2 \rfloor) + n(C - \lfloor C/2 \rfloor)` (the recursion of "HINT",
+    Kruse et al., 2021, arXiv:1905.10687).
 
     >>> [hint_conditioner_count(c) for c in (2, 3, 4, 5, 8, 16)]
     [1, 1, 3, 3, 7, 15]

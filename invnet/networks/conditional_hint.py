@@ -13,7 +13,7 @@ from ..layers.conditional_affine import ConditionalAffine
 from ..layers.conditioners import PadFactory
 from ..layers.hint import HINTCoupling
 from .base import FlowNetwork
-from .hint import channel_mixing, check_common, hint_step
+from .hint import _channel_mixing, _check_common, hint_step
 
 __all__ = ["ConditionalHINT", "conditional_x_step"]
 
@@ -28,10 +28,12 @@ def conditional_x_step(
     seed: int = 0,
     **kwargs,
 ) -> Chain:
-    """One x-lane step of a conditional HINT: ``Chain(ActNorm, mixing, ConditionalAffine,
-    HINTCoupling)`` with the lane coupling and every HINT conditioner fed the y-lane state ``c``
-    (mixing and HINT coupling are left out for a single channel). ``kwargs``: ``clamp``, ``pad``
-    and conditioner options.
+    r"""One x-lane step of a conditional HINT ("HINT", Kruse et al., 2021, arXiv:1905.10687):
+    :math:`X(x; c) = T(L(W A x; c); c)` with ActNorm :math:`A`, mixing :math:`W`, the lane coupling
+    :math:`L(u; c) = u \odot e^{s(c)} + t(c)` (:class:`~invnet.layers.ConditionalAffine`) and a
+    :class:`~invnet.layers.HINTCoupling` :math:`T` whose every conditioner is fed ``c`` (the y-lane
+    state). Mixing and HINT coupling are left out for a single channel. ``kwargs``: ``clamp``,
+    ``pad`` and conditioner options.
 
     >>> import torch
     >>> step = conditional_x_step(3, 2, hidden=8, ndim=0)
@@ -40,7 +42,7 @@ def conditional_x_step(
     """
     blocks = [ActNorm(channels, ndim=ndim)]
     if channels >= 2:
-        blocks.append(channel_mixing(channels, mixing, ndim, seed=seed))
+        blocks.append(_channel_mixing(channels, mixing, ndim, seed=seed))
     blocks.append(ConditionalAffine(channels, cond_channels, hidden, ndim, **kwargs))
     if channels >= 2:
         blocks.append(HINTCoupling(channels, hidden, ndim, cond_channels, leaf_channels=leaf_channels, seed=seed, **kwargs))
@@ -114,7 +116,7 @@ class ConditionalHINT(FlowNetwork):
         **conditioner_kwargs,
     ) -> None:
         super().__init__()
-        check_common(channels, hidden, depth, ndim, mixing, min_channels=1)
+        _check_common(channels, hidden, depth, ndim, mixing, min_channels=1)
         if cond_channels < 1:
             raise ValueError(f"ConditionalHINT needs cond_channels >= 1 (the channels of y), got {cond_channels}")
         self.channels = channels

@@ -20,7 +20,7 @@ __all__ = ["HINT", "hint_step", "MIXINGS"]
 MIXINGS = ("householder", "lu", "permutation")
 
 
-def channel_mixing(channels: int, mixing: str, ndim: int, seed: int) -> InvertibleModule:
+def _channel_mixing(channels: int, mixing: str, ndim: int, seed: int) -> InvertibleModule:
     """The mixing block between steps: ``Conv1x1`` (``"householder"`` or ``"lu"``) or a fixed
     random ``ChannelPermutation`` (``"permutation"``)."""
     if mixing == "permutation":
@@ -28,7 +28,7 @@ def channel_mixing(channels: int, mixing: str, ndim: int, seed: int) -> Invertib
     return Conv1x1(channels, parametrization=mixing, ndim=ndim)
 
 
-def check_common(channels: int, hidden: int, depth: int, ndim: int, mixing: str, min_channels: int = 2) -> None:
+def _check_common(channels: int, hidden: int, depth: int, ndim: int, mixing: str, min_channels: int = 2) -> None:
     """Argument checks shared by the HINT networks (raise ``ValueError``)."""
     if channels < min_channels:
         raise ValueError(f"this HINT network needs at least {min_channels} channel(s), got {channels}")
@@ -54,7 +54,9 @@ def hint_step(
     pad: Optional[PadFactory] = None,
     **conditioner_kwargs,
 ) -> Chain:
-    """One HINT step: ``Chain(ActNorm, mixing, HINTCoupling)`` (see :class:`HINT`).
+    r"""One HINT step, :math:`T \circ W \circ A`: ``Chain(ActNorm, mixing, HINTCoupling)`` (see
+    :class:`HINT`; "HINT", Kruse et al., 2021, arXiv:1905.10687). Arguments as :class:`HINT`;
+    ``seed`` fixes the step's permutations.
 
     >>> import torch
     >>> step = hint_step(4, hidden=8, ndim=1)
@@ -63,7 +65,7 @@ def hint_step(
     """
     return Chain(
         ActNorm(channels, ndim=ndim),
-        channel_mixing(channels, mixing, ndim, seed),
+        _channel_mixing(channels, mixing, ndim, seed),
         HINTCoupling(
             channels, hidden, ndim, cond_channels, clamp=clamp, leaf_channels=leaf_channels, seed=seed, pad=pad,
             **conditioner_kwargs,
@@ -122,7 +124,7 @@ class HINT(FlowNetwork):
         **conditioner_kwargs,
     ) -> None:
         super().__init__()
-        check_common(channels, hidden, depth, ndim, mixing)
+        _check_common(channels, hidden, depth, ndim, mixing)
         if cond_channels < 0:
             raise ValueError(f"cond_channels must be >= 0, got {cond_channels}")
         self.channels = channels
@@ -156,10 +158,10 @@ class HINT(FlowNetwork):
         return self.flow._vjp_inverse(x, dx, dlogdet, c, grads)
 
     def _sample_data_shape(self, c, shape):
-        return sample_shape_from_condition(self, c, shape)
+        return _sample_shape_from_condition(self, c, shape)
 
 
-def sample_shape_from_condition(net: FlowNetwork, c: Optional[Tensor], shape) -> tuple[int, ...]:
+def _sample_shape_from_condition(net: FlowNetwork, c: Optional[Tensor], shape) -> tuple[int, ...]:
     """Shape of one sample: given, known (vectors), or ``(channels, *space of c)`` for a field
     condition."""
     if shape is None and c is not None and c.dim() > 2 and net.ndim:

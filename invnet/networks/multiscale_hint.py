@@ -12,7 +12,7 @@ from ..layers._shapes import check_condition
 from ..layers.conditioners import PadFactory
 from ..layers.squeeze import HaarSqueeze, Squeeze
 from .base import FlowNetwork
-from .hint import check_common, hint_step, sample_shape_from_condition
+from .hint import _check_common, hint_step, _sample_shape_from_condition
 from .multiscale import MultiscaleLevel
 
 __all__ = ["MultiscaleHINT", "SQUEEZES"]
@@ -20,7 +20,7 @@ __all__ = ["MultiscaleHINT", "SQUEEZES"]
 SQUEEZES = ("haar", "checkerboard", "patch")
 
 
-def make_squeeze(kind: str, ndim: int) -> Optional[InvertibleModule]:
+def _make_squeeze(kind: str, ndim: int) -> Optional[InvertibleModule]:
     """Haar wavelet or space-to-depth squeeze; none for vectors (``ndim == 0``)."""
     if ndim == 0:
         return None
@@ -90,7 +90,7 @@ class MultiscaleHINT(FlowNetwork):
             raise ValueError(f"levels must be at least 1, got {levels}")
         if squeeze not in SQUEEZES:
             raise ValueError(f"squeeze must be one of {SQUEEZES}, got {squeeze!r}")
-        check_common(channels, hidden, depth, ndim, mixing, min_channels=2 if ndim == 0 else 1)
+        _check_common(channels, hidden, depth, ndim, mixing, min_channels=2 if ndim == 0 else 1)
         if cond_channels < 0:
             raise ValueError(f"cond_channels must be >= 0, got {cond_channels}")
         self.channels = channels
@@ -125,7 +125,7 @@ class MultiscaleHINT(FlowNetwork):
                     for j in range(depth)
                 ]
             )
-            inner = MultiscaleLevel(steps, make_squeeze(squeeze, ndim), inner, keeps[k] if inner is not None else None)
+            inner = MultiscaleLevel(steps, _make_squeeze(squeeze, ndim), inner, keeps[k] if inner is not None else None)
         self.flow = inner
         if ndim == 0:
             self.data_shape = (channels,)
@@ -160,7 +160,7 @@ class MultiscaleHINT(FlowNetwork):
         return self.flow._vjp_inverse(x, dx, dlogdet, c, grads)
 
     def _sample_data_shape(self, c, shape):
-        return sample_shape_from_condition(self, c, shape)
+        return _sample_shape_from_condition(self, c, shape)
 
     def split_latent(self, z: Tensor) -> list[Tensor]:
         """Cut a latent (shape of ``x``) into per-scale parts, finest first: part ``k < levels-1``
