@@ -16,7 +16,7 @@ __all__ = ["HINTCoupling", "hint_conditioner_count"]
 
 
 def hint_conditioner_count(channels: int, leaf_channels: int = 3) -> int:
-    """Number of affine sub-couplings (each with its own conditioner) in a :class:`HINTCoupling`
+    r"""Number of affine sub-couplings (each with its own conditioner) in a :class:`HINTCoupling`
     over ``channels`` channels: one per node of the recursion tree with 2 or more channels,
     :math:`n(C) = 1` for :math:`2 \le C \le C_{\text{leaf}}`, else
     :math:`1 + n(\lfloor C/2 \rfloor) + n(C - \lfloor C/2 \rfloor)` (the recursion of "HINT",
