@@ -4,6 +4,8 @@ from .activations import LeakyReLU, Logit, Sigmoid
 from .conditioners import ConvConditioner, MLPConditioner, ZeroPad, make_conditioner
 from .conv1x1 import ChannelPermutation, Conv1x1
 from .coupling import AdditiveCoupling, AffineCoupling
+from .conditional_affine import ConditionalAffine
+from .hint import HINTCoupling, hint_conditioner_count
 from .squeeze import HaarSqueeze, Squeeze, merge_channels, split_channels
 
 __all__ = [
@@ -11,4 +13,5 @@ __all__ = [
     "Squeeze", "HaarSqueeze", "split_channels", "merge_channels",
     "LeakyReLU", "Sigmoid", "Logit",
     "ConvConditioner", "MLPConditioner", "ZeroPad", "make_conditioner",
+    "HINTCoupling", "hint_conditioner_count", "ConditionalAffine",
 ]
