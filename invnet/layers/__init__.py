@@ -12,3 +12,6 @@ __all__ = [
     "LeakyReLU", "Sigmoid", "Logit",
     "ConvConditioner", "MLPConditioner", "ZeroPad", "make_conditioner",
 ]
+from .irim import IRIMCoupling  # noqa: E402
+
+__all__ += ["IRIMCoupling"]

@@ -2,3 +2,6 @@
 from .base import FlowNetwork
 
 __all__ = ["FlowNetwork"]
+from .loop import LearnedLoop  # noqa: E402
+
+__all__ += ["LearnedLoop"]
