@@ -136,14 +136,27 @@ def _matrix_operator(matrix: Tensor, domain_shape: Optional[Sequence[int]], rang
             f"matrix of shape {(m, n)} does not fit domain_shape {domain_shape} and range_shape {range_shape}"
         )
 
-    # A sparse matrix multiplies from the left; keep both layouts on the (N, n) -> (N, m) face.
+    # Keep A and A^T (sparse: both in CSR, fast row-wise products) and one copy per dtype/device.
+    if matrix.layout == torch.strided:
+        pair = (matrix, matrix.T)
+    else:
+        coo = matrix.to_sparse_coo().coalesce()
+        pair = (coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr())
+    cache: dict = {}
+
+    def get(like: Tensor) -> tuple[Tensor, Tensor]:
+        key = (like.dtype, like.device)
+        if key not in cache:
+            cache[key] = tuple(a.to(dtype=like.dtype, device=like.device) for a in pair)
+        return cache[key]
+
     def fwd(x: Tensor) -> Tensor:
-        a = matrix.to(dtype=x.dtype, device=x.device)
+        a, _ = get(x)
         return (a @ x.reshape(x.shape[0], n).T).T.reshape((x.shape[0],) + range_shape)
 
     def adj(y: Tensor) -> Tensor:
-        a = matrix.to(dtype=y.dtype, device=y.device)
-        return (a.T @ y.reshape(y.shape[0], m).T).T.reshape((y.shape[0],) + domain_shape)
+        _, at = get(y)
+        return (at @ y.reshape(y.shape[0], m).T).T.reshape((y.shape[0],) + domain_shape)
 
     return ForwardOperator(fwd, adj, domain_shape, range_shape, kind="matrix")
 

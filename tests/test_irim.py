@@ -31,12 +31,13 @@ def _operators():
     return {
         "matrix": as_operator(a, domain_shape=shape),
         "sparse": as_operator(a.to_sparse(), domain_shape=shape),
+        "sparse_csr": as_operator(a.to_sparse_csr(), domain_shape=shape),
         "pylops": as_operator(pylops.MatrixMult(a.numpy()), domain_shape=shape),
         "callables": callables,
     }
 
 
-@pytest.mark.parametrize("kind", ["matrix", "sparse", "pylops", "callables"])
+@pytest.mark.parametrize("kind", ["matrix", "sparse", "sparse_csr", "pylops", "callables"])
 def test_operator_wrappers_adjoint_and_agree(kind):
     op = _operators()[kind]
     assert adjoint_test(op) < 1e-12
