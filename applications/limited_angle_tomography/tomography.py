@@ -14,7 +14,7 @@ def radon_matrix(size: int, angles_deg: np.ndarray, oversample: int = 2) -> torc
     [-1, 1]^2: each pixel is split into ``oversample^2`` sub-pixels, each projected onto the
     detector line ``t = x cos(theta) + y sin(theta)`` and spread over the two nearest detector
     bins by linear interpolation (a pixel-driven projector). Detector spacing equals the pixel
-    size; the rows are ordered (angle, detector). Returns a float64 sparse CSR tensor."""
+    size; the rows are ordered (angle, detector). Returns a coalesced float64 sparse COO tensor."""
     h = 2.0 / size
     n_det = int(math.ceil(math.sqrt(2.0) * size)) + 1
     t0 = -(n_det - 1) / 2 * h
@@ -39,16 +39,17 @@ def radon_matrix(size: int, angles_deg: np.ndarray, oversample: int = 2) -> torc
             vals.append(weight * w[ok])
     rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
     shape = (len(angles_deg) * n_det, size * size)
-    coo = torch.sparse_coo_tensor(np.stack([rows, cols]), vals, shape, dtype=torch.float64).coalesce()
-    return coo.to_sparse_csr()
+    index = torch.from_numpy(np.stack([rows, cols]))
+    return torch.sparse_coo_tensor(index, torch.from_numpy(vals), shape, dtype=torch.float64).coalesce()
 
 
-def operator_norm(matrix: torch.Tensor, n: int, iters: int = 50, seed: int = 0) -> float:
-    """Largest singular value by power iteration on A^T A."""
+def operator_norm(matrix: torch.Tensor, iters: int = 50, seed: int = 0) -> float:
+    """Largest singular value of a sparse COO matrix by power iteration on A^T A."""
     g = torch.Generator().manual_seed(seed)
-    v = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    at = matrix.t().coalesce()
+    v = torch.randn(matrix.shape[1], 1, generator=g, dtype=torch.float64)
     for _ in range(iters):
-        v = matrix.T @ (matrix @ v)
+        v = at @ (matrix @ v)
         v = v / v.norm()
     return float((matrix @ v).norm())
 

@@ -15,3 +15,6 @@ __all__ = [
 from .irim import IRIMCoupling  # noqa: E402
 
 __all__ += ["IRIMCoupling"]
+from .hyperbolic import HyperbolicLayer, TiedConvResidual  # noqa: E402
+
+__all__ += ["HyperbolicLayer", "TiedConvResidual"]

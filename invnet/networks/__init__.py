@@ -5,3 +5,6 @@ __all__ = ["FlowNetwork"]
 from .loop import LearnedLoop  # noqa: E402
 
 __all__ += ["LearnedLoop"]
+from .hyperbolic import Hyperbolic  # noqa: E402
+
+__all__ += ["Hyperbolic"]
