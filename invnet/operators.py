@@ -171,15 +171,21 @@ def _pylops_operator(op: Any, domain_shape: Optional[Sequence[int]], range_shape
             f"and range_shape {range_shape}"
         )
 
-    # pylops works on numpy vectors one sample at a time; convert on the way in and out.
-    def apply(fn, t: Tensor, size: int, out_shape: tuple[int, ...]) -> Tensor:
+    # pylops works on numpy arrays: the whole batch as columns (matmat/rmatmat) when the operator
+    # offers it, else one sample at a time; convert on the way in and out.
+    def apply(vec, mat, t: Tensor, size: int, out_shape: tuple[int, ...]) -> Tensor:
         arr = t.detach().reshape(t.shape[0], size).cpu().numpy()
-        out = np.stack([np.asarray(fn(a), dtype=arr.dtype) for a in arr])
+        if mat is not None:
+            out = np.asarray(mat(np.ascontiguousarray(arr.T))).T
+        else:
+            out = np.stack([np.asarray(vec(a)) for a in arr])
+        out = np.ascontiguousarray(out, dtype=arr.dtype)
         return torch.from_numpy(out).to(device=t.device, dtype=t.dtype).reshape((t.shape[0],) + out_shape)
 
+    matmat, rmatmat = getattr(op, "matmat", None), getattr(op, "rmatmat", None)
     return ForwardOperator(
-        lambda x: apply(op.matvec, x, n, range_shape),
-        lambda y: apply(op.rmatvec, y, m, domain_shape),
+        lambda x: apply(op.matvec, matmat, x, n, range_shape),
+        lambda y: apply(op.rmatvec, rmatmat, y, m, domain_shape),
         domain_shape, range_shape, kind="pylops",
     )
 

@@ -55,22 +55,29 @@ def operator_norm(matrix: torch.Tensor, iters: int = 50, seed: int = 0) -> float
 
 
 def random_ellipses(n: int, size: int, generator: np.random.Generator, max_ellipses: int = 8) -> np.ndarray:
-    """``n`` phantoms of random overlapping ellipses inside the unit disc, intensities added and
-    clipped to [0, 1]: shape ``(n, size, size)``, float32."""
+    """``n`` phantoms in the style of Shepp-Logan: a large random "body" ellipse of intensity
+    0.5-1 holding random smaller ellipses that add or remove intensity, clipped to [0, 1]:
+    shape ``(n, size, size)``, float32."""
     c = -1 + 2.0 / size * (np.arange(size) + 0.5)
     yy, xx = np.meshgrid(c[::-1], c, indexing="ij")
     out = np.zeros((n, size, size), dtype=np.float32)
     for i in range(n):
         img = np.zeros((size, size))
-        for _ in range(generator.integers(3, max_ellipses + 1)):
-            r = generator.uniform(0.0, 0.6)
-            phi = generator.uniform(0, 2 * np.pi)
-            cx, cy = r * np.cos(phi), r * np.sin(phi)
-            a, b = generator.uniform(0.08, 0.45, size=2)
+        for k in range(generator.integers(3, max_ellipses + 1) + 1):
+            if k == 0:  # the body
+                cx, cy = generator.uniform(-0.05, 0.05, size=2)
+                a, b = generator.uniform(0.6, 0.85, size=2)
+                value = generator.uniform(0.5, 1.0)
+            else:
+                r = generator.uniform(0.0, 0.5)
+                phi = generator.uniform(0, 2 * np.pi)
+                cx, cy = r * np.cos(phi), r * np.sin(phi)
+                a, b = generator.uniform(0.05, 0.35, size=2)
+                value = generator.uniform(-0.5, 0.5)
             rot = generator.uniform(0, np.pi)
             u = (xx - cx) * np.cos(rot) + (yy - cy) * np.sin(rot)
             v = -(xx - cx) * np.sin(rot) + (yy - cy) * np.cos(rot)
-            img[(u / a) ** 2 + (v / b) ** 2 <= 1] += generator.uniform(-0.4, 0.8)
+            img[(u / a) ** 2 + (v / b) ** 2 <= 1] += value
         out[i] = np.clip(img, 0, 1)
     return out
 

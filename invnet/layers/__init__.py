@@ -18,3 +18,7 @@ __all__ += ["IRIMCoupling"]
 from .hyperbolic import HyperbolicLayer, TiedConvResidual  # noqa: E402
 
 __all__ += ["HyperbolicLayer", "TiedConvResidual"]
+from .resampling import LearnableDownsample  # noqa: E402
+from .structural import ChannelSubset, Inverted  # noqa: E402
+
+__all__ += ["LearnableDownsample", "ChannelSubset", "Inverted"]

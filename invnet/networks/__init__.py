@@ -8,3 +8,6 @@ __all__ += ["LearnedLoop"]
 from .hyperbolic import Hyperbolic  # noqa: E402
 
 __all__ += ["Hyperbolic"]
+from .iunet import InvertibleUNet  # noqa: E402
+
+__all__ += ["InvertibleUNet"]
