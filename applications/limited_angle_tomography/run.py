@@ -111,8 +111,8 @@ def main() -> None:
 
     # --- classical baseline: Tikhonov-CG, (lambda, iterations) tuned on the validation set ---
     best = None
-    for lam in (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
-        for iters in (5, 10, 20, 40, 80):
+    for lam in (0.0, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2):
+        for iters in (10, 20, 40, 80, 160, 320):
             rec = tikhonov_cg(fwd, adj, y_val, (1, n, n), lam, iters)[:, 0].numpy()
             psnr, _ = metrics(rec, val)
             if best is None or psnr > best[0]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule, parameter_aliases
 from ..operators import ForwardOperator, as_operator, misfit_gradient

@@ -1,7 +1,6 @@
 """Structural blocks that rearrange other blocks: run one backwards, or on part of the channels."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import Tensor
