@@ -25,8 +25,8 @@ __all__ = ["layered_images", "blur", "make_demo_data", "run_demo", "DEMO_SIZES"]
 DEMO_SIZES = {
     "default": {"image": 16, "n": 3000, "steps": 1200, "batch_size": 32, "depth": 8, "hidden": 48,
                 "n_samples": 200, "observations": 40, "lr": 2e-3},
-    "tiny": {"image": 8, "n": 64, "steps": 12, "batch_size": 8, "depth": 2, "hidden": 8,
-             "n_samples": 16, "observations": 3, "lr": 1e-3},
+    "tiny": {"image": 8, "n": 40, "steps": 6, "batch_size": 8, "depth": 1, "hidden": 8,
+             "n_samples": 10, "observations": 2, "lr": 1e-3},
 }
 NOISE = 0.1
 
