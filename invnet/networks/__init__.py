@@ -1,7 +1,11 @@
 """Assembled flows (Glow, HINT, conditional forms, loops, summary networks)."""
 from .base import FlowNetwork
+from .conditional_glow import ConditionalGlow
+from .glow import Glow
+from .multiscale import MultiscaleLevel
+from .summary import ImageSummary, VectorSummary
 
-__all__ = ["FlowNetwork"]
+__all__ = ["FlowNetwork", "Glow", "ConditionalGlow", "MultiscaleLevel", "ImageSummary", "VectorSummary"]
 from .conditional_coupling_flow import ConditionalCouplingFlow  # noqa: E402
 
 __all__ += ["ConditionalCouplingFlow"]
