@@ -91,6 +91,8 @@ class PosteriorSampler:
     Args:
         model: a conditional :class:`~invnet.networks.FlowNetwork`.
         normalization: the statistics the model was trained with (identity when ``None``).
+        x_shape: shape of one unknown ``(channels, *space)``, needed when the observation's
+            grid differs from it (summary networks).
 
     >>> from invnet.networks import ConditionalCouplingFlow
     >>> s = PosteriorSampler(ConditionalCouplingFlow(1, 1, ndim=1, depth=1, hidden=4))
@@ -98,9 +100,11 @@ class PosteriorSampler:
     torch.Size([5, 1, 8])
     """
 
-    def __init__(self, model, normalization: Optional[Normalization] = None) -> None:
+    def __init__(self, model, normalization: Optional[Normalization] = None,
+                 x_shape: Optional[Sequence[int]] = None) -> None:
         self.model = model.eval()
         self.normalization = normalization
+        self.x_shape = None if x_shape is None else tuple(int(v) for v in x_shape)
 
     @classmethod
     def from_checkpoint(cls, path: str) -> "PosteriorSampler":
@@ -116,7 +120,7 @@ class PosteriorSampler:
         model = model.to(dtype)
         model.load_state_dict(ckpt.weights)
         norm = ckpt.meta.get("normalization")
-        return cls(model, Normalization.from_dict(norm) if norm else None)
+        return cls(model, Normalization.from_dict(norm) if norm else None, ckpt.meta.get("data", {}).get("x_shape"))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,7 +133,10 @@ class PosteriorSampler:
         c = torch.as_tensor(y).to(self.dtype)[None]
         if self.normalization is not None:
             c = self.normalization.y_to_normal(c)
-        x = self.model.sample(n, c, temperature=temperature, generator=generator)
+        shape = None
+        if self.x_shape is not None and tuple(c.shape[2:]) != self.x_shape[1:]:
+            shape = self.x_shape  # the observation's grid differs (summary network): say what x looks like
+        x = self.model.sample(n, c, temperature=temperature, shape=shape, generator=generator)
         if self.normalization is not None:
             x = self.normalization.x_to_raw(x)
         return x
