@@ -31,8 +31,10 @@ DEMO_SIZES = {
 NOISE = 0.1
 
 
-def layered_images(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` images ``(n, 1, size, size)`` of 3 to 6 dipping layers with values in [-1, 1]."""
+def layered_images(n: int, size: int, gen: torch.Generator, texture: float = 0.05) -> torch.Tensor:
+    """``n`` images ``(n, 1, size, size)`` of 3 to 6 dipping layers with values in [-1, 1], plus
+    white texture of standard deviation ``texture`` (without it the images would lie on a
+    low-dimensional set where a density is degenerate)."""
     rows = torch.arange(size, dtype=torch.float64).reshape(1, size, 1)
     cols = torch.arange(size, dtype=torch.float64).reshape(1, 1, size) - size / 2
     out = torch.empty(n, 1, size, size, dtype=torch.float64)
@@ -45,7 +47,7 @@ def layered_images(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
         for d, s in zip(depths, dips):
             layer = layer + (rows[0] >= d + s * cols[0]).long()
         out[i, 0] = values[layer]
-    return out
+    return out + texture * torch.randn(out.shape, generator=gen, dtype=out.dtype)
 
 
 def blur(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:

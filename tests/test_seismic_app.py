@@ -14,8 +14,9 @@ from forward import poststack_operator, simulate  # noqa: E402
 @pytest.mark.parametrize("kind", ["layered", "folded", "faulted"])
 def test_earth_models_are_blocky_and_deepen(kind):
     rng = np.random.default_rng(0)
-    m = earth_model((32, 24), rng, kind)
+    m = earth_model((32, 24), rng, kind, texture=0.0)
     assert m.shape == (32, 24) and np.isfinite(m).all()
+    assert abs((earth_model((32, 24), np.random.default_rng(0), kind, texture=0.1) - m).std() - 0.1) < 0.02
     assert 3 <= len(np.unique(m)) <= 8  # piecewise constant layers
     if kind == "layered":
         assert (np.diff(m, axis=1) == 0).all()  # flat layers: constant along x

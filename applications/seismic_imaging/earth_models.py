@@ -4,7 +4,9 @@ Every model is built from a "layer coordinate" u(z, x[, y]) = z - fold(x, y) - t
 fault]: points with equal u belong to the same layer. Layer boundaries are drawn in u, and each
 layer gets a log-impedance from a trend that increases with depth plus a random jump, so the
 section is blocky (sharp interfaces, the part seismic data see) on a smooth background (the low
-frequencies seismic data miss, which the posterior has to fill in).
+frequencies seismic data miss, which the posterior has to fill in). A small fine-scale
+heterogeneity (``texture``, as in well logs) is added inside the layers; without it the models
+would lie on a low-dimensional set (exactly constant layers) on which a density is degenerate.
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ import numpy as np
 __all__ = ["earth_model", "earth_models", "reflectivity"]
 
 
-def earth_model(shape: tuple[int, ...], rng: np.random.Generator, kind: str = "random") -> np.ndarray:
+def earth_model(shape: tuple[int, ...], rng: np.random.Generator, kind: str = "random", texture: float = 0.02) -> np.ndarray:
     """One log-impedance model of ``shape = (nz, nx)`` or ``(nz, nx, ny)`` (depth/time first).
 
     ``kind``: ``"layered"`` (flat layers), ``"folded"`` (sinusoidal folds), ``"faulted"``
     (folded, then cut by a dipping normal fault with a throw) or ``"random"`` (one of the three).
+    ``texture``: standard deviation of the white fine-scale heterogeneity added everywhere.
     """
     if len(shape) not in (2, 3):
         raise ValueError(f"shape must be (nz, nx) or (nz, nx, ny), got {shape}")
@@ -45,7 +48,7 @@ def earth_model(shape: tuple[int, ...], rng: np.random.Generator, kind: str = "r
     layer = np.searchsorted(bounds, u)
     depth_of_layer = np.concatenate([[-0.3 * nz], bounds]) / nz
     values = 0.8 * depth_of_layer + rng.normal(0, 0.25, n_layers)
-    return values[layer].astype(np.float64)
+    return values[layer] + texture * rng.normal(size=shape)
 
 
 def _unit(d: int, rng: np.random.Generator) -> np.ndarray:
