@@ -130,7 +130,6 @@ def run_demo(out_dir: str = "invnet_demo", steps: int | None = None, seed: int =
         if steps < 1:
             raise ValueError(f"steps must be positive, got {steps}")
         p["steps"] = steps
-    torch.set_num_threads(min(torch.get_num_threads(), 2) if size == "tiny" else torch.get_num_threads())
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
