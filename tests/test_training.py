@@ -188,3 +188,23 @@ def test_config_errors_name_the_allowed_keys(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['depthh'\].*accepts"):
         trainer_from_config(cfg)
     assert not os.path.exists(cfg["training"]["out_dir"])  # nothing written before the error
+
+
+def test_checkpoint_rebuilds_a_network_with_a_summary_network(tmp_path):
+    from invnet.posterior import PosteriorSampler
+
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "lowres.h5", "w") as f:
+        f["x"] = rng.normal(size=(16, 1, 8, 8)).astype("f4")
+        f["y"] = rng.normal(size=(16, 2, 4, 4)).astype("f4")  # observations on a coarser grid
+    cfg = validate_config({
+        "data": {"path": "lowres.h5", "validation_fraction": 0.0},
+        "model": {"type": "ConditionalGlow", "hidden": 4, "levels": 1, "depth": 1,
+                  "summary": {"type": "ImageSummary", "hidden": 4, "out_channels": 3}},
+        "training": {"out_dir": "run", "steps": 2, "batch_size": 8, "progress": False},
+    }, str(tmp_path))
+    result = trainer_from_config(cfg).fit()
+    spec = read_checkpoint(result.checkpoint).meta["spec"]
+    assert spec["cond_channels"] == 3 and spec["summary"]["in_channels"] == 2 and spec["summary"]["out_size"] == [8, 8]
+    sampler = PosteriorSampler.from_checkpoint(str(tmp_path / "run"))
+    assert sampler.sample(3, torch.zeros(2, 4, 4)).shape == (3, 1, 8, 8)

@@ -56,7 +56,9 @@ def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = T
     torch.manual_seed(t["seed"])
     spec = resolve_network_spec(cfg["model"], dataset.x_shape, dataset.y_shape)
     model = build_network(spec).to(dtype)
-    model.check_shape((1,) + dataset.x_shape, (1,) + dataset.y_shape)
+    with torch.no_grad():  # shapes fit? (through the summary network, if any, on a dummy observation)
+        c = model.condition(torch.zeros((1,) + dataset.y_shape, dtype=dtype))
+        model.check_shape((1,) + dataset.x_shape, None if c is None else tuple(c.shape))
     opt_kwargs = {k: v for k, v in cfg["optimizer"].items() if k != "name"}
     optimizer = getattr(torch.optim, cfg["optimizer"]["name"])(model.parameters(), **opt_kwargs)
     scheduler = None
