@@ -44,6 +44,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--samples", type=int, default=200, help="posterior samples per test observation")
     p.add_argument("--model", default=None, help="override the network type (e.g. ConditionalCouplingFlow)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a network argument, e.g. --model-arg levels=3 (numbers are parsed)")
     args = p.parse_args(argv)
     size = dict(SIZES[args.dims])
     n_train = args.n_train or size["n_train"]
@@ -65,6 +67,12 @@ def main(argv=None) -> dict:
         raw["scheduler"]["T_max"] = args.steps
     if args.model:
         raw["model"] = {"type": args.model}
+    for item in args.model_arg:
+        key, _, value = item.partition("=")
+        try:
+            raw["model"][key] = json.loads(value)
+        except json.JSONDecodeError:
+            raw["model"][key] = value
     cfg = validate_config(raw, out)
     t1 = time.time()
     result = train_from_config(cfg)
