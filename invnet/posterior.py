@@ -317,19 +317,20 @@ def _savefig(fig, path: str) -> None:
 
 
 def _field(t: Tensor) -> np.ndarray:
-    """A 2D (or 1D) view of one field (channel 0; the middle slice of a 3D volume)."""
+    """A 2D (or 1D) view of one field (channel 0; of a 3D volume the middle section along the last
+    axis, so the first axis, depth or time, stays vertical)."""
     a = np.asarray(torch.as_tensor(t, dtype=torch.float64).detach())
     if a.ndim >= 2:
         a = a[0]
     if a.ndim == 3:
-        a = a[a.shape[0] // 2]
+        a = a[..., a.shape[-1] // 2]
     return a
 
 
 def plot_posterior(path: str, truth: Optional[Tensor], observation: Tensor, mean: Tensor, std: Tensor,
                    samples: Tensor, title: str = "") -> None:
     """Panels: truth, observation, posterior mean, std, |error|, and up to 3 samples (channel 0;
-    middle slice of 3D volumes; 1D fields as curves)."""
+    the middle section along the last axis of 3D volumes; 1D fields as curves)."""
     plt = _plt()
     panels = ([("truth", truth)] if truth is not None else []) + [("observation", observation), ("posterior mean", mean),
                                                                   ("posterior std", std)]
