@@ -15,9 +15,18 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from invnet.distributed import MPIComm, TorchComm  # noqa: E402
 
 
+_COMM = None
+_VERDICT = None
+#: set by suite.py: scripts then share one communicator and one verdict, reduced once at the end
+SUITE = False
+
+
 def make_comm(argv: list[str]):
-    """``gloo`` in argv selects the torch.distributed backend, else mpi4py."""
-    return TorchComm("gloo") if "gloo" in argv else MPIComm()
+    """``gloo`` in argv selects the torch.distributed backend, else mpi4py (one per process)."""
+    global _COMM
+    if _COMM is None:
+        _COMM = TorchComm("gloo") if "gloo" in argv else MPIComm()
+    return _COMM
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,7 +38,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 class Verdict:
     """Collects named checks on this rank; :meth:`finish` reduces them over all ranks."""
 
-    def __init__(self, comm) -> None:
+    def __new__(cls, comm):
+        global _VERDICT
+        if SUITE and _VERDICT is not None:
+            return _VERDICT
+        _VERDICT = super().__new__(cls)
+        _VERDICT._init(comm)
+        return _VERDICT
+
+    def _init(self, comm) -> None:
         self.comm = comm
         self.failures: list[str] = []
         self.count = 0
@@ -42,7 +59,9 @@ class Verdict:
     def close(self, name: str, err: float, tol: float) -> None:
         self.check(name, err <= tol, f"error {err:.3e} > {tol:.0e}")
 
-    def finish(self) -> None:
+    def finish(self, final: bool = False) -> None:
+        if SUITE and not final:
+            return
         for f in self.failures:
             print("FAIL", f, flush=True)
         bad = self.comm.allreduce_scalar(len(self.failures))
