@@ -49,10 +49,11 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("ranks", [1, 2, 4])
-def test_primitives_data_parallel_and_bad_configurations(ranks):
+def test_primitives_data_parallel_io_and_bad_configurations(ranks, tmp_path):
     """Adjoint tests of every primitive (~1e-14), data parallel = serial on the concatenated
-    batch, and bad configurations failing on every rank before any message: one launch."""
-    proc, _ = launch("suite.py", ranks, "primitives", "data_parallel", "bad_config")
+    batch, per-rank HDF5/Zarr reads and chunk-aligned Zarr writes, and bad configurations failing
+    on every rank before any message: one launch."""
+    proc, _ = launch("suite.py", ranks, "primitives", "data_parallel", "bad_config", "io", "--tmp", str(tmp_path))
     assert_ok(proc)
     assert "squeeze level 2" in proc.stdout and "needs" in proc.stdout
 
