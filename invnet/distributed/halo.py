@@ -4,8 +4,9 @@ A convolution with reach ``w`` needs ``w`` cells beyond each side of the subdoma
 space axis, every rank sends its first ``w`` slices to the lower neighbour and its last ``w``
 slices to the upper one, and receives the matching slices into its ghost layers; at the global
 border the ghost layers stay zero, so the decomposed convolution equals the serial, zero-padded
-one. Axes are exchanged one after the other on the already padded array, which fills the corner
-(edge, vertex) ghosts without diagonal messages::
+one. Axes are exchanged one after the other (in place, in one padded array), and each slab carries the ghosts
+of the axes exchanged before it, which fills the corner (edge, vertex) ghosts without diagonal
+messages::
 
       rank (0,0)            rank (0,1)
     +---+--------+---+    +---+--------+---+
@@ -31,61 +32,80 @@ from .comm import Communicator
 __all__ = ["halo_exchange", "HaloPad"]
 
 
-def _exchange_axis(x: Tensor, dim: int, w: int, lo: Optional[int], hi: Optional[int], comm: Communicator) -> Tensor:
-    n = x.shape[dim]
-    shape = list(x.shape)
-    shape[dim] = n + 2 * w
-    out = x.new_zeros(shape)
-    out.narrow(dim, w, n).copy_(x)
-    # my first w slices -> lower neighbour's upper ghost; my upper ghost <- upper neighbour
-    recv_hi = out.narrow(dim, n + w, w)
-    buf = torch.empty_like(recv_hi) if hi is not None else None
-    comm.sendrecv(x.narrow(dim, 0, w).contiguous() if lo is not None else None, lo, buf, hi)
-    if buf is not None:
-        recv_hi.copy_(buf)
-    # my last w slices -> upper neighbour's lower ghost; my lower ghost <- lower neighbour
-    recv_lo = out.narrow(dim, 0, w)
-    buf = torch.empty_like(recv_lo) if lo is not None else None
-    comm.sendrecv(x.narrow(dim, n - w, w).contiguous() if hi is not None else None, hi, buf, lo)
-    if buf is not None:
-        recv_lo.copy_(buf)
-    return out
+def _slab(a: int, along: slice, interior: tuple[slice, ...]) -> tuple[slice, ...]:
+    """Index of a slab along space axis ``a``: the full padded range on the axes exchanged before
+    it (their ghosts are filled, so corners travel on), the interior on the axes after it."""
+    idx = [slice(None), slice(None)]
+    for b, inner in enumerate(interior):
+        idx.append(slice(None) if b < a else along if b == a else inner)
+    return tuple(idx)
 
 
-def _exchange_axis_adjoint(
-    g: Tensor, dim: int, w: int, lo: Optional[int], hi: Optional[int], comm: Communicator
-) -> Tensor:
-    n = g.shape[dim] - 2 * w
-    gi = g.narrow(dim, w, n).clone()
-    # the lower ghost holds the gradient of the lower neighbour's last w slices: send it home;
-    # the upper neighbour's lower ghost gradient belongs to my last w slices: add it
-    buf = torch.empty_like(gi.narrow(dim, n - w, w)) if hi is not None else None
-    comm.sendrecv(g.narrow(dim, 0, w).contiguous() if lo is not None else None, lo, buf, hi)
-    if buf is not None:
-        gi.narrow(dim, n - w, w).add_(buf)
-    buf = torch.empty_like(gi.narrow(dim, 0, w)) if lo is not None else None
-    comm.sendrecv(g.narrow(dim, n + w, w).contiguous() if hi is not None else None, hi, buf, lo)
-    if buf is not None:
-        gi.narrow(dim, 0, w).add_(buf)
-    return gi
+def _exchange(out: Tensor, width: int, neighbors: tuple, comm: Communicator) -> None:
+    """Fill the ghost layers of ``out`` (already holding the subdomain in its interior) in place."""
+    w = width
+    interior = tuple(slice(w, m - w) for m in out.shape[2:])
+    for a, (lo, hi) in enumerate(neighbors):
+        if lo is None and hi is None:
+            continue  # a grid of one along this axis: the zero padding is already there
+        n = out.shape[2 + a] - 2 * w
+        # my first w slices -> lower neighbour's upper ghost; my upper ghost <- upper neighbour
+        send = out[_slab(a, slice(w, 2 * w), interior)].contiguous() if lo is not None else None
+        ghost = _slab(a, slice(n + w, n + 2 * w), interior)
+        buf = torch.empty_like(out[ghost]) if hi is not None else None
+        comm.sendrecv(send, lo, buf, hi)
+        if buf is not None:
+            out[ghost] = buf
+        # my last w slices -> upper neighbour's lower ghost; my lower ghost <- lower neighbour
+        send = out[_slab(a, slice(n, n + w), interior)].contiguous() if hi is not None else None
+        ghost = _slab(a, slice(0, w), interior)
+        buf = torch.empty_like(out[ghost]) if lo is not None else None
+        comm.sendrecv(send, hi, buf, lo)
+        if buf is not None:
+            out[ghost] = buf
+
+
+def _exchange_adjoint(g: Tensor, width: int, neighbors: tuple, comm: Communicator) -> None:
+    """Adjoint of :func:`_exchange`, in place on the padded gradient ``g``: axes in reverse order;
+    each ghost layer's gradient is sent to the rank owning those cells and added there."""
+    w = width
+    interior = tuple(slice(w, m - w) for m in g.shape[2:])
+    for a in reversed(range(len(neighbors))):
+        lo, hi = neighbors[a]
+        if lo is None and hi is None:
+            continue  # zero padding: its adjoint drops the ghost gradient
+        n = g.shape[2 + a] - 2 * w
+        # lower ghost -> home on the lower neighbour; the upper neighbour's lower ghost holds the
+        # gradient of my last w slices
+        send = g[_slab(a, slice(0, w), interior)].contiguous() if lo is not None else None
+        mine = _slab(a, slice(n, n + w), interior)
+        buf = torch.empty_like(g[mine]) if hi is not None else None
+        comm.sendrecv(send, lo, buf, hi)
+        if buf is not None:
+            g[mine] += buf
+        send = g[_slab(a, slice(n + w, n + 2 * w), interior)].contiguous() if hi is not None else None
+        mine = _slab(a, slice(w, 2 * w), interior)
+        buf = torch.empty_like(g[mine]) if lo is not None else None
+        comm.sendrecv(send, hi, buf, lo)
+        if buf is not None:
+            g[mine] += buf
 
 
 class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, width: int, neighbors: tuple, comm: Communicator) -> Tensor:
         ctx.width, ctx.neighbors, ctx.comm = width, neighbors, comm
-        out = x.detach()
-        for axis, (lo, hi) in enumerate(neighbors):
-            out = _exchange_axis(out, 2 + axis, width, lo, hi, comm)
+        out = x.new_zeros(x.shape[:2] + tuple(m + 2 * width for m in x.shape[2:]))
+        out[(slice(None), slice(None)) + tuple(slice(width, width + m) for m in x.shape[2:])] = x.detach()
+        _exchange(out, width, neighbors, comm)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        g = g.contiguous()
-        for axis in reversed(range(len(ctx.neighbors))):
-            lo, hi = ctx.neighbors[axis]
-            g = _exchange_axis_adjoint(g, 2 + axis, ctx.width, lo, hi, ctx.comm)
-        return g, None, None, None
+        w = ctx.width
+        g = g.contiguous().clone()
+        _exchange_adjoint(g, w, ctx.neighbors, ctx.comm)
+        return g[(slice(None), slice(None)) + tuple(slice(w, m - w) for m in g.shape[2:])], None, None, None
 
 
 def halo_exchange(x: Tensor, width: int, neighbors: "tuple[tuple[Optional[int], Optional[int]], ...]", comm: Communicator) -> Tensor:

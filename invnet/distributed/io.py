@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .partition import Partition
 
-__all__ = ["read_subdomain", "create_result_array", "write_subdomain"]
+__all__ = ["array_shape", "read_subdomain", "create_result_array", "write_subdomain"]
 
 
 def _open(path: str, name: str):
@@ -38,6 +38,16 @@ def _open(path: str, name: str):
         handle.close()
         raise ValueError(f"HDF5 file {path!r} has no dataset {name!r} (it has {sorted(handle.keys())})")
     return handle[name], handle
+
+
+def array_shape(path: str, name: str) -> tuple[int, ...]:
+    """Shape of the array ``name`` in an HDF5 file or Zarr store (metadata only, no data read)."""
+    arr, handle = _open(path, name)
+    try:
+        return tuple(int(s) for s in arr.shape)
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def read_subdomain(
