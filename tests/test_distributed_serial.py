@@ -61,3 +61,12 @@ def test_halo_width_larger_than_subdomain_is_refused():
 
 def test_default_comm_is_serial_outside_mpiexec():
     assert default_comm().size == 1
+
+
+def test_decomposed_glow_samples_its_block():
+    from invnet.networks import ConditionalGlow
+
+    net = ConditionalGlow(1, 1, hidden=4, levels=1, depth=1, ndim=2).double()
+    flow = decompose(net, Partition((8, 8), (1, 1, 1), SerialComm()))
+    c = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    assert flow.sample(3, c).shape == (3, 1, 8, 8)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -52,6 +52,14 @@ class Communicator:
     def split(self, color: int, key: int) -> "Communicator":
         """Sub-communicator of the ranks that passed the same ``color``, ordered by ``key``."""
         raise NotImplementedError
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        """Send a picklable Python object from ``root`` to every rank (configs, paths, flags)."""
+        raise NotImplementedError
+
+    def allreduce(self, t: Tensor) -> Tensor:
+        """Alias of :meth:`allreduce_sum` (the trainer's communicator protocol)."""
+        return self.allreduce_sum(t)
 
     def allreduce_scalar(self, value: float) -> float:
         """Sum of a Python number over ranks (for verdicts and logging)."""
@@ -94,6 +102,9 @@ class SerialComm(Communicator):
 
     def split(self, color: int, key: int) -> "Communicator":
         return SerialComm()
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
 
 
 def _sync_if_cuda(t: Optional[Tensor]) -> None:
@@ -176,6 +187,9 @@ class MPIComm(Communicator):
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self.comm.bcast(obj, root=root)
 
     def split(self, color: int, key: int) -> "MPIComm":
         return MPIComm(self.comm.Split(color, key), cuda_aware=self.cuda_aware)
@@ -262,6 +276,11 @@ class TorchComm(Communicator):
 
     def barrier(self) -> None:
         self._dist.barrier(group=self.group)
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=self._global(root), group=self.group)
+        return box[0]
 
     def split(self, color: int, key: int) -> "TorchComm":
         # new_group is collective over the whole default group: every rank creates every group,

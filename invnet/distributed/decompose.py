@@ -135,6 +135,13 @@ class DecomposedFlow(FlowNetwork):
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
         return self.network._vjp_inverse(x, dx, dlogdet, c, grads)
 
+    def _sample_data_shape(self, c: Optional[Tensor], shape: Optional[tuple[int, ...]]) -> tuple[int, ...]:
+        # sampling draws this rank's block of the latent: seed each rank differently
+        inner = getattr(self.network, "_sample_data_shape", None)
+        if inner is not None:
+            return inner(c, shape)
+        return super()._sample_data_shape(c, shape)
+
     def log_prob(self, x: Tensor, c: Optional[Tensor] = None) -> Tensor:
         """Global :math:`\\log q(x|c)` per local sample (replicated over spatial ranks)."""
         z, logdet = self(x, c)

@@ -44,6 +44,10 @@ x = randn(4, 2) if r == 0 else torch.zeros(4, 2)
 y = randn(4, 2)
 adjoint("broadcast", comm.broadcast(x.clone(), 0), y, x, comm.allreduce_sum(y))
 
+# object broadcast (configs, paths) from the last rank
+got = comm.bcast({"from": r, "path": "/x"} if r == n - 1 else None, root=n - 1)
+v.check("bcast of an object", got == {"from": n - 1, "path": "/x"}, str(got))
+
 # sendrecv around a ring: rank r receives x_{r-1}; the adjoint sends the other way
 x, y = randn(3, 4, 2), randn(3, 4, 2)
 px = comm.sendrecv(x, (r + 1) % n, torch.empty_like(x), (r - 1) % n)
