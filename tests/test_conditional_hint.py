@@ -220,3 +220,21 @@ def test_multiscale_conditional_hint_joint_density_and_memory():
         nets[0](torch.randn(2, 1, 8, 6), torch.randn(2, 1, 8, 6))
     with pytest.raises(ValueError, match="cannot be halved"):
         MultiscaleConditionalHINT(1, 4, 8, levels=2, depth=1, ndim=0)  # x-lane: 1 channel cannot split
+
+
+def test_linear_gaussian_application_builds_conditional_hint():
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "applications" / "linear_gaussian" / "lingauss.py"
+    spec = importlib.util.spec_from_file_location("invnet_app_lingauss_hint", path)
+    app = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = app  # dataclasses look their module up
+    spec.loader.exec_module(app)
+    net = app.build_network("hint", 4, 3, hidden=8, depth=1)
+    y = torch.randn(5, 3)
+    assert isinstance(net, ConditionalHINT) and net.log_prob(torch.randn(5, 4), y).shape == (5,)
+    assert net.sample(7, y[:1]).shape == (7, 4)
+    with pytest.raises(ValueError, match="summary"):
+        app.build_network("hint", 4, 3, hidden=8, depth=1, summary=2)

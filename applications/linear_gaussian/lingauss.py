@@ -21,7 +21,7 @@ from torch import Tensor
 
 from torch import nn
 
-from invnet.networks import ConditionalGlow, FlowNetwork, ImageSummary, VectorSummary
+from invnet.networks import ConditionalGlow, ConditionalHINT, FlowNetwork, ImageSummary, VectorSummary
 
 D64 = torch.float64
 
@@ -106,7 +106,7 @@ class LinearGaussianProblem:
 
 
 # --------------------------------------------------------------------------------------------
-# networks, chosen by name (add ConditionalHINT here when it exists)
+# networks, chosen by name
 def _glow(dim_x: int, dim_y: int, hidden: int, depth: int, summary: int) -> FlowNetwork:
     if summary:
         return ConditionalGlow(dim_x, summary, hidden=hidden, levels=1, depth=depth, ndim=0,
@@ -121,7 +121,14 @@ def _glow_field(dim_x: int, dim_y: int, hidden: int, depth: int, summary: int) -
                            summary=ImageSummary(1, k, out_size=(dim_x,), hidden=hidden))
 
 
-NETWORKS: dict[str, Callable[..., FlowNetwork]] = {"glow": _glow}
+def _hint(dim_x: int, dim_y: int, hidden: int, depth: int, summary: int) -> FlowNetwork:
+    # separate lanes: the y-lane maps y itself, so there is no summary network
+    if summary:
+        raise ValueError("ConditionalHINT conditions on its own y-lane; use --summary 0")
+    return ConditionalHINT(dim_x, dim_y, hidden=hidden, depth=depth, ndim=0)
+
+
+NETWORKS: dict[str, Callable[..., FlowNetwork]] = {"glow": _glow, "hint": _hint}
 FIELD_NETWORKS: dict[str, Callable[..., FlowNetwork]] = {"glow": _glow_field}
 
 
