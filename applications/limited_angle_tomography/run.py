@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=5, help="unrolled i-RIM iterations")
     p.add_argument("--channels", type=int, default=6, help="state channels (1 estimate + memory)")
     p.add_argument("--hidden", type=int, default=16)
-    p.add_argument("--steps", type=int, default=300, help="training steps")
+    p.add_argument("--steps", type=int, default=1200, help="training steps")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-images", type=int, default=2000)
