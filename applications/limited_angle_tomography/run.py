@@ -29,22 +29,22 @@ import invnet  # noqa: E402
 from invnet.core.checks import saved_bytes  # noqa: E402
 from invnet.networks import LearnedLoop  # noqa: E402
 from invnet.operators import adjoint_test, as_operator  # noqa: E402
-from tomography import operator_norm, radon_matrix, random_ellipses, tikhonov_cg  # noqa: E402
+from tomography import operator_norm, radon_matrix, random_ellipses, tikhonov_cg, tikhonov_cg_iterates  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=48, help="image side (pixels)")
-    p.add_argument("--angles", type=int, default=40, help="number of projection angles")
+    p.add_argument("--size", type=int, default=32, help="image side (pixels)")
+    p.add_argument("--angles", type=int, default=30, help="number of projection angles")
     p.add_argument("--arc", type=float, default=120.0, help="angular range in degrees (180 = full)")
     p.add_argument("--noise", type=float, default=0.02, help="noise std relative to the data's RMS")
-    p.add_argument("--iterations", type=int, default=6, help="unrolled i-RIM iterations")
+    p.add_argument("--iterations", type=int, default=5, help="unrolled i-RIM iterations")
     p.add_argument("--channels", type=int, default=6, help="state channels (1 estimate + memory)")
     p.add_argument("--hidden", type=int, default=16)
-    p.add_argument("--steps", type=int, default=700, help="training steps")
+    p.add_argument("--steps", type=int, default=1200, help="training steps")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train-images", type=int, default=3000)
+    p.add_argument("--train-images", type=int, default=2000)
     p.add_argument("--test-images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -92,7 +92,7 @@ def main() -> None:
     adj_err = adjoint_test(op)
     fwd, adj = op.forward, op.adjoint
     print(f"Radon matrix {a_csr.shape}, {a_csr.nnz} nonzeros, built in {time.time() - t0:.1f}s; "
-          f"adjoint test {adj_err:.1e}")
+          f"adjoint test {adj_err:.1e}", flush=True)
 
     def observe(x: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         clean = fwd(torch.from_numpy(x).reshape(len(x), 1, n, n))
@@ -111,17 +111,17 @@ def main() -> None:
 
     # --- classical baseline: Tikhonov-CG, (lambda, iterations) tuned on the validation set ---
     best = None
-    for lam in (0.0, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2):
-        for iters in (10, 20, 40, 80, 160, 320):
-            rec = tikhonov_cg(fwd, adj, y_val, (1, n, n), lam, iters)[:, 0].numpy()
-            psnr, _ = metrics(rec, val)
-            if best is None or psnr > best[0]:
-                best = (psnr, lam, iters)
+    for lam in (0.0, 1e-3, 3e-3, 1e-2, 3e-2):
+        for k, rec in enumerate(tikhonov_cg_iterates(fwd, adj, y_val, lam, 160), start=1):
+            if k in (10, 20, 40, 80, 160):
+                psnr, _ = metrics(rec[:, 0].numpy(), val)
+                if best is None or psnr > best[0]:
+                    best = (psnr, lam, k)
     _, lam, cg_iters = best
-    print(f"Tikhonov-CG tuned on validation: lambda={lam}, iterations={cg_iters}")
+    print(f"Tikhonov-CG tuned on validation: lambda={lam}, iterations={cg_iters}", flush=True)
 
     def baseline(y):
-        return tikhonov_cg(fwd, adj, y, (1, n, n), lam, cg_iters)[:, 0].numpy()
+        return tikhonov_cg(fwd, adj, y, lam, cg_iters)[:, 0].numpy()
 
     # --- the learned loop ---
     loop = LearnedLoop(op, channels=args.channels, iterations=args.iterations, hidden=args.hidden)

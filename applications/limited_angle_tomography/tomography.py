@@ -82,19 +82,29 @@ def random_ellipses(n: int, size: int, generator: np.random.Generator, max_ellip
     return out
 
 
-def tikhonov_cg(forward, adjoint, y: Tensor, shape, lam: float, iters: int) -> Tensor:
-    """Solve ``(A^T A + lam I) x = A^T y`` by conjugate gradients from zero, batched."""
+def tikhonov_cg_iterates(forward, adjoint, y: Tensor, lam: float, iters: int):
+    """Conjugate gradients on ``(A^T A + lam I) x = A^T y`` from zero, batched: yields the
+    iterate after each of ``iters`` iterations (so one run scores every stopping point)."""
     b = adjoint(y)
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
+    shape = (-1,) + (1,) * (b.dim() - 1)
     rs = (r * r).flatten(1).sum(1)
     for _ in range(iters):
         ap = adjoint(forward(p)) + lam * p
-        alpha = rs / (p * ap).flatten(1).sum(1).clamp_min(1e-30)
-        x = x + alpha.view(-1, *[1] * (x.dim() - 1)) * p
-        r = r - alpha.view(-1, *[1] * (x.dim() - 1)) * ap
+        alpha = (rs / (p * ap).flatten(1).sum(1).clamp_min(1e-30)).view(shape)
+        x = x + alpha * p
+        r = r - alpha * ap
         rs_new = (r * r).flatten(1).sum(1)
-        p = r + (rs_new / rs.clamp_min(1e-30)).view(-1, *[1] * (x.dim() - 1)) * p
+        p = r + (rs_new / rs.clamp_min(1e-30)).view(shape) * p
         rs = rs_new
-    return x.reshape((x.shape[0],) + tuple(shape))
+        yield x
+
+
+def tikhonov_cg(forward, adjoint, y: Tensor, lam: float, iters: int) -> Tensor:
+    """The last of :func:`tikhonov_cg_iterates`."""
+    x = None
+    for x in tikhonov_cg_iterates(forward, adjoint, y, lam, iters):
+        pass
+    return x
