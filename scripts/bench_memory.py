@@ -142,11 +142,11 @@ def sweep_size(args, libs: list[str], log: list[dict]) -> None:
             _run(dict(base, size=size, library=lib, measure="memory"), args, log)
 
 
-def sweep_3d(args, log: list[dict]) -> None:
+def sweep_3d(args, libs: list[str], log: list[dict]) -> None:
     base = dict(sweep="3d", channels=1, levels=args.levels, hidden=args.hidden, depth=args.volume_depth,
                 batch=args.volume_batch, ndim=3)
     for size in args.volumes:
-        for lib in ("invnet", "invnet-plain"):
+        for lib in [lib for lib in libs if lib.startswith("invnet")]:
             _run(dict(base, size=size, library=lib, measure="memory"), args, log)
 
 
@@ -224,6 +224,13 @@ def targets(summary: dict) -> dict:
     if k_lo is not None and get(k_lo, "invnet_rss_mb") and get(k_hi, "invnet_rss_mb") is not None:
         out["invnet_rss_ratio_kmax_over_kmin"] = get(k_hi, "invnet_rss_mb") / get(k_lo, "invnet_rss_mb")
         out["invnet_rss_ratio_depths"] = [k_lo, k_hi]
+        if get(k_lo, "invnet_params") and get(k_hi, "invnet_params"):
+            # the step also allocates the parameter gradients (float32), which grow with depth in
+            # every library; without them, what is left is the activation memory
+            act = [get(k, "invnet_rss_mb") - 4 * get(k, "invnet_params") / bc.MB for k in (k_lo, k_hi)]
+            out["invnet_rss_minus_grads_mb"] = act
+            if act[0] > 0:
+                out["invnet_rss_minus_grads_ratio_kmax_over_kmin"] = act[1] / act[0]
     if get(32, "invnet_rss_mb") is not None and get(32, "normflows_rss_mb"):
         out["invnet_over_normflows_rss_k32"] = get(32, "invnet_rss_mb") / get(32, "normflows_rss_mb")
     below = [get(k, "invnet_rss_mb") < get(k, "memcnn-freia_rss_mb") for k in rows
@@ -327,10 +334,41 @@ def plot(summary: dict, libs: list[str], folder: str) -> list[str]:
     return paths
 
 
+def merge(args) -> int:
+    """Summarise the results of several records together (one JSON, tables, plots)."""
+    records = []
+    for path in args.merge:
+        with open(path) as fh:
+            records.append(json.load(fh))
+    libs = []
+    for rec in records:
+        libs += [lib for lib in rec["libraries"] if lib not in libs]
+    log = [r for rec in records for r in rec["results"]]
+    largest = next((rec["largest_3d"] for rec in records if rec.get("largest_3d")), None)
+    summary = summarize(log, libs)
+    record = {
+        "benchmark": "memory", "device": "cpu", "merged_from": [
+            {"path": path, "command": rec["command"]} for path, rec in zip(args.merge, records)
+        ],
+        "libraries": libs, "versions": records[0]["versions"], "results": log, "summary": summary,
+        "targets": targets(summary), "largest_3d": largest,
+    }
+    bc.write_json_atomic(args.out, record)
+    print_tables(summary, libs)
+    if largest:
+        print(f"\nLargest cubic volume (conditional Glow, one sample): {largest}")
+    print("\nTargets:", json.dumps(record["targets"], indent=1))
+    if args.plots:
+        for path in plot(summary, libs, args.plots):
+            print(f"plot: {path}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--libraries", nargs="+", default=list(bm.LIBRARIES), choices=bm.LIBRARIES)
+    p.add_argument("--libraries", nargs="+", default=list(bm.LIBRARIES), choices=bm.LIBRARIES + bm.EXTRA_LIBRARIES)
     p.add_argument("--sweeps", nargs="+", default=["depth", "size", "3d", "largest3d"],
                    choices=["depth", "size", "3d", "largest3d"])
     p.add_argument("--batch", type=int, default=16)
@@ -354,6 +392,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a seconds-long run of every sweep (smoke test)")
     p.add_argument("--out", default="docs/benchmarks/memory_cpu.json")
     p.add_argument("--plots", default=None, help="folder for PNG plots (none by default)")
+    p.add_argument("--merge", nargs="+", default=None,
+                   help="JSON records of earlier runs (e.g. sweeps run in parallel): summarise them together, measure nothing")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -373,6 +413,8 @@ def main(argv=None) -> int:
         for v in vals if isinstance(vals, list) else [vals]:
             if v % div:
                 raise ValueError(f"--{name.replace('_', '-')} values must be divisible by 2^levels = {div}, got {v}")
+    if args.merge:
+        return merge(args)
     libs = [lib for lib in args.libraries if lib.startswith("invnet") or peer_available(lib)]
     skipped = sorted(set(args.libraries) - set(libs))
     if skipped:
@@ -384,7 +426,7 @@ def main(argv=None) -> int:
     if "size" in args.sweeps:
         sweep_size(args, libs, log)
     if "3d" in args.sweeps:
-        sweep_3d(args, log)
+        sweep_3d(args, libs, log)
     if "largest3d" in args.sweeps:
         largest = largest_3d(args, log)
     summary = summarize(log, libs)

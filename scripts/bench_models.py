@@ -10,6 +10,8 @@ do the same arithmetic and hold the same number of parameters up to the 1x1-conv
 ActNorm bookkeeping. Each model has ``nll(x, c=None)``: the mean negative log-likelihood (nats,
 up to the constant) of a batch, the loss of one training step.
 
+invnet's network is :class:`invnet.networks.Glow` (``invnet``, ``invnet-plain``); the same Glow
+assembled here from core blocks (``invnet-core``, ``invnet-core-plain``) is kept for comparison.
 The peers are optional (``pip install -e .[bench]``, see scripts/install_bench_peers.sh); their
 builders raise ``ImportError`` when a peer is missing.
 """
@@ -25,6 +27,8 @@ from invnet.layers import ActNorm, AffineCoupling, Conv1x1, ConvConditioner, Squ
 
 PEERS_2D_ONLY = ("normflows", "freia", "memcnn-freia")
 LIBRARIES = ("invnet", "invnet-plain") + PEERS_2D_ONLY
+#: invnet Glow assembled from core blocks in this file (one Chain per scale), for comparison
+EXTRA_LIBRARIES = ("invnet-core", "invnet-core-plain")
 
 
 def squeeze(x: Tensor) -> Tensor:
@@ -267,13 +271,43 @@ class FreiaGlow(nn.Module):
         return gaussian_nll(latents, logdet)
 
 
+class InvnetGlow(nn.Module):
+    """invnet's own :class:`invnet.networks.Glow` (or :class:`~invnet.networks.ConditionalGlow`
+    with a field condition), configured to match the peers: checkerboard squeeze, LU 1x1
+    convolutions, the default conditioner (= :class:`~invnet.layers.ConvConditioner`). The whole
+    network is one memory-saving autograd node that keeps only ``z`` (and ``c``);
+    ``memory_saving=False`` runs plain autograd through the same blocks."""
+
+    def __init__(
+        self, channels: int, levels: int, steps: int, hidden: int, ndim: int = 2,
+        cond_channels: int = 0, memory_saving: bool = True,
+    ) -> None:
+        super().__init__()
+        from invnet.networks import ConditionalGlow, Glow
+
+        kw = dict(hidden=hidden, levels=levels, depth=steps, ndim=ndim, squeeze="checkerboard", conv1x1="lu")
+        if cond_channels:
+            self.net = ConditionalGlow(channels, cond_channels, **kw)
+        else:
+            self.net = Glow(channels, **kw)
+        self.memory_saving = memory_saving
+
+    def nll(self, x: Tensor, c: Optional[Tensor] = None) -> Tensor:
+        with invnet.memory_saving(self.memory_saving):
+            z, logdet = self.net(x, c)
+        return gaussian_nll([z], logdet)
+
+
 def build(
     library: str, channels: int, levels: int, steps: int, hidden: int, image: int, ndim: int = 2,
     cond_channels: int = 0,
 ) -> nn.Module:
     """The matched Glow of ``library`` (one of :data:`LIBRARIES`)."""
     if library in ("invnet", "invnet-plain"):
-        return InvnetCoreGlow(channels, levels, steps, hidden, ndim, cond_channels, memory_saving=library == "invnet")
+        return InvnetGlow(channels, levels, steps, hidden, ndim, cond_channels, memory_saving=library == "invnet")
+    if library in ("invnet-core", "invnet-core-plain"):
+        return InvnetCoreGlow(channels, levels, steps, hidden, ndim, cond_channels,
+                              memory_saving=library == "invnet-core")
     if ndim != 2 or cond_channels:
         raise ValueError(f"{library} is benchmarked on unconditional 2D images only (ndim=2), got ndim={ndim}")
     if library == "normflows":
@@ -282,4 +316,4 @@ def build(
         return FreiaGlow(channels, levels, steps, hidden, image, memcnn=False)
     if library == "memcnn-freia":
         return FreiaGlow(channels, levels, steps, hidden, image, memcnn=True)
-    raise ValueError(f"library must be one of {LIBRARIES}, got {library!r}")
+    raise ValueError(f"library must be one of {LIBRARIES + EXTRA_LIBRARIES}, got {library!r}")

@@ -62,6 +62,7 @@ def test_bench_memory_rejects_sizes_the_squeezes_cannot_halve(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # the peers' own deprecations
 def test_matched_models_agree_on_parameter_count():
     """The peers' Glows are built to match invnet's: the same parameter count."""
     sys.path.insert(0, SCRIPTS)
