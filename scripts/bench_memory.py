@@ -224,13 +224,6 @@ def targets(summary: dict) -> dict:
     if k_lo is not None and get(k_lo, "invnet_rss_mb") and get(k_hi, "invnet_rss_mb") is not None:
         out["invnet_rss_ratio_kmax_over_kmin"] = get(k_hi, "invnet_rss_mb") / get(k_lo, "invnet_rss_mb")
         out["invnet_rss_ratio_depths"] = [k_lo, k_hi]
-        if get(k_lo, "invnet_params") and get(k_hi, "invnet_params"):
-            # the step also allocates the parameter gradients (float32), which grow with depth in
-            # every library; without them, what is left is the activation memory
-            act = [get(k, "invnet_rss_mb") - 4 * get(k, "invnet_params") / bc.MB for k in (k_lo, k_hi)]
-            out["invnet_rss_minus_grads_mb"] = act
-            if act[0] > 0:
-                out["invnet_rss_minus_grads_ratio_kmax_over_kmin"] = act[1] / act[0]
     if get(32, "invnet_rss_mb") is not None and get(32, "normflows_rss_mb"):
         out["invnet_over_normflows_rss_k32"] = get(32, "invnet_rss_mb") / get(32, "normflows_rss_mb")
     below = [get(k, "invnet_rss_mb") < get(k, "memcnn-freia_rss_mb") for k in rows
@@ -262,7 +255,8 @@ def print_tables(summary: dict, libs: list[str]) -> None:
     print("| K | " + " | ".join(libs) + " |")
     print("|---|" + "---|" * len(libs))
     for r in summary["depth"]:
-        print(f"| {r['depth']} | " + " | ".join(f(r.get(f"{lib}_time_s"), "{:.3f}") for lib in libs) + " |")
+        if any(r.get(f"{lib}_time_s") is not None for lib in libs):
+            print(f"| {r['depth']} | " + " | ".join(f(r.get(f"{lib}_time_s"), "{:.3f}") for lib in libs) + " |")
     for sweep, title in (("size", "image size (2D)"), ("3d", "volume size (3D, peers: no 3D Glow)")):
         rows = [r for r in summary["size"] if r["sweep"] == sweep]
         if not rows:
