@@ -119,3 +119,20 @@ def test_convolutions_never_pad_themselves_and_zero_pads_are_modules():
     assert convs and all(all(p == 0 for p in m.padding) for m in convs)
     reach = [m for m in convs if max(m.kernel_size) > 1]
     assert sum(isinstance(m, ZeroPad) for m in net.modules()) == len(reach)
+
+
+@pytest.mark.parametrize("squeeze", ["patch", "checkerboard", "haar"])
+def test_backward_leaves_the_callers_latent_and_cotangent_untouched(squeeze):
+    """The level backward writes rebuilt parts in place; a squeeze that returns a view (1D patch
+    order) must not let that write reach the caller's tensors."""
+    from invnet.core.checks import randomize_parameters_
+
+    net = randomize_parameters_(Glow(2, 8, levels=2, depth=1, ndim=1, squeeze=squeeze).double(), 0.1)
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        z, _ = net(x)
+    dz = torch.randn_like(z)
+    z0, dz0 = z.clone(), dz.clone()
+    x_rec, _, _ = net.backward(z, dz)
+    assert torch.equal(z, z0) and torch.equal(dz, dz0)
+    assert torch.allclose(x_rec, x, atol=1e-12)

@@ -138,9 +138,18 @@ class MultiscaleLevel(InvertibleModule):
         h, dh = self._down(y), self._down(dy)
         dc = None
         if self.inner is not None:
-            (a, b), (da, db) = self._split(h), self._split(dh)
-            a, da, dc = self.inner._vjp(a, da, dlogdet, c_s, grads)
-            h, dh = torch.cat([a, b], 1), torch.cat([da, db], 1)
+            # a squeeze may return a view of the caller's tensor (identity squeeze, 1D patch
+            # order): never write into those
+            if h.untyped_storage().data_ptr() == y.untyped_storage().data_ptr():
+                h = h.clone()
+            if dh.untyped_storage().data_ptr() == dy.untyped_storage().data_ptr():
+                dh = dh.clone()
+            a, da, dc = self.inner._vjp(h[:, : self.keep], dh[:, : self.keep], dlogdet, c_s, grads)
+            # write the rebuilt part back in place instead of concatenating: two fewer
+            # scale-sized tensors alive while the inner levels and this scale's steps run
+            h[:, : self.keep] = a
+            dh[:, : self.keep] = da
+            del a, da
         s, ds, dc_steps = self.steps._vjp(h, dh, dlogdet, c_s, grads)
         return self._up(s), self._up(ds), self._up_c(add_optional(dc, dc_steps), c)
 
