@@ -1,0 +1,1 @@
+"""Runnable, documented end-to-end applications of invnet (one sub-package each)."""
