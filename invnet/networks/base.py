@@ -29,9 +29,15 @@ class FlowNetwork(InvertibleModule):
         """Shape of the latent for data of shape ``x_shape`` (validates it)."""
         return self.check_shape(tuple(x_shape), c_shape, inverse=False)
 
+    def condition(self, c: Optional[Tensor]) -> Optional[Tensor]:
+        """The condition the flow sees, made from what the user passes to :meth:`log_prob`,
+        :meth:`bits_per_dim` and :meth:`sample` (identity here; a network with a summary network
+        maps an observation to the condition)."""
+        return c
+
     def log_prob(self, x: Tensor, c: Optional[Tensor] = None) -> Tensor:
         """:math:`\\log q(x|c)` per sample, in nats, shape ``(batch,)``."""
-        z, logdet = self(x, c)
+        z, logdet = self(x, self.condition(c))
         return self.base.log_prob(z) + logdet
 
     def bits_per_dim(self, x: Tensor, c: Optional[Tensor] = None, bin_width: float = 1.0) -> Tensor:
@@ -58,6 +64,7 @@ class FlowNetwork(InvertibleModule):
         """
         if n < 1:
             raise ValueError(f"n must be a positive number of samples, got {n}")
+        c = self.condition(c)
         if c is not None:
             if c.shape[0] == 1 and n > 1:
                 c = c.expand((n,) + tuple(c.shape[1:]))
