@@ -238,3 +238,11 @@ def test_pipeline_end_to_end(tmp_path):
     assert result["diversity"] > 0
     evaluate.save_figure(tmp_path / "fig.png", images, rows=2)
     assert (tmp_path / "fig.png").stat().st_size > 1000
+    # the sampling command on an image file, in overlapping tiles
+    from applications.super_resolution import sample
+
+    sample.write_png(tmp_path / "hr.png", _images(1, 40)[0, 0])
+    assert sample.main([cfg["train"]["checkpoint"], "--hr", str(tmp_path / "hr.png"), "--n", "2", "--tile", "6",
+                        "--overlap", "2", "--out", str(tmp_path / "out")]) == 0
+    assert sample.read_grey(tmp_path / "out" / "mean.png").shape == (1, 1, 40, 40)
+    assert sample.read_grey(tmp_path / "out" / "input.png").shape == (1, 1, 10, 10)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from invnet import Chain
 from invnet.distributions import StandardNormal
 from invnet.layers import ActNorm, AffineCoupling, Conv1x1, HaarSqueeze, ZeroPad
+from invnet.networks import ConditionalGlow
 
 from .degradation import bicubic_upsample, check_factor, check_image
 
@@ -98,6 +99,11 @@ class SRFlow(nn.Module):
         cond_features: channels of the encoder's features.
         encoder_hidden, encoder_layers: size of the encoder.
         clamp: bound on the couplings' log-scales.
+        flow: ``"steps"``: a single-scale stack of ``steps`` Glow steps on the low-resolution grid
+            (default); ``"glow"``: :class:`invnet.networks.ConditionalGlow` with ``levels`` scales
+            (``steps / levels`` steps each; Haar squeezes, so low-resolution sizes must be divisible
+            by ``2**levels``), fed the same encoder features as a field condition.
+        levels: scales of the ``"glow"`` flow.
 
     >>> model = SRFlow(channels=1, factor=4, steps=2, hidden=8, cond_features=4, encoder_hidden=8)
     >>> x = torch.rand(3, 1, 16, 16)
@@ -119,16 +125,20 @@ class SRFlow(nn.Module):
         encoder_hidden: int = 64,
         encoder_layers: int = 3,
         clamp: float = 2.0,
+        flow: str = "steps",
+        levels: int = 2,
     ) -> None:
         super().__init__()
         check_factor(factor)
+        if flow not in ("steps", "glow"):
+            raise ValueError(f"flow must be 'steps' or 'glow', got {flow!r}")
         if channels < 1:
             raise ValueError(f"channels must be positive, got {channels}")
         if steps < 1:
             raise ValueError(f"steps must be positive, got {steps}")
         self.hparams = dict(
             channels=channels, factor=factor, steps=steps, hidden=hidden, cond_features=cond_features,
-            encoder_hidden=encoder_hidden, encoder_layers=encoder_layers, clamp=clamp,
+            encoder_hidden=encoder_hidden, encoder_layers=encoder_layers, clamp=clamp, flow=flow, levels=levels,
         )
         self.channels = channels
         self.factor = factor
@@ -144,14 +154,21 @@ class SRFlow(nn.Module):
         self.haar = HaarSqueeze(ndim=2)
         self.encoder = LREncoder(channels + self.detail_channels, cond_features, encoder_hidden, encoder_layers)
         dc = self.detail_channels
-        blocks = []
-        for k in range(steps):
-            blocks += [
-                ActNorm(dc, ndim=2),
-                Conv1x1(dc, ndim=2),
-                AffineCoupling(dc, hidden=hidden, ndim=2, cond_channels=cond_features, clamp=clamp, swap=bool(k % 2)),
-            ]
-        self.flow = Chain(*blocks)
+        if flow == "glow":
+            if steps % levels:
+                raise ValueError(f"flow='glow' spreads steps over levels: steps ({steps}) must be a multiple of levels ({levels})")
+            self.flow = ConditionalGlow(
+                dc, cond_features, hidden=hidden, levels=levels, depth=steps // levels, ndim=2, clamp=clamp,
+            )
+        else:
+            blocks = []
+            for k in range(steps):
+                blocks += [
+                    ActNorm(dc, ndim=2),
+                    Conv1x1(dc, ndim=2),
+                    AffineCoupling(dc, hidden=hidden, ndim=2, cond_channels=cond_features, clamp=clamp, swap=bool(k % 2)),
+                ]
+            self.flow = Chain(*blocks)
         self.base = StandardNormal()
 
     # ------------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     overrides = {"device": args.device, "minutes": args.minutes, "iterations": args.iterations,
                  "checkpoint": args.checkpoint}
     cfg = merge_config({**cfg, "train": {**cfg["train"], **{k: v for k, v in overrides.items() if v is not None}}})
-    model, history = train(cfg)
+    model, history = train(cfg, log=lambda s: print(s, flush=True))
     save_checkpoint(cfg["train"]["checkpoint"], model, cfg, {"history": history})
     print(f"saved {cfg['train']['checkpoint']}")
     return 0
