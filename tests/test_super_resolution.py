@@ -130,16 +130,15 @@ def test_samples_are_lr_consistent_and_invertible(factor):
 
 def test_log_prob_matches_brute_force_jacobian():
     """log q(x|y) = log N(z) + log|det dz/dd| on the detail coefficients (Haar is orthogonal)."""
-    m = _tiny_model(4, torch.float64)
-    x = _images(1, 8).double()
-    y = downsample(x, 4)
+    m = _tiny_model(2, torch.float64)
+    x = _images(1, 4).double()
+    y = downsample(x, 2)
     m.log_prob(x, y)
     for p in m.flow.parameters():  # leave the zero-initialised identity
         p.data.add_(0.1 * torch.randn_like(p))
     c, base = m.condition(y)
     _, d = m.analysis(x)
-    with torch.no_grad():
-        jac = torch.autograd.functional.jacobian(lambda r: m.flow(r, c)[0], d - base)
+    jac = torch.autograd.functional.jacobian(lambda r: m.flow(r, c.detach())[0], d - base)
     jac = jac.reshape(d.numel(), d.numel())
     z, logdet = m.flow(d - base, c)
     assert torch.allclose(logdet, torch.linalg.slogdet(jac)[1].reshape(1), atol=1e-9)

@@ -21,7 +21,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "model": {
         "factor": 4, "steps": 8, "hidden": 64, "cond_features": 32,
-        "encoder_hidden": 64, "encoder_layers": 3, "clamp": 2.0, "flow": "steps", "levels": 2,
+        "encoder_hidden": 64, "encoder_layers": 3, "clamp": 1.0, "flow": "steps", "levels": 2,
     },
     "train": {
         "batch": 64, "lr": 1e-3, "iterations": 3000, "minutes": 15.0, "seed": 0,

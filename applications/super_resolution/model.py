@@ -98,7 +98,8 @@ class SRFlow(nn.Module):
         hidden: hidden channels of each coupling's conditioner.
         cond_features: channels of the encoder's features.
         encoder_hidden, encoder_layers: size of the encoder.
-        clamp: bound on the couplings' log-scales.
+        clamp: bound on the couplings' log-scales (1.0: with 2.0 short trainings gave samples that
+            blew up at temperature 1, see README.md).
         flow: ``"steps"``: a single-scale stack of ``steps`` Glow steps on the low-resolution grid
             (default); ``"glow"``: :class:`invnet.networks.ConditionalGlow` with ``levels`` scales
             (``steps / levels`` steps each; Haar squeezes, so low-resolution sizes must be divisible
@@ -124,7 +125,7 @@ class SRFlow(nn.Module):
         cond_features: int = 32,
         encoder_hidden: int = 64,
         encoder_layers: int = 3,
-        clamp: float = 2.0,
+        clamp: float = 1.0,
         flow: str = "steps",
         levels: int = 2,
     ) -> None:
