@@ -132,8 +132,10 @@ def _markdown(m: dict) -> str:
         "|---|---|---|---|",
     ]
     for key, label in (("bicubic", "bicubic"), ("bicubic_consistent", "bicubic + LR projection"),
-                       ("posterior_mean", "flow: posterior mean"), ("single_sample", "flow: one sample, T=1"),
+                       ("posterior_mean", "flow: posterior mean"), ("single_sample", f"flow: one sample, T={m['temperature']}"),
                        ("single_sample_T0.8", "flow: one sample, T=0.8")):
+        if key == "single_sample_T0.8" and m["temperature"] == 0.8:
+            continue  # the row above already is at T=0.8
         r = m[key]
         lines.append(f"| {label} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['lr_consistency']:.1f} |")
     lines += ["", f"sample diversity (mean per-pixel std): {m['diversity']:.4f}; "
