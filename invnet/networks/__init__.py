@@ -1,5 +1,6 @@
 """Assembled flows (Glow, HINT, conditional forms, loops, summary networks)."""
 from .base import FlowNetwork
+from .conditional_coupling_flow import ConditionalCouplingFlow
 from .conditional_glow import ConditionalGlow
 from .conditional_hint import ConditionalHINT
 from .glow import Glow
@@ -14,4 +15,4 @@ from .summary import ImageSummary, VectorSummary
 
 __all__ = ["FlowNetwork", "Glow", "ConditionalGlow", "MultiscaleLevel", "ImageSummary", "VectorSummary"]
 __all__ += ["HINT", "MultiscaleHINT", "ConditionalHINT", "hint_step", "MultiscaleConditionalHINT"]
-__all__ += ["LearnedLoop", "Hyperbolic", "InvertibleUNet"]
+__all__ += ["LearnedLoop", "Hyperbolic", "InvertibleUNet", "ConditionalCouplingFlow"]

@@ -1,0 +1,79 @@
+"""MPI tests: each script in tests/mpi runs under ``mpiexec -n {1,2,4} python -m mpi4py`` with a
+timeout; the scripts reduce their verdict over ranks and exit non-zero on any failure.
+
+Timeouts at three levels: pytest-timeout on each test, ``timeout`` around mpiexec (kills a hung
+job), and the CI job's own limit. Skipped (with the reason) when mpi4py or mpiexec is missing.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "mpi"
+MPIEXEC = shutil.which("mpiexec")
+
+try:
+    import mpi4py  # noqa: F401
+
+    HAVE_MPI4PY = True
+except ImportError:
+    HAVE_MPI4PY = False
+
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(not HAVE_MPI4PY, reason="mpi4py is not installed (pip install mpi4py mpich)"),
+    pytest.mark.skipif(MPIEXEC is None, reason="mpiexec is not on PATH (pip install mpich)"),
+]
+
+
+def launch(script: str, ranks: int, *args: str, timeout: int = 200) -> tuple[subprocess.CompletedProcess, float]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = ["timeout", "-s", "KILL", str(timeout), MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mpi4py",
+           str(SCRIPTS / script), *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout + 30)
+    return proc, time.monotonic() - start
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "OK:" in proc.stdout, f"exit {proc.returncode}\n{out[-4000:]}"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_primitives_data_parallel_io_and_bad_configurations(ranks, tmp_path):
+    """Adjoint tests of every primitive (~1e-14), data parallel = serial on the concatenated
+    batch, per-rank HDF5/Zarr reads and chunk-aligned Zarr writes, and bad configurations failing
+    on every rank before any message: one launch."""
+    proc, _ = launch("suite.py", ranks, "primitives", "data_parallel", "bad_config", "io", "--tmp", str(tmp_path))
+    assert_ok(proc)
+    assert "squeeze level 2" in proc.stdout and "needs" in proc.stdout
+
+
+@pytest.mark.timeout(240)
+def test_torch_distributed_gloo_backend():
+    assert_ok(launch("suite.py", 2, "primitives", "data_parallel", "gloo")[0])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_decomposed_equals_serial(ranks):
+    assert_ok(launch("decomposed.py", ranks, timeout=260)[0])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_one_failing_rank_ends_the_job(ranks):
+    proc, seconds = launch("failure.py", ranks, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, -9, 137), f"exit {proc.returncode} (0: went on; 137: hung until killed)\n{out[-3000:]}"
+    assert "deliberate failure" in out and "UNREACHABLE" not in out
+    assert seconds < 45, f"the job took {seconds:.1f} s to end"
