@@ -245,3 +245,17 @@ def test_pipeline_end_to_end(tmp_path):
                         "--overlap", "2", "--out", str(tmp_path / "out")]) == 0
     assert sample.read_grey(tmp_path / "out" / "mean.png").shape == (1, 1, 40, 40)
     assert sample.read_grey(tmp_path / "out" / "input.png").shape == (1, 1, 10, 10)
+
+
+def test_make_pairs_for_invnet_train(tmp_path):
+    import h5py
+
+    from applications.super_resolution.make_pairs import write_pairs
+
+    write_pairs(tmp_path / "pairs.h5", n=5, patch=16, factor=4, chunk=2)
+    with h5py.File(tmp_path / "pairs.h5", "r") as f:
+        x, y = torch.from_numpy(f["x"][:]), torch.from_numpy(f["y"][:])
+    assert x.shape == (5, 1, 16, 16) and torch.allclose(downsample(x, 4), y, atol=1e-6)
+    with pytest.raises(ValueError, match="divide the patch size"):
+        write_pairs(tmp_path / "bad.h5", n=5, patch=18, factor=4)
+    assert not (tmp_path / "bad.h5").exists()
