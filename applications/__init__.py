@@ -1,1 +1,0 @@
-"""Runnable, documented end-to-end applications of invnet (one sub-package each)."""
