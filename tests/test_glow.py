@@ -107,3 +107,15 @@ def test_bad_input_errors():
         Glow(3, squeeze="wavelet")
     with pytest.raises(ValueError, match="sample needs shape"):
         net.sample(2)
+
+
+def test_convolutions_never_pad_themselves_and_zero_pads_are_modules():
+    from invnet.layers import ZeroPad
+    from invnet.networks import ConditionalGlow, ImageSummary
+
+    net = ConditionalGlow(1, 2, hidden=8, levels=2, depth=1, ndim=3,
+                          summary=ImageSummary(1, 2, out_size=(8, 8, 8), hidden=4))
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert convs and all(all(p == 0 for p in m.padding) for m in convs)
+    reach = [m for m in convs if max(m.kernel_size) > 1]
+    assert sum(isinstance(m, ZeroPad) for m in net.modules()) == len(reach)

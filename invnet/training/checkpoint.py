@@ -1,0 +1,178 @@
+"""Checkpoints: a directory per step, written atomically, loaded without executing code.
+
+Layout of ``<run>/checkpoints/step-00000120/``:
+
+* ``model.safetensors``: the network's state dict (weights and buffers);
+* ``state.pt``: optimizer, scheduler, RNG states, data position (``torch.save``, read back with
+  ``torch.load(weights_only=True)``, which unpickles only tensors and plain containers);
+* ``meta.json``: step, network spec, normalisation, timestamps (human-readable).
+
+The directory is assembled under a hidden temporary name and renamed into place with
+``os.replace``, so a checkpoint directory either exists complete or not at all: a crash or kill
+while writing leaves the previous checkpoints untouched (and a ``.tmp-*`` directory that the
+next save removes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "Checkpoint", "save_checkpoint", "read_checkpoint", "list_checkpoints", "latest_checkpoint",
+    "resolve_checkpoint", "capture_rng", "restore_rng",
+]
+
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+def capture_rng(generators: Optional[dict[str, torch.Generator]] = None) -> dict:
+    """The global torch, numpy and python RNG states and those of named generators, as plain
+    containers of tensors and numbers (safe for ``weights_only`` loading)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+
+
+def restore_rng(state: dict, generators: Optional[dict[str, torch.Generator]] = None) -> None:
+    """Inverse of :func:`capture_rng`.
+
+    >>> s = capture_rng(); a = torch.rand(2); restore_rng(s); bool((torch.rand(2) == a).all())
+    True
+    """
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for k, g in (generators or {}).items():
+        if k not in state["generators"]:
+            raise ValueError(f"checkpoint has no state for generator {k!r}; it has {sorted(state['generators'])}")
+        g.set_state(state["generators"][k])
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: ``meta`` (JSON), ``weights`` (state dict) and ``state`` (the rest)."""
+
+    path: str
+    meta: dict
+    weights: dict
+    state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_files(tmp: str, weights: dict, state: dict, meta: dict) -> None:
+    save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"invnet_meta": json.dumps(meta)})
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    for name in ("model.safetensors", "state.pt", "meta.json"):
+        _fsync(os.path.join(tmp, name))
+
+
+def list_checkpoints(directory: str) -> list[str]:
+    """Complete checkpoint directories under ``directory``, oldest step first."""
+    if not os.path.isdir(directory):
+        return []
+    found = [(int(m.group(1)), n) for n in os.listdir(directory) if (m := _NAME.match(n))]
+    return [os.path.join(directory, n) for _, n in sorted(found)]
+
+
+def latest_checkpoint(directory: str) -> Optional[str]:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """Accept a checkpoint directory, a ``checkpoints`` directory or a run directory (then the
+    latest checkpoint is taken)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    for d in (path, os.path.join(path, "checkpoints")):
+        latest = latest_checkpoint(d)
+        if latest:
+            return latest
+    raise ValueError(f"{path!r} is neither a checkpoint (no meta.json) nor a run directory with checkpoints")
+
+
+def save_checkpoint(
+    directory: str, step: int, weights: dict, state: dict, meta: dict, keep_last: Optional[int] = None
+) -> str:
+    """Write checkpoint ``step`` atomically into ``directory`` and keep only the last
+    ``keep_last`` ones. ``weights`` is a state dict, ``state`` plain containers of tensors and
+    numbers, ``meta`` JSON-serialisable. Returns the checkpoint's path.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> for s in (1, 2, 3):
+    ...     _ = save_checkpoint(d, s, {"w": torch.ones(2) * s}, {"k": s}, {"note": "x"}, keep_last=2)
+    >>> [os.path.basename(p) for p in list_checkpoints(d)], read_checkpoint(d).weights["w"].tolist()
+    (['step-00000002', 'step-00000003'], [3.0, 3.0])
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+    os.makedirs(directory, exist_ok=True)
+    for stale in os.listdir(directory):  # leftovers of a write that was killed
+        if stale.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(directory, stale), ignore_errors=True)
+    meta = dict(meta, step=int(step), saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    weights = {k: v.detach().to("cpu").clone().contiguous() for k, v in weights.items()}
+    final = os.path.join(directory, f"step-{int(step):08d}")
+    tmp = tempfile.mkdtemp(prefix=f".tmp-step-{int(step):08d}-", dir=directory)
+    try:
+        _write_files(tmp, weights, state, meta)
+        if os.path.exists(final):  # the same step saved again after a resume: swap it out
+            old = final + f".old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last is not None:
+        for old in list_checkpoints(directory)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: str) -> Checkpoint:
+    """Load a checkpoint (see :func:`resolve_checkpoint` for accepted paths) without running any
+    pickled code: safetensors for the weights, ``torch.load(weights_only=True)`` for the rest."""
+    path = resolve_checkpoint(path)
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    return Checkpoint(path, meta, weights, state)

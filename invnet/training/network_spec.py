@@ -1,0 +1,110 @@
+"""Networks described by a small JSON-able spec, so checkpoints can rebuild them without pickles."""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Sequence
+
+from torch import nn
+
+from .. import networks
+from ..networks.base import FlowNetwork
+
+__all__ = ["build_network", "resolve_network_spec", "available_networks", "available_summaries"]
+
+
+def available_networks() -> list[str]:
+    """Names of the :class:`FlowNetwork` classes in :mod:`invnet.networks` a spec may name."""
+    return sorted(n for n in dir(networks) if isinstance(getattr(networks, n), type)
+                  and issubclass(getattr(networks, n), FlowNetwork) and getattr(networks, n) is not FlowNetwork)
+
+
+def available_summaries() -> list[str]:
+    """Names of the (non-invertible) summary networks in :mod:`invnet.networks`."""
+    return sorted(n for n in dir(networks) if n.endswith("Summary") and isinstance(getattr(networks, n), type)
+                  and issubclass(getattr(networks, n), nn.Module))
+
+
+def _accepted(cls: type) -> list[str]:
+    """Keyword arguments of ``cls``, following ``**kwargs`` up the class hierarchy."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass in (nn.Module, object):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                  and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def _check_keys(what: str, cls: type, kwargs: dict) -> list[str]:
+    accepted = _accepted(cls)
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for {what} {cls.__name__!r}; it accepts {accepted}")
+    return accepted
+
+
+def resolve_network_spec(spec: dict, x_shape: Sequence[int], y_shape: Sequence[int]) -> dict:
+    """Complete ``spec = {"type": name, **kwargs}`` with what the data tell: ``channels``,
+    ``cond_channels``, ``ndim`` and ``vector_condition`` (when the class takes them and the spec
+    does not set them). An optional ``summary = {"type": "ImageSummary", ...}`` table describes a
+    summary network (its ``in_channels``/``in_features``, ``out_size`` are filled in; its
+    ``out_channels`` defaults to 8 and sets the flow's ``cond_channels``). Unknown keys raise
+    ``ValueError`` naming the accepted ones.
+
+    >>> resolve_network_spec({"type": "ConditionalCouplingFlow", "depth": 2}, (1, 8, 8), (2, 8, 8))["cond_channels"]
+    2
+    """
+    if "type" not in spec:
+        raise ValueError(f"the network spec needs a 'type', one of {available_networks()}")
+    name = spec["type"]
+    if name not in available_networks():
+        raise ValueError(f"unknown network type {name!r}; available: {available_networks()}")
+    cls = getattr(networks, name)
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    accepted = _check_keys("network", cls, kwargs)
+    inferred = {"channels": int(x_shape[0]), "in_channels": int(x_shape[0]), "cond_channels": int(y_shape[0]),
+                "ndim": len(x_shape) - 1, "vector_condition": len(y_shape) == 1 and len(x_shape) > 1}
+    summary = kwargs.get("summary")
+    if summary is not None:
+        if not isinstance(summary, dict) or summary.get("type") not in available_summaries():
+            raise ValueError(f"summary must be a table with type one of {available_summaries()}, got {summary!r}")
+        s = {k: v for k, v in summary.items() if k != "type"}
+        s_cls = getattr(networks, summary["type"])
+        s_accepted = _check_keys("summary network", s_cls, s)
+        s.setdefault("out_channels", kwargs.get("cond_channels", 8))
+        s_inferred = {"in_channels": int(y_shape[0]), "in_features": int(math.prod(y_shape)),
+                      "out_size": [int(v) for v in x_shape[1:]]}
+        for key, value in s_inferred.items():
+            if key in s_accepted and key not in s:
+                s[key] = value
+        kwargs["summary"] = {"type": summary["type"], **s}
+        inferred["cond_channels"] = int(s["out_channels"])
+        inferred["vector_condition"] = "out_size" not in s_accepted and len(x_shape) > 1
+    for key, value in inferred.items():
+        if key in accepted and key not in kwargs:
+            kwargs[key] = value
+    return {"type": name, **kwargs}
+
+
+def build_network(spec: dict) -> FlowNetwork:
+    """Instantiate a resolved spec (see :func:`resolve_network_spec`).
+
+    >>> net = build_network(resolve_network_spec({"type": "ConditionalCouplingFlow", "depth": 1, "hidden": 4}, (1, 4), (1, 4)))
+    >>> type(net).__name__, net.cond_channels
+    ('ConditionalCouplingFlow', 1)
+    """
+    name = spec.get("type")
+    if name not in available_networks():
+        raise ValueError(f"unknown network type {name!r}; available: {available_networks()}")
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    if isinstance(kwargs.get("summary"), dict):
+        s = dict(kwargs["summary"])
+        kwargs["summary"] = getattr(networks, s.pop("type"))(**s)
+    try:
+        return getattr(networks, name)(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"cannot build {name} from {kwargs}: {err}") from None

@@ -1,0 +1,56 @@
+"""Preemption signals and the documented exit codes of ``invnet train``."""
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Optional
+
+__all__ = ["EXIT_OK", "EXIT_USAGE", "EXIT_PREEMPTED", "EXIT_NONFINITE", "PreemptionFlag", "NonFiniteLossError"]
+
+#: training finished (or another command succeeded)
+EXIT_OK = 0
+#: bad command line, configuration or data (nothing was trained)
+EXIT_USAGE = 2
+#: SIGTERM/SIGUSR1 received: a checkpoint was written and the run stopped; rerun the same command to resume
+#: (75 is EX_TEMPFAIL of sysexits.h, "try again later")
+EXIT_PREEMPTED = 75
+#: the loss became NaN or Inf: training stopped, the last good checkpoint is kept
+EXIT_NONFINITE = 65
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss (or gradient norm) became NaN or Inf."""
+
+
+class PreemptionFlag:
+    """Sets a flag when one of ``signals`` arrives (batch systems send SIGTERM or SIGUSR1 some time
+    before killing a job); the trainer polls it between steps, writes a checkpoint and stops.
+    Use as a context manager: previous handlers come back on exit.
+
+    >>> import os, signal
+    >>> with PreemptionFlag() as flag:
+    ...     os.kill(os.getpid(), signal.SIGUSR1)
+    ...     flag.received
+    'SIGUSR1'
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+        self.signals = signals
+        self.received: Optional[str] = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "PreemptionFlag":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers only in the main thread
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
