@@ -24,9 +24,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .training import EXIT_OK, EXIT_PREEMPTED, load_config, train_from_config
 
+    from .distributed import default_comm
+
     cfg = load_config(args.config)
-    result = train_from_config(cfg, resume=not args.restart)
-    print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}")
+    comm = default_comm()  # MPI under `mpiexec ... python -m mpi4py -m invnet train`, serial otherwise
+    result = train_from_config(cfg, comm=comm, resume=not args.restart)
+    if comm.rank == 0:
+        print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}")
     return EXIT_PREEMPTED if result.status == "preempted" else EXIT_OK
 
 

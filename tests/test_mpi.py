@@ -6,6 +6,7 @@ job), and the CI job's own limit. Skipped (with the reason) when mpi4py or mpiex
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -63,10 +64,12 @@ def test_torch_distributed_gloo_backend():
     assert_ok(launch("suite.py", 2, "primitives", "data_parallel", "gloo")[0])
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_decomposed_equals_serial(ranks):
-    assert_ok(launch("decomposed.py", ranks, timeout=260)[0])
+    """Core chains on every grid, and Glow, ConditionalGlow, HINT, ConditionalHINT and their
+    multiscale forms (those present) on one grid per dimension."""
+    assert_ok(launch("decomposed.py", ranks, timeout=380)[0])
 
 
 @pytest.mark.timeout(120)
@@ -77,3 +80,26 @@ def test_one_failing_rank_ends_the_job(ranks):
     assert proc.returncode not in (0, -9, 137), f"exit {proc.returncode} (0: went on; 137: hung until killed)\n{out[-3000:]}"
     assert "deliberate failure" in out and "UNREACHABLE" not in out
     assert seconds < 45, f"the job took {seconds:.1f} s to end"
+
+
+@pytest.mark.timeout(300)
+def test_invnet_train_under_mpiexec_logs_once_and_resumes(tmp_path):
+    """`mpiexec -n 2 python -m mpi4py -m invnet train CONFIG`: data parallel, only rank 0 prints and
+    writes checkpoints; raising `steps` and rerunning resumes from the last checkpoint."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_training import make_data
+
+    make_data(str(tmp_path / "data.h5"))
+    cfg = tmp_path / "train.toml"
+    text = (f'[data]\npath = "{tmp_path / "data.h5"}"\n[model]\ntype = "ConditionalCouplingFlow"\ndepth = 1\n'
+            f'hidden = 4\n[training]\nout_dir = "{tmp_path / "run"}"\nsteps = STEPS\nbatch_size = 8\nlog_every = 1\n'
+            'progress = false\ncheckpoint_every_steps = 2\n')
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for steps in (4, 6):
+        cfg.write_text(text.replace("STEPS", str(steps)))
+        proc = subprocess.run(["timeout", "-s", "KILL", "200", MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py",
+                               "-m", "invnet", "train", str(cfg)], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert proc.stdout.count(f"finished at step {steps}") == 1, proc.stdout
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == [1, 2, 3, 4, 5, 6]

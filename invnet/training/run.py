@@ -56,6 +56,11 @@ def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = T
     torch.manual_seed(t["seed"])
     spec = resolve_network_spec(cfg["model"], dataset.x_shape, dataset.y_shape)
     model = build_network(spec).to(dtype)
+    if comm.size > 1 and hasattr(comm, "broadcast"):  # an invnet.distributed communicator: data parallel
+        from ..distributed import broadcast_parameters, use_global_statistics
+
+        use_global_statistics(model, comm)  # ActNorm initialised from the global batch
+        broadcast_parameters(model, comm)  # replicas start identical
     with torch.no_grad():  # shapes fit? (through the summary network, if any, on a dummy observation)
         c = model.condition(torch.zeros((1,) + dataset.y_shape, dtype=dtype))
         model.check_shape((1,) + dataset.x_shape, None if c is None else tuple(c.shape))

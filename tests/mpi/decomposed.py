@@ -50,7 +50,7 @@ def _network_builder(cls, ndim):
 
     def build(ch, cond):
         kwargs = {}
-        for key, val in (("ndim", ndim), ("hidden", 6), ("depth", 2), ("levels", 2), ("cond_channels", cond)):
+        for key, val in (("ndim", ndim), ("hidden", 6), ("depth", 1), ("levels", 2), ("cond_channels", cond)):
             if key in params:
                 kwargs[key] = val
         return cls(ch, **kwargs)
@@ -61,10 +61,10 @@ def _network_builder(cls, ndim):
 def networks(ndim):
     """(name, builder(channels, cond) -> network, takes a condition)."""
     yield "core-chain", (lambda ch, cond: core_network(ndim, ch, cond)), True
-    for name in ("Glow", "ConditionalGlow", "HINT", "ConditionalHINT"):
+    for name in ("Glow", "ConditionalGlow", "HINT", "ConditionalHINT", "MultiscaleHINT", "MultiscaleConditionalHINT"):
         cls = getattr(invnet.networks, name, None)
         if cls is not None:
-            yield name, _network_builder(cls, ndim), name.startswith("Conditional")
+            yield name, _network_builder(cls, ndim), "Conditional" in name
 
 
 def grids(ndim):
@@ -95,7 +95,9 @@ def run_case(name, build, conditional, ndim, grid, memory_saving):
     c = torch.randn((batch, COND) + space, generator=gen) if conditional else None
     torch.manual_seed(5)
     net = build(CHANNELS, COND if conditional else 0).double()
-    randomize_parameters_(net, scale=0.1, seed=3)
+    # multiscale HINT stacks recursive couplings on every level: noise of 0.1 on every weight makes
+    # its serial inverse itself blow up in 3D (relative error ~1e2), so perturb it less
+    randomize_parameters_(net, scale=0.02 if name.startswith("Multiscale") else 0.1, seed=3)
     serial = copy.deepcopy(net)
     base = getattr(serial, "base", StandardNormal())
     part = Partition(space, grid, comm)
@@ -169,13 +171,14 @@ for ndim in (2, 3):
     for name, build, conditional in networks(ndim):
         if only and name != only:
             continue
-        # the core chain on every grid; the assembled networks on one grid per dimension (a 1D
-        # layout in 2D, a 2D or batch x space layout in 3D) to keep the suite short
-        chosen = grids(ndim) if name == "core-chain" or only else [grids(ndim)[0 if ndim == 2 else -1]]
+        # the core chain on every grid; the assembled networks on one grid per dimension to keep
+        # the suite short: 2 ranks: (1, 2, 1) in 2D, (1, 1, 1, 2) in 3D; 4 ranks: a 2x2 grid in 2D,
+        # batch x space (2, 1, 1, 2) in 3D
+        chosen = grids(ndim) if name == "core-chain" or only else [grids(ndim)[min(0 if ndim == 2 else 1 + (n == 4), len(grids(ndim)) - 1)]]
         for grid in chosen:
             for ms in (True, False):
-                if not ms and (ndim == 3 or grid != grids(ndim)[0]):
-                    continue  # plain autograd once per network (2D, first grid): halo adjoint under autograd
+                if not ms and (ndim == 3 or grid != grids(ndim)[0] or (name != "core-chain" and not only)):
+                    continue  # plain autograd (the halo adjoint under autograd): core chain, 2D, first grid
                 run_case(name, build, conditional, ndim, grid, ms)
 
 v.finish()
