@@ -110,11 +110,12 @@ class Conv1x1(InvertibleModule):
             q, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
             p, low, up = torch.linalg.lu(q)
             diag = torch.diagonal(up)
-            self.register_buffer("perm", p.float())
-            self.register_buffer("sign", torch.sign(diag).float())
-            self.lower = nn.Parameter(torch.tril(low, -1).float())
-            self.upper = nn.Parameter(torch.triu(up, 1).float())
-            self.log_diag = nn.Parameter(torch.log(diag.abs()).float())
+            dtype = torch.get_default_dtype()  # like the Householder vectors and nn layers
+            self.register_buffer("perm", p.to(dtype))
+            self.register_buffer("sign", torch.sign(diag).to(dtype))
+            self.lower = nn.Parameter(torch.tril(low, -1).to(dtype))
+            self.upper = nn.Parameter(torch.triu(up, 1).to(dtype))
+            self.log_diag = nn.Parameter(torch.log(diag.abs()).to(dtype))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, parametrization={self.parametrization!r}"
