@@ -85,4 +85,10 @@ class FlowNetwork(InvertibleModule):
         known = getattr(self, "data_shape", None)
         if known is not None:
             return tuple(known)
+        # One rule for every network: vectors have no space; a field condition carries it.
+        channels, ndim = getattr(self, "channels", None), getattr(self, "ndim", None)
+        if channels is not None and ndim == 0:
+            return (channels,)
+        if channels is not None and ndim and c is not None and c.dim() > 2:
+            return (channels,) + tuple(c.shape[2:])
         raise ValueError(f"{type(self).__name__}.sample needs shape=(channels, *space) of one sample")

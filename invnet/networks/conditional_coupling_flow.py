@@ -112,7 +112,3 @@ class ConditionalCouplingFlow(FlowNetwork):
         x, dx, dc = self.steps._vjp(y, dy, dlogdet, self._sq(c), grads)
         return self._unsq(x, False), self._unsq(dx, False), self._unsq(dc, c is not None and c.dim() == 2)
 
-    def _sample_data_shape(self, c, shape):
-        if shape is None and c is not None and c.dim() > 2:
-            return (self.channels,) + tuple(c.shape[2:])
-        return super()._sample_data_shape(c, shape)

@@ -192,11 +192,6 @@ class ConditionalHINT(FlowNetwork):
                 y, dy, _ = self.y_lane.blocks[k - 1]._vjp(y, dy, no_logdet, None, grads)
         return x, dx, dy
 
-    def _sample_data_shape(self, c, shape):
-        if shape is None and c is not None:
-            return (self.channels,) + tuple(c.shape[2:])
-        return super()._sample_data_shape(c, shape)
-
     # -- the y-lane and the joint density ---------------------------------------------------------
     def forward_y(self, y: Tensor) -> Tensor:
         """:math:`z_y`: the observation lane alone (memory-free when grad is on)."""

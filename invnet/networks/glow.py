@@ -235,11 +235,3 @@ class Glow(FlowNetwork):
             return (z.shape[0], self.cond_channels)
         return (z.shape[0], self.cond_channels) + tuple(z.shape[2:])
 
-    def _sample_data_shape(self, c, shape):
-        if shape is not None:
-            return tuple(shape)
-        if self.ndim == 0:
-            return (self.channels,)
-        if c is not None and not self.vector_condition and self.cond_channels:
-            return (self.channels,) + tuple(c.shape[2:])
-        raise ValueError(f"{type(self).__name__}.sample needs shape=(channels, *space) of one sample")

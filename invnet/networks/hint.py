@@ -157,13 +157,4 @@ class HINT(FlowNetwork):
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
         return self.flow._vjp_inverse(x, dx, dlogdet, c, grads)
 
-    def _sample_data_shape(self, c, shape):
-        return _sample_shape_from_condition(self, c, shape)
 
-
-def _sample_shape_from_condition(net: FlowNetwork, c: Optional[Tensor], shape) -> tuple[int, ...]:
-    """Shape of one sample: given, known (vectors), or ``(channels, *space of c)`` for a field
-    condition."""
-    if shape is None and c is not None and c.dim() > 2 and net.ndim:
-        return (net.channels,) + tuple(c.shape[2:])
-    return FlowNetwork._sample_data_shape(net, c, shape)

@@ -209,11 +209,6 @@ class MultiscaleConditionalHINT(FlowNetwork):
     def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
         return self._back(0, z, dz, dlogdet, c, grads)
 
-    def _sample_data_shape(self, c, shape):
-        if shape is None and c is not None:
-            return (self.channels,) + tuple(c.shape[2:])
-        return super()._sample_data_shape(c, shape)
-
     def forward_y(self, y: Tensor) -> Tensor:
         """:math:`z_y` (shape of ``y``): the observation lane alone."""
         return self.y_lane(y)[0]

@@ -12,7 +12,7 @@ from ..layers._shapes import check_condition
 from ..layers.conditioners import PadFactory
 from ..layers.squeeze import HaarSqueeze, Squeeze
 from .base import FlowNetwork
-from .hint import _check_common, hint_step, _sample_shape_from_condition
+from .hint import _check_common, hint_step
 from .multiscale import MultiscaleLevel
 
 __all__ = ["MultiscaleHINT", "SQUEEZES"]
@@ -159,8 +159,6 @@ class MultiscaleHINT(FlowNetwork):
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
         return self.flow._vjp_inverse(x, dx, dlogdet, c, grads)
 
-    def _sample_data_shape(self, c, shape):
-        return _sample_shape_from_condition(self, c, shape)
 
     def split_latent(self, z: Tensor) -> list[Tensor]:
         """Cut a latent (shape of ``x``) into per-scale parts, finest first: part ``k < levels-1``
