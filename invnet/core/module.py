@@ -293,6 +293,52 @@ def _vjp_by_rerun(module: nn.Module, fn, inp, dout, dlogdet, c, grads: GradStore
     return inp.detach(), dinp, dc
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward pass keeps the graph (``retain_graph=True``). When PyTorch
+    cannot say, assume it does: keeping a saved tensor is always safe, freeing it is not."""
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if getter is None:
+        return True
+    try:
+        return bool(getter())
+    except RuntimeError:
+        return True
+
+
+class _SavedOutput:
+    """The one tensor a memory-saving node keeps: its output, held as a detached alias.
+
+    Unlike ``save_for_backward`` it can be let go *during* the backward: the block's ``_vjp``
+    receives the only reference and drops it once it has rebuilt the input, so the output does
+    not stay alive while the rest of the network's backward runs. The alias shares the output's
+    version counter, so an in-place change of the output after the forward is still caught."""
+
+    __slots__ = ("_box", "_version", "_owner")
+
+    def __init__(self, out: Tensor, owner: str) -> None:
+        self._box = [out.detach()]
+        self._version = out._version
+        self._owner = owner
+
+    def take(self) -> Tensor:
+        if not self._box:
+            raise RuntimeError(
+                f"Trying to backward through the memory-saving node of {self._owner} a second time; "
+                "its saved output was released after the first backward. Pass retain_graph=True to "
+                "the first backward call to backward twice."
+            )
+        out = self._box[0]
+        if out._version != self._version:
+            raise RuntimeError(
+                f"the output of {self._owner}, needed by its memory-saving backward, was modified by "
+                f"an in-place operation (version {out._version}, expected {self._version}); clone it "
+                "before changing it in place"
+            )
+        if not _graph_kept():
+            self._box.clear()
+        return out
+
+
 class _MemorySavingForward(torch.autograd.Function):
     """Runs ``module._forward`` without a graph; backward is ``module._vjp`` from the output."""
 
@@ -301,15 +347,17 @@ class _MemorySavingForward(torch.autograd.Function):
         y, logdet = module._forward(x, c)
         ctx.module = module
         ctx.params = params
-        ctx.save_for_backward(y, c)
+        ctx.output = _SavedOutput(y, type(module).__name__)
+        ctx.save_for_backward(c)
         return y, logdet
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor, dlogdet: Tensor):
-        y, c = ctx.saved_tensors
+        (c,) = ctx.saved_tensors
         grads = GradStore()
-        _, dx, dc = ctx.module._vjp(y, dy, dlogdet, c, grads)
+        # the output goes straight into the call so that no frame here keeps it alive
+        _, dx, dc = ctx.module._vjp(ctx.output.take(), dy, dlogdet, c, grads)
         if c is None or not ctx.needs_input_grad[2]:
             dc = None
         return (None, dx, dc, *[grads.get(p) for p in ctx.params])
@@ -323,15 +371,16 @@ class _MemorySavingInverse(torch.autograd.Function):
         x, logdet = module._inverse(y, c)
         ctx.module = module
         ctx.params = params
-        ctx.save_for_backward(x, c)
+        ctx.output = _SavedOutput(x, f"{type(module).__name__}.inverse")
+        ctx.save_for_backward(c)
         return x, logdet
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dx: Tensor, dlogdet: Tensor):
-        x, c = ctx.saved_tensors
+        (c,) = ctx.saved_tensors
         grads = GradStore()
-        _, dy, dc = ctx.module._vjp_inverse(x, dx, dlogdet, c, grads)
+        _, dy, dc = ctx.module._vjp_inverse(ctx.output.take(), dx, dlogdet, c, grads)
         if c is None or not ctx.needs_input_grad[2]:
             dc = None
         return (None, dy, dc, *[grads.get(p) for p in ctx.params])

@@ -164,12 +164,20 @@ class AffineCoupling(CouplingBase):
             c_in = c.detach().requires_grad_(True)
         with torch.enable_grad(), parameter_aliases(self.conditioner) as (originals, params):
             s, t = self._scale_shift(x_p, c_in)
-            scale = torch.exp(s.detach())
-            y_minus_t = y_a - t.detach()
-            x_a = y_minus_t / scale
-            ds = dy_a * y_minus_t + dlogdet.reshape((-1,) + (1,) * (y.dim() - 1))
+            # ds = dy_a * (x_a * exp(s)) + dlogdet = dy_a * (y_a - t) + dlogdet
+            ds = torch.addcmul(
+                dlogdet.reshape((-1,) + (1,) * (y.dim() - 1)), dy_a, y_a - t.detach()
+            )
             inputs = [x_p] + ([c_in] if c_in is not None else []) + params
             g = torch.autograd.grad((s, t), inputs, (ds, dy_a), allow_unused=True)
+        # x_a and the active cotangent only once the conditioner's graph is gone: fewer tensors
+        # alive at the peak of the backward (this is the step that sets the peak)
+        del ds
+        s, t = s.detach(), t.detach()
+        x_a = (y_a - t).mul_(torch.exp(-s))
+        del t
+        scale = torch.exp(s)
+        del s
         dx_p = dy_p + g[0]
         k = 1
         dc = None

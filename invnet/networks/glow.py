@@ -207,7 +207,10 @@ class Glow(FlowNetwork):
         return self.body._inverse(y, self._cond(c))
 
     def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
-        return self.body._vjp(y, dy, dlogdet, self._cond(c), grads)
+        # pass y on without keeping it in this frame, so the levels can free it once rebuilt
+        handoff = [y]
+        del y
+        return self.body._vjp(handoff.pop(), dy, dlogdet, self._cond(c), grads)
 
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
         return self.body._vjp_inverse(x, dx, dlogdet, self._cond(c), grads)

@@ -144,13 +144,19 @@ class MultiscaleLevel(InvertibleModule):
                 h = h.clone()
             if dh.untyped_storage().data_ptr() == dy.untyped_storage().data_ptr():
                 dh = dh.clone()
+        del y, dy  # the squeezed copies carry on; do not keep the caller's tensors alive
+        if self.inner is not None:
             a, da, dc = self.inner._vjp(h[:, : self.keep], dh[:, : self.keep], dlogdet, c_s, grads)
             # write the rebuilt part back in place instead of concatenating: two fewer
             # scale-sized tensors alive while the inner levels and this scale's steps run
             h[:, : self.keep] = a
             dh[:, : self.keep] = da
             del a, da
-        s, ds, dc_steps = self.steps._vjp(h, dh, dlogdet, c_s, grads)
+        # hand h and dh over to the steps without keeping a reference here: the steps' chain then
+        # frees each rebuilt tensor as soon as the next block has consumed it
+        handoff = [h, dh]
+        del h, dh
+        s, ds, dc_steps = self.steps._vjp(handoff.pop(0), handoff.pop(0), dlogdet, c_s, grads)
         return self._up(s), self._up(ds), self._up_c(add_optional(dc, dc_steps), c)
 
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
