@@ -128,9 +128,10 @@ def sweep_depth(args, libs: list[str], log: list[dict]) -> None:
     base = dict(sweep="depth", channels=args.channels, levels=args.levels, hidden=args.hidden, size=args.size,
                 batch=args.batch, ndim=2)
     for depth in args.depths:
-        for lib in libs:
-            _run(dict(base, depth=depth, library=lib, measure="memory"), args, log)
-        if args.time_depths is None or depth in args.time_depths:
+        if args.measure in ("both", "memory"):
+            for lib in libs:
+                _run(dict(base, depth=depth, library=lib, measure="memory"), args, log)
+        if args.measure in ("both", "time") and (args.time_depths is None or depth in args.time_depths):
             _run(dict(base, depth=depth, libraries=libs, measure="time", repeats=args.repeats), args, log)
 
 
@@ -371,7 +372,9 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per library (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per library (median)")
+    p.add_argument("--measure", choices=["both", "memory", "time"], default="both",
+                   help="depth sweep: measure memory, time or both (default)")
     p.add_argument("--time-depths", type=int, nargs="*", default=None, help="depths to time (default: all)")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--size-depth", type=int, default=8)
