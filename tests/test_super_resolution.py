@@ -259,3 +259,37 @@ def test_make_pairs_for_invnet_train(tmp_path):
     with pytest.raises(ValueError, match="divide the patch size"):
         write_pairs(tmp_path / "bad.h5", n=5, patch=18, factor=4)
     assert not (tmp_path / "bad.h5").exists()
+
+
+def test_evaluate_reads_an_invnet_train_run(tmp_path):
+    """The generic path: pairs -> `invnet train` (ConditionalGlow + ImageSummary) -> evaluate.py."""
+    import json
+
+    from invnet.cli import main as invnet_main
+
+    from applications.super_resolution.invnet_checkpoint import InvnetTrainModel, is_invnet_checkpoint
+    from applications.super_resolution.make_pairs import write_pairs
+
+    write_pairs(tmp_path / "pairs.h5", n=48, patch=16, factor=4)
+    (tmp_path / "train.toml").write_text(
+        '[data]\npath = "pairs.h5"\nx = "x"\ny = "y"\nvalidation_fraction = 0.1\n'
+        '[model]\ntype = "ConditionalGlow"\nhidden = 8\nlevels = 2\ndepth = 1\n'
+        'summary = { type = "ImageSummary", hidden = 8, out_channels = 4 }\n'
+        '[optimizer]\nname = "Adam"\nlr = 1e-3\n'
+        '[training]\nout_dir = "run"\nsteps = 3\nbatch_size = 8\nvalidate_every = 3\nlog_every = 1\nprogress = false\n'
+    )
+    assert invnet_main(["train", str(tmp_path / "train.toml")]) == 0
+    run = tmp_path / "run"
+    assert is_invnet_checkpoint(str(run)) and not is_invnet_checkpoint(str(tmp_path / "pairs.h5"))
+    model = InvnetTrainModel(str(run))
+    assert model.factor == 4 and model.config["data"]["patch"] == 16
+    y = downsample(_images(2, 16), 4)
+    assert model.sample(y, n=3).shape == (3, 2, 1, 16, 16)
+    with pytest.raises(ValueError, match="shape"):
+        model.sample(y[:, 0])
+    out = tmp_path / "eval"
+    assert evaluate.main([str(run), "--images", "4", "--samples", "3", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checkpoint"]["trained_by"] == "invnet train" and metrics["test_bits_per_dim"] is None
+    assert metrics["images"] == 4 and math.isfinite(metrics["posterior_mean"]["psnr"])
+    assert (out / "patches.png").stat().st_size > 1000

@@ -22,6 +22,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
         "factor": 4, "steps": 8, "hidden": 64, "cond_features": 32,
         "encoder_hidden": 64, "encoder_layers": 3, "clamp": 1.0, "flow": "steps", "levels": 2,
+        "injector": True,           # SRFlow's affine injector in every step (flow = "steps")
     },
     "train": {
         "batch": 64, "lr": 1e-3, "iterations": 3000, "minutes": 15.0, "seed": 0,

@@ -2,6 +2,8 @@
 
     PYTHONPATH=$PWD python -m applications.super_resolution.evaluate runs/sr/model.pt \
         --out applications/super_resolution/results [--device cuda]
+    PYTHONPATH=$PWD python -m applications.super_resolution.evaluate runs/sr/invnet_train \
+        --out applications/super_resolution/results/invnet_train   # a run of `invnet train`
 
 Writes ``metrics.json`` and ``metrics.md`` (a table), ``patches.png`` (input, bicubic, three
 samples, posterior mean, per-pixel std, truth for a few test patches) and ``large.png`` (a
@@ -24,6 +26,7 @@ from torch import Tensor
 from .data import TEST_IMAGES, load_skimage
 from .degradation import bicubic_upsample, downsample, project_consistent
 from .metrics import diversity, lr_consistency, psnr, ssim
+from .invnet_checkpoint import InvnetTrainModel, is_invnet_checkpoint
 from .model import SRFlow
 from .tiles import sample_tiled
 from .train import build_data, load_checkpoint
@@ -57,8 +60,10 @@ def evaluate(
     s = _batched_samples(model, y, samples, temperature, batch, g)
     mean = s.mean(0)
     s_low = _batched_samples(model, y, 2, 0.8, batch, g) if temperature != 0.8 else s[:2]
-    with torch.no_grad():
-        bpd = torch.cat([model.bits_per_dim(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)])
+    bpd = None
+    if hasattr(model, "bits_per_dim"):  # models from `invnet train` have a density over whole images
+        with torch.no_grad():
+            bpd = torch.cat([model.bits_per_dim(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)])
 
     def row(est: Tensor) -> dict:
         return {
@@ -68,7 +73,7 @@ def evaluate(
 
     metrics = {
         "images": int(len(x)), "factor": f, "samples": samples, "temperature": temperature,
-        "test_bits_per_dim": float(bpd.mean()),
+        "test_bits_per_dim": None if bpd is None else float(bpd.mean()),
         "bicubic": row(bic),
         "bicubic_consistent": row(bic_c),
         "posterior_mean": row(mean),
@@ -125,8 +130,8 @@ def save_figure(path: "str | Path", images: dict, rows: int = 4, factor: int = 4
 
 def _markdown(m: dict) -> str:
     lines = [
-        f"{m['images']} held-out patches, {m['factor']}x, posterior mean of {m['samples']} samples at T={m['temperature']}; "
-        f"test NLL {m['test_bits_per_dim']:.3f} bits/dim",
+        f"{m['images']} held-out patches, {m['factor']}x, posterior mean of {m['samples']} samples at T={m['temperature']}"
+        + ("" if m["test_bits_per_dim"] is None else f"; test NLL {m['test_bits_per_dim']:.3f} bits/dim"),
         "",
         "| estimate | PSNR (dB) | SSIM | LR consistency (dB) |",
         "|---|---|---|---|",
@@ -154,7 +159,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tile", type=int, default=16, help="tile size (LR pixels) for the large image")
     parser.add_argument("--overlap", type=int, default=4, help="tile overlap (LR pixels)")
     args = parser.parse_args(argv)
-    model, cfg = load_checkpoint(args.checkpoint, args.device)
+    if is_invnet_checkpoint(args.checkpoint):  # a run of `invnet train` (ConditionalGlow, SRFlow layout)
+        model = InvnetTrainModel(args.checkpoint, args.device)
+        cfg = model.config
+    else:
+        model, cfg = load_checkpoint(args.checkpoint, args.device)
     samples = args.samples or cfg["eval"]["samples"]
     temperature = args.temperature if args.temperature is not None else cfg["eval"]["temperature"]
     _, test = build_data(cfg)
@@ -162,8 +171,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         test = test[: args.images]
     metrics, images = evaluate(model, test, samples, temperature, cfg["eval"]["batch"])
     out = Path(args.out)
-    # a held-out image crop, super-resolved in overlapping tiles
     f = model.factor
+    if isinstance(model, InvnetTrainModel):
+        # a whole-image flow: no tiled decoding (that needs the spatial latent of model.py)
+        metrics["checkpoint"] = {"path": model.path, "step": model.step, "trained_by": "invnet train"}
+        _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+        _atomic_write(out / "metrics.md", lambda tmp: Path(tmp).write_text(_markdown(metrics)))
+        save_figure(out / "patches.png", images, rows=4, factor=f)
+        print(_markdown(metrics))
+        return 0
+    # a held-out image crop, super-resolved in overlapping tiles
     if cfg["data"]["source"] == "skimage":
         name = TEST_IMAGES[0]
         crop = load_skimage([name])[0][None, :, 96:96 + 32 * f, 160:160 + 32 * f].to(args.device)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from invnet import Chain
 from invnet.distributions import StandardNormal
-from invnet.layers import ActNorm, AffineCoupling, Conv1x1, HaarSqueeze, ZeroPad
+from invnet.layers import ActNorm, AffineCoupling, ConditionalAffine, Conv1x1, HaarSqueeze, ZeroPad
 from invnet.networks import ConditionalGlow
 
 from .degradation import bicubic_upsample, check_factor, check_image
@@ -105,6 +105,13 @@ class SRFlow(nn.Module):
             (``steps / levels`` steps each; Haar squeezes, so low-resolution sizes must be divisible
             by ``2**levels``), fed the same encoder features as a field condition.
         levels: scales of the ``"glow"`` flow.
+        injector: put SRFlow's *affine injector* in every step of the ``"steps"`` flow: a
+            :class:`invnet.layers.ConditionalAffine` that shifts and scales *all* channels by
+            functions of the encoder features, :math:`h \mapsto h \odot e^{s(c)} + t(c)`
+            (log-determinant :math:`\sum s(c)`), between the 1x1 convolution and the coupling.
+            The couplings alone only let the condition act on half of the channels, through
+            the other half; the injector lets it move the whole conditional mean and spread at
+            once, which is what the posterior mean needs.
 
     >>> model = SRFlow(channels=1, factor=4, steps=2, hidden=8, cond_features=4, encoder_hidden=8)
     >>> x = torch.rand(3, 1, 16, 16)
@@ -128,6 +135,7 @@ class SRFlow(nn.Module):
         clamp: float = 1.0,
         flow: str = "steps",
         levels: int = 2,
+        injector: bool = True,
     ) -> None:
         super().__init__()
         check_factor(factor)
@@ -140,6 +148,7 @@ class SRFlow(nn.Module):
         self.hparams = dict(
             channels=channels, factor=factor, steps=steps, hidden=hidden, cond_features=cond_features,
             encoder_hidden=encoder_hidden, encoder_layers=encoder_layers, clamp=clamp, flow=flow, levels=levels,
+            injector=injector,
         )
         self.channels = channels
         self.factor = factor
@@ -164,9 +173,10 @@ class SRFlow(nn.Module):
         else:
             blocks = []
             for k in range(steps):
+                blocks += [ActNorm(dc, ndim=2), Conv1x1(dc, ndim=2)]
+                if injector:
+                    blocks.append(ConditionalAffine(dc, cond_features, hidden=hidden, ndim=2, clamp=clamp))
                 blocks += [
-                    ActNorm(dc, ndim=2),
-                    Conv1x1(dc, ndim=2),
                     AffineCoupling(dc, hidden=hidden, ndim=2, cond_channels=cond_features, clamp=clamp, swap=bool(k % 2)),
                 ]
             self.flow = Chain(*blocks)

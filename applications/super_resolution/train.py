@@ -6,7 +6,8 @@
 Each step draws a batch of high-resolution patches, makes their low-resolution inputs with the
 degradation operator, adds uniform dequantisation noise (the images are 8-bit) to the
 high-resolution side and minimises the negative log-likelihood in bits per dimension with Adam
-(cosine learning-rate decay, gradient clipping). The flow runs with invnet's memory-free backward.
+(cosine learning-rate decay over the step budget or the time budget, whichever runs out first;
+gradient clipping). The flow runs with invnet's memory-free backward.
 The checkpoint (weights, model sizes and the config) is written atomically.
 """
 from __future__ import annotations
@@ -83,7 +84,8 @@ def save_checkpoint(path: "str | Path", model: SRFlow, cfg: dict, extra: Optiona
 def load_checkpoint(path: "str | Path", device: "str | torch.device" = "cpu") -> tuple[SRFlow, dict]:
     """Rebuild the model from a checkpoint written by :func:`save_checkpoint` (``weights_only``)."""
     state = torch.load(path, map_location=device, weights_only=True)
-    model = SRFlow(**state["hparams"]).to(device)
+    hparams = {"injector": False, **state["hparams"]}  # checkpoints from before the injector
+    model = SRFlow(**hparams).to(device)
     model.load_state_dict(state["state_dict"])
     model.eval()
     return model, state["config"]
@@ -100,7 +102,7 @@ def train(cfg: dict, log: Callable[[str], None] = print) -> tuple[SRFlow, list[d
     factor = model.factor
     opt = torch.optim.Adam(model.parameters(), lr=tc["lr"])
     total = tc["iterations"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+    budget_s = 60.0 * tc["minutes"]
     noise = torch.Generator().manual_seed(tc["seed"] + 7)
     test_x = test[: min(len(test), 256)].to(device)
     test_y = downsample(test_x, factor)
@@ -116,10 +118,14 @@ def train(cfg: dict, log: Callable[[str], None] = print) -> tuple[SRFlow, list[d
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
         opt.step()
-        sched.step()
         running += float(loss.detach())
         elapsed = time.perf_counter() - start
-        out_of_time = elapsed > 60.0 * tc["minutes"]
+        out_of_time = elapsed > budget_s
+        # cosine decay over whichever budget runs out first (steps or wall time), so a run cut
+        # short by its time limit still ends at a small learning rate
+        progress = min(1.0, max(step / total, elapsed / budget_s))
+        for group in opt.param_groups:
+            group["lr"] = tc["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
         if step % tc["log_every"] == 0 or step == total or out_of_time:
             with torch.no_grad():
                 test_bpd = float(model.bits_per_dim(test_x, test_y).mean())

@@ -1,0 +1,84 @@
+"""Evaluate models trained by ``invnet train`` (``make_pairs.py`` + ``invnet_train.toml``) with the
+same metrics as this application's own model.
+
+``invnet train`` fits a :class:`invnet.networks.ConditionalGlow` on whole high-resolution patches,
+conditioned on an ``ImageSummary`` of the low-resolution input (the SRFlow layout), and writes
+checkpoint directories (safetensors weights, the network spec, the data normalisation).
+:class:`InvnetTrainModel` wraps such a checkpoint in the small interface that
+:func:`applications.super_resolution.evaluate.evaluate` uses (``factor``, ``parameters()``,
+``sample(y, n, temperature, generator)``), sampling through :class:`invnet.posterior.PosteriorSampler`
+in raw data units. It has no ``bits_per_dim``: its density is over whole images, not over the
+detail coefficients of ``model.py``, so the two test NLLs would not compare.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from invnet.posterior import PosteriorSampler
+from invnet.training.checkpoint import read_checkpoint, resolve_checkpoint
+
+from .config import merge_config
+
+__all__ = ["InvnetTrainModel", "is_invnet_checkpoint"]
+
+
+def is_invnet_checkpoint(path: str) -> bool:
+    """Whether ``path`` is an ``invnet train`` checkpoint or run directory (rather than a ``.pt``
+    file written by ``train.py``)."""
+    if not os.path.isdir(path):
+        return False
+    try:
+        resolve_checkpoint(path)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+class InvnetTrainModel:
+    """A super-resolution model from an ``invnet train`` checkpoint (see the module docstring).
+
+    Args:
+        path: a checkpoint directory, or the run's ``out_dir`` (its latest checkpoint is used).
+        device: where to run the network.
+    """
+
+    def __init__(self, path: str, device: "str | torch.device" = "cpu") -> None:
+        ckpt = read_checkpoint(path)
+        data = ckpt.meta.get("data") or {}
+        x_shape, y_shape = data.get("x_shape"), data.get("y_shape")
+        if not x_shape or not y_shape or len(x_shape) != 3 or len(y_shape) != 3:
+            raise ValueError(
+                f"{ckpt.path} was not trained on images: expected x and y of shape (channels, H, W), "
+                f"got x {x_shape} and y {y_shape}"
+            )
+        factor = x_shape[-1] // y_shape[-1]
+        if factor < 2 or x_shape[-1] != factor * y_shape[-1] or x_shape[-2] != factor * y_shape[-2]:
+            raise ValueError(f"{ckpt.path}: x {x_shape} is not an integer upscaling of y {y_shape}")
+        self.path = ckpt.path
+        self.step = ckpt.step
+        self.factor = factor
+        self.channels = int(x_shape[0])
+        self.sampler = PosteriorSampler.from_checkpoint(ckpt.path)
+        self.sampler.model.to(device)
+        self.device = torch.device(device)
+        #: the application config the evaluation uses: held-out scikit-image patches of the size
+        #: the network was trained on (make_pairs.py draws from the same training images)
+        self.config = merge_config({
+            "data": {"source": "skimage", "patch": int(x_shape[-1])},
+            "model": {"factor": factor},
+        })
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.sampler.model.parameters()
+
+    def sample(self, y: Tensor, n: int = 1, temperature: float = 1.0,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+        """``n`` candidates per low-resolution input, shape ``(n, N, C, factor H, factor W)``."""
+        if y.dim() != 4 or y.shape[1] != self.channels:
+            raise ValueError(f"y must have shape (N, {self.channels}, H, W), got {tuple(y.shape)}")
+        out = [self.sampler.sample(n, yi.to(self.device), temperature, generator) for yi in y]
+        return torch.stack(out, dim=1)
