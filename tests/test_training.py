@@ -169,6 +169,27 @@ progress = false
     assert steps_logged[-1] == ck.step
 
 
+def test_sigterm_during_setup_stops_before_anything_is_written(tmp_path, monkeypatch):
+    import invnet.training.run as run_module
+    from invnet.training import train_from_config
+
+    cfg = config(tmp_path, 2)
+    original = run_module.compute_normalization
+
+    def interrupted(*args, **kwargs):  # the batch system's SIGTERM arrives while the data are checked
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "compute_normalization", interrupted)
+    result = train_from_config(cfg)
+    assert result.status == "preempted" and result.step == 0 and result.checkpoint is None
+    assert not os.path.exists(os.path.join(cfg["training"]["out_dir"], "config.json"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(run_module, "compute_normalization", original)
+    result = train_from_config(cfg)  # rerunning the same command just trains
+    assert result.status == "finished" and result.step == 2
+
+
 def test_config_errors_name_the_allowed_keys(tmp_path):
     base = {"data": {"path": "d.h5"}, "training": {"out_dir": "r", "steps": 2}}
     with pytest.raises(ValueError, match=r"unknown section\(s\) \['trainig'\]; allowed sections"):

@@ -12,6 +12,7 @@ from ..data import BatchLoader, Normalization, compute_normalization, open_pairs
 from .checkpoint import latest_checkpoint, read_checkpoint
 from .comm import Comm, SerialComm
 from .network_spec import build_network, resolve_network_spec
+from .signals import PreemptedError, PreemptionFlag
 from .trainer import Trainer, TrainResult
 
 __all__ = ["trainer_from_config", "train_from_config"]
@@ -86,14 +87,28 @@ def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = T
         checkpoint_every_steps=t["checkpoint_every_steps"], checkpoint_every_minutes=t["checkpoint_every_minutes"],
         keep_last=t["keep_last"], progress=t["progress"], comm=comm,
     )
-    if comm.rank == 0:
-        with open(os.path.join(t["out_dir"], "config.json"), "w") as f:
+    if comm.rank == 0:  # atomically: a signal or crash never leaves half a file
+        path = os.path.join(t["out_dir"], "config.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(cfg, f, indent=1)
+        os.replace(path + ".tmp", path)
     if ckpt_path is not None:
         trainer.resume(ckpt_path)
     return trainer
 
 
 def train_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = True) -> TrainResult:
-    """Build the trainer (resuming from the run's latest checkpoint when there is one) and fit."""
-    return trainer_from_config(cfg, comm, resume).fit()
+    """Build the trainer (resuming from the run's latest checkpoint when there is one) and fit.
+
+    A SIGTERM/SIGUSR1 during the setup (checking the data and computing the normalisation can take
+    minutes on a large file) stops it at once: status ``"preempted"``, nothing new written, and
+    rerunning the command starts (or resumes) as if the interrupted attempt had not happened."""
+    try:
+        with PreemptionFlag(raise_on_signal=True):
+            trainer = trainer_from_config(cfg, comm, resume)
+    except PreemptedError:
+        previous = latest_checkpoint(os.path.join(cfg["training"]["out_dir"], "checkpoints")) if resume else None
+        step = read_checkpoint(previous).step if previous else 0
+        return TrainResult("preempted", step, previous, os.path.join(cfg["training"]["out_dir"], "metrics.jsonl"),
+                           None, None)
+    return trainer.fit()

@@ -5,7 +5,10 @@ import signal
 from types import FrameType
 from typing import Optional
 
-__all__ = ["EXIT_OK", "EXIT_USAGE", "EXIT_PREEMPTED", "EXIT_NONFINITE", "PreemptionFlag", "NonFiniteLossError"]
+__all__ = [
+    "EXIT_OK", "EXIT_USAGE", "EXIT_PREEMPTED", "EXIT_NONFINITE", "PreemptionFlag", "NonFiniteLossError",
+    "PreemptedError",
+]
 
 #: training finished (or another command succeeded)
 EXIT_OK = 0
@@ -22,10 +25,15 @@ class NonFiniteLossError(RuntimeError):
     """The training loss (or gradient norm) became NaN or Inf."""
 
 
+class PreemptedError(RuntimeError):
+    """A preemption signal arrived while nothing could be checkpointed yet (during setup)."""
+
+
 class PreemptionFlag:
     """Sets a flag when one of ``signals`` arrives (batch systems send SIGTERM or SIGUSR1 some time
     before killing a job); the trainer polls it between steps, writes a checkpoint and stops.
-    Use as a context manager: previous handlers come back on exit.
+    Use as a context manager: previous handlers come back on exit. With ``raise_on_signal`` the
+    handler raises :class:`PreemptedError` instead (for phases with nothing to checkpoint).
 
     >>> import os, signal
     >>> with PreemptionFlag() as flag:
@@ -34,13 +42,16 @@ class PreemptionFlag:
     'SIGUSR1'
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1), raise_on_signal: bool = False) -> None:
         self.signals = signals
+        self.raise_on_signal = raise_on_signal
         self.received: Optional[str] = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         self.received = signal.Signals(signum).name
+        if self.raise_on_signal:  # setup: nothing to save, stop at once instead of at the first step
+            raise PreemptedError(f"received {self.received} before training started")
 
     def __enter__(self) -> "PreemptionFlag":
         import threading
