@@ -9,45 +9,25 @@ each rank writes its block.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.arrays import open_array
 from .partition import Partition
 
 __all__ = ["array_shape", "read_subdomain", "create_result_array", "write_subdomain"]
 
 
-def _open(path: str, name: str):
-    if os.path.isdir(path) or path.rstrip("/").endswith(".zarr"):
-        import zarr
-
-        if not os.path.exists(path):
-            raise ValueError(f"no Zarr store at {path!r}")
-        node = zarr.open(path, mode="r")
-        return (node[name] if name else node), None
-    import h5py
-
-    if not os.path.isfile(path):
-        raise ValueError(f"no HDF5 file at {path!r}")
-    handle = h5py.File(path, "r")
-    if name not in handle:
-        handle.close()
-        raise ValueError(f"HDF5 file {path!r} has no dataset {name!r} (it has {sorted(handle.keys())})")
-    return handle[name], handle
-
-
 def array_shape(path: str, name: str) -> tuple[int, ...]:
     """Shape of the array ``name`` in an HDF5 file or Zarr store (metadata only, no data read)."""
-    arr, handle = _open(path, name)
+    src = open_array(path, name)
     try:
-        return tuple(int(s) for s in arr.shape)
+        return src.shape
     finally:
-        if handle is not None:
-            handle.close()
+        src.close()
 
 
 def read_subdomain(
@@ -55,6 +35,7 @@ def read_subdomain(
 ) -> Tensor:
     """Read this rank's block ``(local_batch, C, *local_space)`` of the array ``name`` (shape
     ``(N, C, *space)``) in an HDF5 file or Zarr store: its batch group's samples and its subdomain.
+    Opening and errors are those of :func:`invnet.data.open_array`.
 
     >>> import tempfile, os, h5py, numpy as np
     >>> from invnet.distributed import Partition, SerialComm
@@ -64,18 +45,17 @@ def read_subdomain(
     >>> read_subdomain(path, "x", Partition((4, 4), (1, 1, 1), SerialComm())).shape
     torch.Size([2, 1, 4, 4])
     """
-    arr, handle = _open(path, name)
+    src = open_array(path, name)
     try:
-        shape = tuple(arr.shape)
+        shape = src.shape
         if len(shape) != partition.ndim + 2 or shape[2:] != partition.space_shape:
             raise ValueError(
                 f"{path}:{name} has shape {shape}; the partition expects (N, C, *{partition.space_shape})"
             )
         region = (partition.batch_slice(shape[0]), slice(None)) + partition.space_slices
-        block = np.asarray(arr[region])
+        block = src.read(region)
     finally:
-        if handle is not None:
-            handle.close()
+        src.close()
     return torch.from_numpy(np.ascontiguousarray(block)).to(dtype)
 
 
