@@ -19,7 +19,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-SIZES = {2: {"shape": (32, 32), "n_train": 3000, "n_test": 64},
+SIZES = {2: {"shape": (32, 32), "n_train": 6000, "n_test": 64},
          3: {"shape": (16, 16, 16), "n_train": 800, "n_test": 16}}
 NOISE = 0.02  # absolute noise on data of standard deviation ~0.2 (SNR ~ 10)
 
