@@ -329,6 +329,20 @@ def plot(summary: dict, libs: list[str], folder: str) -> list[str]:
     return paths
 
 
+def _write_and_report(args, record: dict, libs: list[str], budget_note: str) -> int:
+    """Write the JSON record atomically, print the tables and targets, draw the plots."""
+    bc.write_json_atomic(args.out, record)
+    print_tables(record["summary"], libs)
+    if record["largest_3d"]:
+        print(f"\nLargest cubic volume (conditional Glow, one sample){budget_note}: {record['largest_3d']}")
+    print("\nTargets:", json.dumps(record["targets"], indent=1))
+    if args.plots:
+        for path in plot(record["summary"], libs, args.plots):
+            print(f"plot: {path}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def merge(args) -> int:
     """Summarise the results of several records together (one JSON, tables, plots)."""
     records = []
@@ -348,16 +362,7 @@ def merge(args) -> int:
         "libraries": libs, "versions": records[0]["versions"], "results": log, "summary": summary,
         "targets": targets(summary), "largest_3d": largest,
     }
-    bc.write_json_atomic(args.out, record)
-    print_tables(summary, libs)
-    if largest:
-        print(f"\nLargest cubic volume (conditional Glow, one sample): {largest}")
-    print("\nTargets:", json.dumps(record["targets"], indent=1))
-    if args.plots:
-        for path in plot(summary, libs, args.plots):
-            print(f"plot: {path}")
-    print(f"wrote {args.out}")
-    return 0
+    return _write_and_report(args, record, libs, "")
 
 
 def main(argv=None) -> int:
@@ -434,16 +439,7 @@ def main(argv=None) -> int:
         "versions": bc.versions(), "results": log, "summary": summary, "targets": targets(summary),
         "largest_3d": largest,
     }
-    bc.write_json_atomic(args.out, record)
-    print_tables(summary, libs)
-    if largest:
-        print(f"\nLargest cubic volume (conditional Glow, one sample) within {args.budget_gb} GB: {largest}")
-    print("\nTargets:", json.dumps(record["targets"], indent=1))
-    if args.plots:
-        for path in plot(summary, libs, args.plots):
-            print(f"plot: {path}")
-    print(f"wrote {args.out}")
-    return 0
+    return _write_and_report(args, record, libs, f" within {args.budget_gb} GB")
 
 
 if __name__ == "__main__":

@@ -173,11 +173,10 @@ class AffineCoupling(CouplingBase):
         # x_a and the active cotangent only once the conditioner's graph is gone: fewer tensors
         # alive at the peak of the backward (this is the step that sets the peak)
         del ds
-        s, t = s.detach(), t.detach()
-        x_a = (y_a - t).mul_(torch.exp(-s))
-        del t
-        scale = torch.exp(s)
+        scale = torch.exp(s.detach())
         del s
+        x_a = (y_a - t.detach()).div_(scale)
+        del t
         dx_p = dy_p + g[0]
         k = 1
         dc = None
