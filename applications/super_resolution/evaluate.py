@@ -171,20 +171,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         test = test[: args.images]
     metrics, images = evaluate(model, test, samples, temperature, cfg["eval"]["batch"])
     out = Path(args.out)
-    f = model.factor
+    large = None
     if isinstance(model, InvnetTrainModel):
         # a whole-image flow: no tiled decoding (that needs the spatial latent of model.py)
         metrics["checkpoint"] = {"path": model.path, "step": model.step, "trained_by": "invnet train"}
-        _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-        _atomic_write(out / "metrics.md", lambda tmp: Path(tmp).write_text(_markdown(metrics)))
-        save_figure(out / "patches.png", images, rows=4, factor=f)
-        print(_markdown(metrics))
-        return 0
-    # a held-out image crop, super-resolved in overlapping tiles
+    else:
+        large = _tiled_example(model, cfg, test, samples, temperature, args)
+        metrics["large_tiled"] = large.pop("metrics")
+    _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    _atomic_write(out / "metrics.md", lambda tmp: Path(tmp).write_text(_markdown(metrics)))
+    save_figure(out / "patches.png", images, rows=4, factor=model.factor)
+    print(_markdown(metrics))
+    if large is not None:
+        save_figure(out / "large.png", large, rows=1, factor=model.factor)
+        print(json.dumps(metrics["large_tiled"]))
+    return 0
+
+
+def _tiled_example(model: SRFlow, cfg: dict, test: Tensor, samples: int, temperature: float, args) -> dict:
+    """A held-out image crop (photos) or a 4x4 mosaic of test images, super-resolved in overlapping
+    tiles: the figure's panels, plus its metrics under ``"metrics"``."""
+    f = model.factor
     if cfg["data"]["source"] == "skimage":
         name = TEST_IMAGES[0]
         crop = load_skimage([name])[0][None, :, 96:96 + 32 * f, 160:160 + 32 * f].to(args.device)
-    else:  # a 4x4 mosaic of held-out images
+    else:
         name = "mosaic of 16 test images"
         tiles16 = test[:16]
         crop = torch.cat([torch.cat(list(tiles16[4 * r:4 * r + 4]), dim=2) for r in range(4)], dim=1)[None].to(args.device)
@@ -192,19 +203,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     g = torch.Generator(device=args.device).manual_seed(1)
     s = sample_tiled(model, y, n=samples, temperature=temperature, tile=args.tile, overlap=args.overlap, generator=g)
     large = {"lr": y, "bicubic": bicubic_upsample(y, f), "samples": s[:3], "mean": s.mean(0), "std": s.std(0), "truth": crop}
-    metrics["large_tiled"] = {
+    large["metrics"] = {
         "image": name, "size": list(crop.shape[2:]), "tile": args.tile, "overlap": args.overlap,
         "bicubic_psnr": float(psnr(large["bicubic"], crop)[0]), "mean_psnr": float(psnr(large["mean"], crop)[0]),
         "sample_psnr": float(psnr(s[0], crop)[0]), "lr_consistency": float(lr_consistency(s[0], y, f)[0]),
     }
-    _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-    _atomic_write(out / "metrics.md", lambda tmp: Path(tmp).write_text(_markdown(metrics)))
-    save_figure(out / "patches.png", images, rows=4, factor=f)
-    save_figure(out / "large.png", large, rows=1, factor=f)
-    print(_markdown(metrics))
-    print(json.dumps(metrics["large_tiled"]))
-    return 0
-
+    return large
 
 if __name__ == "__main__":
     sys.exit(main())

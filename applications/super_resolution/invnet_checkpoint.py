@@ -12,6 +12,7 @@ detail coefficients of ``model.py``, so the two test NLLs would not compare.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterator, Optional
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from invnet.posterior import PosteriorSampler
-from invnet.training.checkpoint import read_checkpoint, resolve_checkpoint
+from invnet.training.checkpoint import resolve_checkpoint
 
 from .config import merge_config
 
@@ -47,22 +48,24 @@ class InvnetTrainModel:
     """
 
     def __init__(self, path: str, device: "str | torch.device" = "cpu") -> None:
-        ckpt = read_checkpoint(path)
-        data = ckpt.meta.get("data") or {}
+        self.sampler = PosteriorSampler.from_checkpoint(path)  # reads the weights once
+        path = resolve_checkpoint(path)
+        with open(os.path.join(path, "meta.json")) as f:  # the checkpoint's small JSON part
+            meta = json.load(f)
+        data = meta.get("data") or {}
         x_shape, y_shape = data.get("x_shape"), data.get("y_shape")
         if not x_shape or not y_shape or len(x_shape) != 3 or len(y_shape) != 3:
             raise ValueError(
-                f"{ckpt.path} was not trained on images: expected x and y of shape (channels, H, W), "
+                f"{path} was not trained on images: expected x and y of shape (channels, H, W), "
                 f"got x {x_shape} and y {y_shape}"
             )
         factor = x_shape[-1] // y_shape[-1]
         if factor < 2 or x_shape[-1] != factor * y_shape[-1] or x_shape[-2] != factor * y_shape[-2]:
-            raise ValueError(f"{ckpt.path}: x {x_shape} is not an integer upscaling of y {y_shape}")
-        self.path = ckpt.path
-        self.step = ckpt.step
+            raise ValueError(f"{path}: x {x_shape} is not an integer upscaling of y {y_shape}")
+        self.path = path
+        self.step = int(meta["step"])
         self.factor = factor
         self.channels = int(x_shape[0])
-        self.sampler = PosteriorSampler.from_checkpoint(ckpt.path)
         self.sampler.model.to(device)
         self.device = torch.device(device)
         #: the application config the evaluation uses: held-out scikit-image patches of the size
