@@ -189,16 +189,14 @@ class Conv1x1(InvertibleModule):
         logdet = (-space_size(y) * self._logdet_per_point()).expand(y.shape[0]).to(y.dtype)
         return x, logdet
 
-    def _param_grads(self, matrix_fn, dmatrix: Tensor, dlogdet_per_point: Tensor, grads: GradStore):
+    def _householder_param_grads(self, matrix_fn, dmatrix: Tensor, grads: GradStore):
+        """Parameter gradients of the Householder form (logdet 0) from the cotangent of the matrix
+        ``matrix_fn()`` builds, by a local autograd pass on parameter aliases."""
         if not self._grad_params():
             return
         with torch.enable_grad(), parameter_aliases(self) as (originals, params):
             m = matrix_fn()
-            outputs, cotangents = [m], [dmatrix.to(m.dtype)]
-            if self.parametrization == "lu":
-                outputs.append(self.log_diag.sum())
-                cotangents.append(dlogdet_per_point.to(m.dtype))
-            g = torch.autograd.grad(outputs, params, cotangents, allow_unused=True)
+            g = torch.autograd.grad(m, params, dmatrix.to(m.dtype), allow_unused=True)
         grads.add_many(originals, g)
 
     def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
@@ -220,11 +218,8 @@ class Conv1x1(InvertibleModule):
             if self._grad_params():
                 self._lu_param_grads(low, up, _outer_sum(dy, x), space_size(y) * dlogdet.sum(), grads)
             return x, dx, None
-        w_inv = self.weight_inverse().to(y.dtype)
-        x = _mix(w_inv, y)
-        dx = _mix(self.weight().to(y.dtype).T, dy)
-        self._param_grads(self.weight, _outer_sum(dy, x), space_size(y) * dlogdet.sum(), grads)
-        return x, dx, None
+        wt = self.weight().to(y.dtype).T  # Householder without trainable parameters: W^-1 = W^T
+        return _mix(wt, y), _mix(wt, dy), None
 
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
         if self.parametrization == "lu":
@@ -241,7 +236,7 @@ class Conv1x1(InvertibleModule):
         w = self.weight().to(x.dtype)
         y = _mix(w, x)
         dy = _mix(self.weight_inverse().to(x.dtype).T, dx)
-        self._param_grads(self.weight_inverse, _outer_sum(dx, y), -space_size(x) * dlogdet.sum(), grads)
+        self._householder_param_grads(self.weight_inverse, _outer_sum(dx, y), grads)
         return y, dy, None
 
 
