@@ -3,10 +3,9 @@
 Blocks rebuild their input from their output, so training keeps the activations of one block at a
 time whatever the depth. See docs/architecture.md.
 """
-from . import distributions, layers, losses, networks
+from . import layers, networks
 from .core import Backward, Chain, InvertibleModule, memory_saving, memory_saving_enabled
 
 __version__ = "0.1.0"
 
-__all__ = ["InvertibleModule", "Chain", "Backward", "memory_saving", "memory_saving_enabled", "layers", "networks",
-           "distributions", "losses"]
+__all__ = ["InvertibleModule", "Chain", "Backward", "memory_saving", "memory_saving_enabled", "layers", "networks"]

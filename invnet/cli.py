@@ -44,7 +44,7 @@ def _parse_indices(text: Optional[str]):
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .posterior_job import report_path, sample_job
+    from .inference import report_path, sample_job
 
     report = sample_job(args.checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
                         temperature=args.temperature, keep=args.keep, indices=_parse_indices(args.indices),

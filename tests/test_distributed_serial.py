@@ -28,7 +28,7 @@ def test_grid_of_one_equals_serial_and_swaps_every_pad():
     z_s, ld_s = serial(x, c)
     assert torch.allclose(z, z_s, rtol=0, atol=1e-13) and torch.allclose(ld, ld_s, rtol=0, atol=1e-12)
     assert torch.allclose(flow.log_prob(x, c), serial.base.log_prob(z_s) + ld_s if hasattr(serial, "base")
-                          else invnet.distributions.StandardNormal().log_prob(z_s) + ld_s, atol=1e-12)
+                          else invnet.networks.density.StandardNormal().log_prob(z_s) + ld_s, atol=1e-12)
 
 
 def test_subdomain_shape_is_checked():

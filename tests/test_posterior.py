@@ -6,7 +6,7 @@ import torch
 
 from invnet.data import Normalization
 from invnet.networks import ConditionalCouplingFlow
-from invnet.posterior import (
+from invnet.inference import (
     Calibration, PosteriorSampler, RunningMoments, plot_coverage, plot_error_vs_std, plot_posterior,
     summarize_posterior,
 )

@@ -212,7 +212,7 @@ def test_config_errors_name_the_allowed_keys(tmp_path):
 
 
 def test_checkpoint_rebuilds_a_network_with_a_summary_network(tmp_path):
-    from invnet.posterior import PosteriorSampler
+    from invnet.inference import PosteriorSampler
 
     rng = np.random.default_rng(0)
     with h5py.File(tmp_path / "lowres.h5", "w") as f:

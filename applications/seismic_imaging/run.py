@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
         import tomli as tomllib
 
     from forward import write_pairs
-    from invnet.posterior_job import sample_job
+    from invnet.inference import sample_job
     from invnet.training import train_from_config, validate_config
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,7 +6,7 @@ conditioned on an ``ImageSummary`` of the low-resolution input (the SRFlow layou
 checkpoint directories (safetensors weights, the network spec, the data normalisation).
 :class:`InvnetTrainModel` wraps such a checkpoint in the small interface that
 :func:`applications.super_resolution.evaluate.evaluate` uses (``factor``, ``parameters()``,
-``sample(y, n, temperature, generator)``), sampling through :class:`invnet.posterior.PosteriorSampler`
+``sample(y, n, temperature, generator)``), sampling through :class:`invnet.inference.PosteriorSampler`
 in raw data units. It has no ``bits_per_dim``: its density is over whole images, not over the
 detail coefficients of ``model.py``, so the two test NLLs would not compare.
 """
@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from invnet.posterior import PosteriorSampler
+from invnet.inference import PosteriorSampler
 from invnet.training.checkpoint import resolve_checkpoint
 
 from .config import merge_config

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from invnet import Chain
-from invnet.distributions import StandardNormal
+from invnet.networks.density import StandardNormal
 from invnet.layers import ActNorm, AffineCoupling, ConditionalAffine, Conv1x1, HaarSqueeze, ZeroPad
 from invnet.networks import ConditionalGlow
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.module import GradStore, InvertibleModule
-from ..distributions import StandardNormal
+from ..networks.density import StandardNormal
 from ..layers.conditioners import ZeroPad
 from ..layers.squeeze import HaarSqueeze, Squeeze, _SqueezeBase
 from ..networks.base import FlowNetwork
@@ -149,7 +149,7 @@ class DecomposedFlow(FlowNetwork):
 
     def bits_per_dim(self, x: Tensor, c: Optional[Tensor] = None, bin_width: float = 1.0) -> Tensor:
         """Negative log-likelihood in bits per dimension of the global sample."""
-        from ..losses import bits_per_dim
+        from ..networks.density import bits_per_dim
 
         dims = x[0].numel() * self.partition.spatial_size
         return bits_per_dim(self.log_prob(x, c), dims, bin_width)

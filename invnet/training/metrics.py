@@ -1,14 +1,12 @@
-"""Training metrics: JSON lines on disk, a plot, and the process's memory."""
+"""Training metrics: JSON lines on disk and the process's memory (the plot: :mod:`invnet.plotting`)."""
 from __future__ import annotations
 
 import json
 import os
 import resource
-from typing import Optional
-
 import torch
 
-__all__ = ["MetricsLog", "peak_memory_mb", "plot_metrics"]
+__all__ = ["MetricsLog", "peak_memory_mb"]
 
 
 def peak_memory_mb() -> float:
@@ -49,31 +47,3 @@ class MetricsLog:
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
         os.replace(tmp, self.path)
-
-
-def plot_metrics(records: list[dict], path: str, title: Optional[str] = None) -> None:
-    """Plot train and validation bits/dim and the step time against the step into ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["train_bpd"]) for r in records if "train_bpd" in r]
-    val = [(r["step"], r["val_bpd"]) for r in records if "val_bpd" in r]
-    times = [(r["step"], r["step_time_s"]) for r in records if "step_time_s" in r]
-    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 3.6))
-    if train:
-        ax.plot(*zip(*train), lw=0.8, label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", ms=3, label="validation")
-    ax.set_xlabel("step"), ax.set_ylabel("NLL (bits/dim, normalised data)"), ax.legend()
-    if times:
-        ax_t.plot(*zip(*times), lw=0.8)
-    ax_t.set_xlabel("step"), ax_t.set_ylabel("step time (s)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)

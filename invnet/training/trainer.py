@@ -15,7 +15,8 @@ from ..data.normalization import Normalization
 from ..networks.base import FlowNetwork
 from .checkpoint import capture_rng, latest_checkpoint, read_checkpoint, restore_rng, save_checkpoint
 from .comm import Comm, SerialComm, average_gradients
-from .metrics import MetricsLog, peak_memory_mb, plot_metrics
+from ..plotting import plot_metrics
+from .metrics import MetricsLog, peak_memory_mb
 from .signals import NonFiniteLossError, PreemptionFlag
 
 __all__ = ["Trainer", "TrainResult"]

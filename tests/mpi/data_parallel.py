@@ -12,7 +12,7 @@ from _common import Verdict, make_comm, rel
 import invnet
 from invnet.core.checks import randomize_parameters_
 from invnet.distributed import DataParallel
-from invnet.distributions import StandardNormal
+from invnet.networks.density import StandardNormal
 from invnet.layers import ActNorm, AffineCoupling, Conv1x1
 
 torch.set_default_dtype(torch.float64)

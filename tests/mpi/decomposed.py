@@ -14,7 +14,7 @@ from _common import Verdict, make_comm, rel
 import invnet
 from invnet.core.checks import randomize_parameters_
 from invnet.distributed import Partition, decompose, sum_over_ranks
-from invnet.distributions import StandardNormal
+from invnet.networks.density import StandardNormal
 from invnet.layers import (ActNorm, AdditiveCoupling, AffineCoupling, ChannelPermutation, Conv1x1, HaarSqueeze,
                            LeakyReLU, Squeeze)
 

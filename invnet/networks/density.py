@@ -1,4 +1,9 @@
-"""Base densities of the latent space."""
+r"""The latent base density and the likelihood losses of a flow network.
+
+A flow :math:`z = f(x; c)` with a standard normal latent has
+:math:`\log q(x \mid c) = \log \mathcal N(f(x; c); 0, I) + \log|\det J_f(x; c)|`; its loss is the
+negative log-likelihood, in nats or in bits per dimension.
+"""
 from __future__ import annotations
 
 import math
@@ -7,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["StandardNormal"]
+__all__ = ["StandardNormal", "nll", "bits_per_dim"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -40,3 +45,25 @@ class StandardNormal:
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         return temperature * torch.randn(shape, dtype=dtype, device=device, generator=generator)
+
+
+def nll(log_prob: Tensor) -> Tensor:
+    """Mean negative log-likelihood in nats over the batch.
+
+    >>> nll(torch.tensor([-1.0, -3.0])).item()
+    2.0
+    """
+    return -log_prob.mean()
+
+
+def bits_per_dim(log_prob: Tensor, dims: int, bin_width: float = 1.0) -> Tensor:
+    r"""Per-sample bits per dimension :math:`-\log p(x) / (D \ln 2)`; for data discretised into bins
+    of width ``bin_width`` (e.g. 1/256 for 8-bit images scaled to [0, 1]) the discrete likelihood
+    adds :math:`-D \log(\mathrm{bin\_width})`.
+
+    >>> bits_per_dim(torch.tensor([-2 * math.log(2)]), dims=2).tolist()
+    [1.0]
+    """
+    if dims < 1:
+        raise ValueError(f"dims must be a positive count, got {dims}")
+    return -(log_prob + dims * math.log(bin_width)) / (dims * math.log(2))

@@ -8,9 +8,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .data import ZarrResultWriter, chunk_aligned_range, open_array
-from .posterior import Calibration, PosteriorSampler, plot_coverage, plot_error_vs_std, plot_posterior, summarize_posterior
-from .training.comm import Comm, SerialComm
+from ..data import ZarrResultWriter, chunk_aligned_range, open_array
+from ..plotting import plot_coverage, plot_error_vs_std, plot_posterior
+from ..training.comm import Comm, SerialComm
+from .calibration import Calibration
+from .sampler import PosteriorSampler, summarize_posterior
 
 __all__ = ["sample_job", "report_path"]
 
@@ -34,7 +36,7 @@ def sample_job(
     all by default) of the HDF5/Zarr file ``data`` and write, per observation, the posterior
     ``mean``, ``std`` and the first ``keep`` ``samples`` to the Zarr store ``out`` (one chunk per
     observation; ``index`` holds the source rows). When the file also holds the truth ``x_name``,
-    calibration (see :class:`~invnet.posterior.Calibration`) is measured, stored in the store's
+    calibration (see :class:`~invnet.inference.Calibration`) is measured, stored in the store's
     attributes and in :func:`report_path` next to it, and ``plots`` (a folder) gets figures.
 
     Distributed hook: rank ``r`` of ``comm`` handles the chunk-aligned block of observations

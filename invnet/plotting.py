@@ -1,0 +1,140 @@
+"""Every figure invnet writes, in one place; matplotlib is imported only when a figure is drawn
+(``Agg`` backend, no display needed). Files are written under a temporary name and renamed, so a
+crash never leaves half an image."""
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # imported for annotations only; plotting must not pull in the sampling job
+    from .inference.calibration import Calibration
+
+__all__ = ["plot_metrics", "plot_posterior", "plot_error_vs_std", "plot_coverage"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _savefig(fig, path: str) -> None:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def _field(t: Tensor) -> np.ndarray:
+    """A 2D (or 1D) view of one field (channel 0; of a 3D volume the middle section along the last
+    axis, so the first axis, depth or time, stays vertical)."""
+    a = np.asarray(torch.as_tensor(t, dtype=torch.float64).detach())
+    if a.ndim >= 2:
+        a = a[0]
+    if a.ndim == 3:
+        a = a[..., a.shape[-1] // 2]
+    return a
+
+
+def plot_posterior(path: str, truth: Optional[Tensor], observation: Tensor, mean: Tensor, std: Tensor,
+                   samples: Tensor, title: str = "") -> None:
+    """Panels: truth, observation, posterior mean, std, |error|, and up to 3 samples (channel 0;
+    the middle section along the last axis of 3D volumes; 1D fields as curves)."""
+    plt = _plt()
+    panels = ([("truth", truth)] if truth is not None else []) + [("observation", observation), ("posterior mean", mean),
+                                                                  ("posterior std", std)]
+    if truth is not None:
+        panels.append(("|mean - truth|", (torch.as_tensor(mean) - torch.as_tensor(truth)).abs()))
+    panels += [(f"sample {i + 1}", s) for i, s in enumerate(samples[:3])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+    ref = _field(truth if truth is not None else mean)
+    lo, hi = float(np.min(ref)), float(np.max(ref))
+    for ax, (name, t) in zip(np.atleast_1d(axes), panels):
+        a = _field(t)
+        if a.ndim == 1:
+            ax.plot(a)
+        else:
+            same = name in ("truth", "posterior mean") or name.startswith("sample")
+            im = ax.imshow(a, cmap="gray" if same else ("magma" if "std" in name or "|" in name else "seismic"),
+                           vmin=lo if same else None, vmax=hi if same else None, aspect="auto")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+            ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_error_vs_std(path: str, calibration: "Calibration") -> None:
+    """|error| of the posterior mean against the posterior std: element pairs (binned means) and
+    per-observation RMSE vs mean std; a calibrated sampler follows E|error| = sqrt(2/pi) std."""
+    plt = _plt()
+    e, s = (np.array(v) for v in zip(*calibration.pairs))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    ax1.scatter(s, e, s=2, alpha=0.2)
+    edges = np.quantile(s, np.linspace(0, 1, 11))
+    centers, means = [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        sel = (s >= a) & (s <= b)
+        if sel.any():
+            centers.append(s[sel].mean()), means.append(e[sel].mean())
+    ax1.plot(centers, means, "o-", color="C1", label="binned mean |error|")
+    line = np.linspace(0, s.max(), 10)
+    ax1.plot(line, math.sqrt(2 / math.pi) * line, "k--", label="calibrated: sqrt(2/pi) std")
+    ax1.set_xlabel("posterior std"), ax1.set_ylabel("|mean - truth|"), ax1.legend(fontsize=8)
+    r, m = (np.array(v) for v in zip(*calibration.per_obs))
+    ax2.scatter(m, r, s=8)
+    top = max(r.max(), m.max())
+    ax2.plot([0, top], [0, top], "k--", label="RMSE = mean std")
+    ax2.set_xlabel("mean posterior std (per observation)"), ax2.set_ylabel("RMSE of the mean"), ax2.legend(fontsize=8)
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_coverage(path: str, report: dict) -> None:
+    """Empirical and Gaussian coverage against the nominal level (the diagonal is calibrated)."""
+    plt = _plt()
+    cov = report["coverage"]
+    nominal = [c["nominal"] for c in cov.values()]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.plot(nominal, [c["gaussian"] for c in cov.values()], "o-", label="mean +- z std")
+    if all(c["empirical"] is not None for c in cov.values()):
+        ax.plot(nominal, [c["empirical"] for c in cov.values()], "s-", label="sample quantiles")
+    ax.set_xlabel("nominal level"), ax.set_ylabel("coverage"), ax.legend(fontsize=8)
+    ax.set_title(f"ratio E|s-x|^2 / E|mean-x|^2 = {report['ratio_sample_to_mean_sq_error']:.2f}", fontsize=9)
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_metrics(records: list[dict], path: str, title: Optional[str] = None) -> None:
+    """Plot train and validation bits/dim and the step time against the step into ``path``."""
+    plt = _plt()
+    train = [(r["step"], r["train_bpd"]) for r in records if "train_bpd" in r]
+    val = [(r["step"], r["val_bpd"]) for r in records if "val_bpd" in r]
+    times = [(r["step"], r["step_time_s"]) for r in records if "step_time_s" in r]
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", ms=3, label="validation")
+    ax.set_xlabel("step"), ax.set_ylabel("NLL (bits/dim, normalised data)"), ax.legend()
+    if times:
+        ax_t.plot(*zip(*times), lw=0.8)
+    ax_t.set_xlabel("step"), ax_t.set_ylabel("step time (s)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
