@@ -1,5 +1,11 @@
-"""The block contract, the Chain and the memory-free autograd bridge, plus check helpers."""
+"""The block contract, the Chain and the memory-free autograd bridge, the tools a hand-written
+backward uses (``local_vjp``, ``GradStore``, ``HandOver``), and check helpers."""
 from .chain import Chain
-from .module import Backward, GradStore, InvertibleModule, memory_saving, memory_saving_enabled
+from .handover import HandOver
+from .module import Backward, InvertibleModule, memory_saving, memory_saving_enabled
+from .vjp import GradStore, local_vjp
 
-__all__ = ["InvertibleModule", "Chain", "Backward", "GradStore", "memory_saving", "memory_saving_enabled"]
+__all__ = [
+    "InvertibleModule", "Chain", "Backward", "GradStore", "memory_saving", "memory_saving_enabled", "local_vjp",
+    "HandOver",
+]

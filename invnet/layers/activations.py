@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.module import GradStore, InvertibleModule
+from ..core.module import GradStore, InvertibleModule, VJPResult
 from ._shapes import sum_per_sample
 
 __all__ = ["LeakyReLU", "Sigmoid", "Logit"]
@@ -48,12 +48,14 @@ class _Elementwise(InvertibleModule):
         x = self.f_inv(y)
         return x, -sum_per_sample(self.log_df(x))
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         x = self.f_inv(y)
         w = dlogdet.reshape((-1,) + (1,) * (y.dim() - 1))
         return x, dy * self.df(x) + w * self.dlog_df(x), None
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         # g = f^{-1}: g'(y) = 1/f'(x); log g'(y) = -log f'(x); d/dy = -(log f')'(x) / f'(x)
         y = self.f(x)
         dfx = self.df(x)

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..core.module import GradStore, InvertibleModule
+from ..core.module import GradStore, InvertibleModule, VJPResult
 from ._shapes import broadcast_channel, reduce_dims, space_size
 
 __all__ = ["ActNorm"]
@@ -103,7 +103,7 @@ class ActNorm(InvertibleModule):
         logdet = (-space_size(y) * self.log_scale.sum()).expand(y.shape[0]).to(y.dtype)
         return x, logdet
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         centred = y - broadcast_channel(self.bias, y)
         scale = torch.exp(broadcast_channel(self.log_scale, y))
         x = centred / scale
@@ -113,7 +113,9 @@ class ActNorm(InvertibleModule):
         grads.add(self.log_scale, (dy * centred).sum(dims) + space_size(y) * dlogdet.sum())
         return x, dx, None
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         # inverse map: x = (y - b) e^{-l};  dy = e^{-l} dx;  db = -sum e^{-l} dx;
         # dl = -sum dx * x - |S| sum dlogdet
         scale = torch.exp(broadcast_channel(self.log_scale, x))

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..core.module import GradStore, InvertibleModule, parameter_aliases
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult
+from ..core.vjp import local_vjp
 from ._shapes import check_condition, sum_per_sample
 from .conditioners import PadFactory, expand_condition, make_conditioner
 
@@ -76,7 +77,7 @@ class ConditionalAffine(InvertibleModule):
             conditioner = make_conditioner(cond_channels, 2 * channels, hidden, ndim, pad=pad, **conditioner_kwargs)
         self.conditioner = conditioner
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         shape = super()._check_shape(shape, c_shape, inverse)
         check_condition(type(self).__name__, shape, c_shape, self.cond_channels)
         return shape
@@ -97,14 +98,11 @@ class ConditionalAffine(InvertibleModule):
         s, t = self._scale_shift(c, y)
         return (y - t) * torch.exp(-s), -self._logdet(s, y)
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
-        c_in = c.detach().requires_grad_(True)
-        with torch.enable_grad(), parameter_aliases(self.conditioner) as (originals, params):
-            s, t = self._scale_shift(c_in, y)
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
+        with local_vjp(self.conditioner, c, grads=grads) as vjp:
+            s, t = self._scale_shift(vjp.inputs[0], y)
             scale = torch.exp(s.detach())
             y_minus_t = y - t.detach()
             ds = dy * y_minus_t + dlogdet.reshape((-1,) + (1,) * (y.dim() - 1))
-            g = torch.autograd.grad((s, t), [c_in] + params, (ds, dy), allow_unused=True)
-        grads.add_many(originals, g[1:])
-        dc = g[0] if g[0] is not None else torch.zeros_like(c)
+            (dc,) = vjp.grad((s, t), (ds, dy))
         return y_minus_t / scale, dy * scale, dc

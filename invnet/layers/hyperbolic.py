@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.module import GradStore, InvertibleModule, parameter_aliases
+from ..core.module import GradStore, InvertibleModule, VJPResult
+from ..core.vjp import local_vjp
 from .conditioners import PadFactory, ZeroPad
 
 __all__ = ["HyperbolicLayer", "TiedConvResidual"]
@@ -163,14 +164,12 @@ class HyperbolicLayer(InvertibleModule):
 
     def _residual_vjp(self, b: Tensor, cotangent: Tensor, grads: GradStore) -> tuple[Tensor, Tensor]:
         """F(b) and F'(b)^T cotangent, with the parameter gradients added to ``grads``."""
-        b_in = b.detach().requires_grad_(True)
-        with torch.enable_grad(), parameter_aliases(self.residual) as (originals, params):
-            fb = self.residual(b_in)
-            g = torch.autograd.grad(fb, [b_in] + params, cotangent, allow_unused=True)
-        grads.add_many(originals, g[1:])
-        return fb.detach(), g[0]
+        with local_vjp(self.residual, b, grads=grads) as vjp:
+            fb = self.residual(*vjp.inputs)
+            (jt,) = vjp.grad(fb, cotangent)
+        return fb.detach(), jt
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         b, new = self._halves(y)
         db_y, dnew = self._halves(dy)
         h2 = self.step**2
@@ -178,7 +177,9 @@ class HyperbolicLayer(InvertibleModule):
         a = 2 * b - new - h2 * fb
         return torch.cat([a, b], dim=1), torch.cat([-dnew, db_y + 2 * dnew + jt], dim=1), None
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         # inverse map (b, new) -> (a, b) with a = 2b - new - h^2 F(b); rebuild new from (a, b)
         a, b = self._halves(x)
         da, db_x = self._halves(dx)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.module import GradStore, InvertibleModule
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult
 
 __all__ = ["Squeeze", "HaarSqueeze", "split_channels", "merge_channels"]
 
@@ -55,7 +55,7 @@ class _SqueezeBase(InvertibleModule):
             raise ValueError(f"squeezes work on 1, 2 or 3 space dimensions, got ndim={ndim}")
         self.ndim = ndim
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         d = len(shape) - 2
         if d not in (1, 2, 3):
             raise ValueError(
@@ -82,10 +82,12 @@ class _SqueezeBase(InvertibleModule):
     def _inverse(self, y, c):
         return self._unsqueeze(y), y.new_zeros(y.shape[0])
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self._unsqueeze(y), self._unsqueeze(dy), None
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         return self._squeeze(x), self._squeeze(dx), None
 
 
