@@ -92,3 +92,18 @@ def test_bench_gpu_without_cuda_says_so(tmp_path):
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr
     assert not out.exists()
+
+
+def test_measure_drift_tiny(tmp_path):
+    out = tmp_path / "drift.json"
+    proc = run_script("measure_drift.py", "--depths", "2", "--steps", "3", "--batch", "8", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert [(r["model"], r["depth"]) for r in record["results"]] == [("glow", 2), ("hint", 2)]
+    for r in record["results"]:
+        for state in ("untrained", "trained"):
+            row = r[state]
+            assert all(0 <= row[p] < 1e-3 for p in ("float32", "bfloat16", "float16"))
+            # the whole network in bfloat16, invertible arithmetic included: far worse
+            assert row["bf16_weights"] > 100 * row["float32"]
+    assert "| glow | 2 |" in proc.stdout

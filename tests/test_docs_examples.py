@@ -26,3 +26,17 @@ def test_writing_your_own_block_example_runs_and_passes_its_checks():
     y, logdet = block(x)
     (y.square().sum() - logdet.sum()).backward()
     assert x.grad is not None and all(p.grad is not None for p in block.parameters())
+
+
+def test_the_example_block_takes_the_standard_autocast_pattern():
+    namespace: dict = {}
+    for code in _section_code("Writing your own block"):
+        exec(compile(code, str(DOC), "exec"), namespace)
+    block = namespace["ShiftCoupling"](5).float()
+    x = torch.randn(4, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, logdet = block(x)
+        loss = y.square().sum() - logdet.sum()
+    loss.backward()  # outside the autocast block, memory saving on
+    assert y.dtype == torch.float32 and x.grad is not None
+    assert torch.equal(y[:, : block.half], x[:, : block.half])  # the arithmetic stayed float32

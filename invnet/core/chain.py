@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from .module import GradStore, InvertibleModule, Shape, VJPResult, add_optional

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .handover import HandOver
+from .precision import AutocastState, conditioner_call, full_precision, recorded_autocast
 from .vjp import GradStore, add_optional, local_vjp, parameter_aliases
 
 __all__ = [
@@ -117,6 +118,9 @@ class InvertibleModule(nn.Module):
     channels: Optional[int] = None
     #: Channel count of the condition (0: the block takes no condition and ignores ``c``).
     cond_channels: int = 0
+    #: Under autocast, run this block's conditioners in the autocast dtype (``False``: in full
+    #: precision, see :func:`~invnet.core.precision.pin_full_precision`).
+    autocast_conditioners: bool = True
 
     # ----------------------------------------------------------------------------------------
     # public face
@@ -132,7 +136,8 @@ class InvertibleModule(nn.Module):
     ) -> Backward:
         """Explicit hand-written backward: rebuild the input from ``y`` and propagate ``dy`` and
         ``dlogdet`` (cotangent of the per-sample logdet, default zero). Parameter gradients are
-        accumulated into ``.grad``. Returns :class:`Backward` ``(x, dx, dc)``."""
+        accumulated into ``.grad``. Runs under the autocast state it is called in: call it in the
+        ``torch.autocast`` block the forward ran in. Returns :class:`Backward` ``(x, dx, dc)``."""
         if dlogdet is None:
             dlogdet = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
         self.check_shape(tuple(y.shape), None if c is None else tuple(c.shape), inverse=True)
@@ -141,7 +146,7 @@ class InvertibleModule(nn.Module):
         if tuple(dlogdet.shape) != (y.shape[0],):
             raise ValueError(f"dlogdet must have shape ({y.shape[0]},), got {tuple(dlogdet.shape)}")
         grads = GradStore()
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(_state_for(y).without_cache()):
             x, dx, dc = self._vjp(y, dy, dlogdet, c, grads)
         for p in self.parameters():
             g = grads.get(p)
@@ -164,6 +169,15 @@ class InvertibleModule(nn.Module):
                 f"of {self.ndim + 2} dimensions (batch, channels, *space); got shape {shape}"
             )
         return self._check_shape(tuple(shape), c_shape, inverse)
+
+    def run_conditioner(self, net: Callable[[Tensor], Tensor], inp: Tensor) -> Tensor:
+        """Run a non-invertible sub-network (a coupling's conditioner, a residual) on ``inp``:
+        under the autocast state the block was called in (its forward, or the rebuild in the
+        memory-free backward), with the result cast back to ``inp.dtype``, so that the
+        invertible arithmetic around it stays in full precision (:mod:`invnet.core.precision`).
+        Call every conditioner of a block through it, in ``_forward``, ``_inverse`` and ``_vjp``.
+        """
+        return conditioner_call(net, inp, self.autocast_conditioners)
 
     # ----------------------------------------------------------------------------------------
     # to implement
@@ -210,11 +224,19 @@ class InvertibleModule(nn.Module):
                 raise ValueError(f"expected a floating-point tensor, got dtype {inp.dtype}")
             _check_finite("y" if inverse else "x", inp)
             _check_finite("the condition c", c)
-        with _nested():
+        # the block's own arithmetic runs with autocast off; its conditioners under the state
+        # recorded here (the caller's, or the enclosing call's when nested)
+        with _nested(), full_precision(_state_for(inp)):
             if torch.is_grad_enabled() and memory_saving_enabled():
                 params = self._grad_params()
                 return _MemorySavingCall.apply(self, inverse, inp, c, *params)
             return self._inverse(inp, c) if inverse else self._forward(inp, c)
+
+
+def _state_for(t: Tensor) -> AutocastState:
+    """The autocast state a call on ``t`` runs under: the one recorded by an enclosing block
+    call, else the caller's for ``t``'s device type."""
+    return recorded_autocast() or AutocastState.capture(t.device.type)
 
 
 def _vjp_by_rerun(
@@ -283,9 +305,10 @@ class _SavedOutput:
 
 class _MemorySavingCall(torch.autograd.Function):
     """The autograd bridge: runs ``module._forward`` (or ``module._inverse``) without a graph and
-    saves only its output (and ``c``); the backward is ``module._vjp`` (or ``_vjp_inverse``) from
-    that output. The block's trainable parameters are inputs, so their gradients go back through
-    autograd (hooks, clipping, gradient scalers and reducers see them)."""
+    saves only its output (and ``c``) with the autocast state of the call; the backward is
+    ``module._vjp`` (or ``_vjp_inverse``) from that output, under that state. The block's
+    trainable parameters are inputs, so their gradients go back through autograd (hooks,
+    clipping, gradient scalers and reducers see them)."""
 
     @staticmethod
     def forward(ctx, module: InvertibleModule, inverse: bool, inp: Tensor, c: Optional[Tensor], *params: Tensor):
@@ -294,6 +317,7 @@ class _MemorySavingCall(torch.autograd.Function):
         ctx.inverse = inverse
         ctx.params = params
         ctx.output = _SavedOutput(out, type(module).__name__ + (".inverse" if inverse else ""))
+        ctx.precision = _state_for(inp)
         ctx.save_for_backward(c)
         return out, logdet
 
@@ -303,8 +327,10 @@ class _MemorySavingCall(torch.autograd.Function):
         (c,) = ctx.saved_tensors
         grads = GradStore()
         vjp = ctx.module._vjp_inverse if ctx.inverse else ctx.module._vjp
-        # the output goes straight into the call so that no frame here keeps it alive
-        _, dinp, dc = vjp(ctx.output.take(), dout, dlogdet, c, grads)
+        # rebuild and differentiate under the forward's autocast state, whatever the context of
+        # loss.backward(); the output goes straight into the call so that no frame here keeps it
+        with full_precision(ctx.precision.without_cache()):
+            _, dinp, dc = vjp(ctx.output.take(), dout, dlogdet, c, grads)
         if c is None or not ctx.needs_input_grad[3]:
             dc = None
         return (None, None, dinp, dc, *[grads.get(p) for p in ctx.params])

@@ -83,7 +83,7 @@ class ConditionalAffine(InvertibleModule):
         return shape
 
     def _scale_shift(self, c: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.conditioner(expand_condition(c, like))
+        h = self.run_conditioner(self.conditioner, expand_condition(c, like))
         raw, t = torch.split(h, [self.channels, self.channels], dim=1)
         return self.clamp * torch.tanh(raw / self.clamp), t
 

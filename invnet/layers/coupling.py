@@ -143,7 +143,7 @@ class AffineCoupling(CouplingBase):
         return f"channels={self.channels}, cond_channels={self.cond_channels}, clamp={self.clamp}, swap={self.swap}"
 
     def _scale_shift(self, x_p: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        h = self.conditioner(self._conditioner_input(x_p, c))
+        h = self.run_conditioner(self.conditioner, self._conditioner_input(x_p, c))
         raw, t = torch.split(h, [self.n_active, self.n_active], dim=1)
         s = self.clamp * torch.tanh(raw / self.clamp)
         return s, t
@@ -217,12 +217,12 @@ class AdditiveCoupling(CouplingBase):
 
     def _forward(self, x, c):
         x_p, x_a = self._split(x)
-        t = self.conditioner(self._conditioner_input(x_p, c))
+        t = self.run_conditioner(self.conditioner, self._conditioner_input(x_p, c))
         return self._merge(x_p, x_a + t), x.new_zeros(x.shape[0])
 
     def _inverse(self, y, c):
         y_p, y_a = self._split(y)
-        t = self.conditioner(self._conditioner_input(y_p, c))
+        t = self.run_conditioner(self.conditioner, self._conditioner_input(y_p, c))
         return self._merge(y_p, y_a - t), y.new_zeros(y.shape[0])
 
     def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
@@ -230,6 +230,6 @@ class AdditiveCoupling(CouplingBase):
         dy_p, dy_a = self._split(dy)
         with local_vjp(self.conditioner, y_p, self._condition(c), grads=grads) as vjp:
             x_p, c_in = vjp.inputs
-            t = self.conditioner(self._conditioner_input(x_p, c_in))
+            t = self.run_conditioner(self.conditioner, self._conditioner_input(x_p, c_in))
             dx_p, dc = vjp.grad(t, dy_a)
         return self._merge(y_p, y_a - t.detach()), self._merge(dy_p + dx_p, dy_a), dc

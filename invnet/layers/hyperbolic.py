@@ -154,18 +154,18 @@ class HyperbolicLayer(InvertibleModule):
 
     def _forward(self, x, c):
         a, b = self._halves(x)
-        new = 2 * b - a - self.step**2 * self.residual(b)
+        new = 2 * b - a - self.step**2 * self.run_conditioner(self.residual, b)
         return torch.cat([b, new], dim=1), x.new_zeros(x.shape[0])
 
     def _inverse(self, y, c):
         b, new = self._halves(y)
-        a = 2 * b - new - self.step**2 * self.residual(b)
+        a = 2 * b - new - self.step**2 * self.run_conditioner(self.residual, b)
         return torch.cat([a, b], dim=1), y.new_zeros(y.shape[0])
 
     def _residual_vjp(self, b: Tensor, cotangent: Tensor, grads: GradStore) -> tuple[Tensor, Tensor]:
         """F(b) and F'(b)^T cotangent, with the parameter gradients added to ``grads``."""
         with local_vjp(self.residual, b, grads=grads) as vjp:
-            fb = self.residual(*vjp.inputs)
+            fb = self.run_conditioner(self.residual, *vjp.inputs)
             (jt,) = vjp.grad(fb, cotangent)
         return fb.detach(), jt
 

@@ -113,7 +113,8 @@ class IRIMCoupling(InvertibleModule):
 
     def _memory_scale_shift(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         g = misfit_gradient(self.operator, x, y)
-        raw, t = torch.split(self.memory_net(torch.cat([x, g], dim=1)), [self.n_mem, self.n_mem], dim=1)
+        h = self.run_conditioner(self.memory_net, torch.cat([x, g], dim=1))
+        raw, t = torch.split(h, [self.n_mem, self.n_mem], dim=1)
         return self.clamp * torch.tanh(raw / self.clamp), t
 
     def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -121,12 +122,12 @@ class IRIMCoupling(InvertibleModule):
         est, mem = torch.split(x, [self.n_est, self.n_mem], dim=1)
         sig, t = self._memory_scale_shift(est, c)
         mem_new = mem * torch.exp(sig) + t
-        est_new = est + self.estimate_net(mem_new)
+        est_new = est + self.run_conditioner(self.estimate_net, mem_new)
         return torch.cat([est_new, mem_new], dim=1), sum_per_sample(sig)
 
     def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         est_new, mem_new = torch.split(y, [self.n_est, self.n_mem], dim=1)
-        est = est_new - self.estimate_net(mem_new)
+        est = est_new - self.run_conditioner(self.estimate_net, mem_new)
         sig, t = self._memory_scale_shift(est, c)
         mem = (mem_new - t) * torch.exp(-sig)
         return torch.cat([est, mem], dim=1), -sum_per_sample(sig)
@@ -136,7 +137,7 @@ class IRIMCoupling(InvertibleModule):
         dest_new, dmem_new = torch.split(dy, [self.n_est, self.n_mem], dim=1)
         # estimate half-step: est' = est + NN2(mem')
         with local_vjp(self.estimate_net, mem_new, grads=grads) as vjp:
-            u = self.estimate_net(*vjp.inputs)
+            u = self.run_conditioner(self.estimate_net, *vjp.inputs)
             (dmem_from_est,) = vjp.grad(u, dest_new)
         est = est_new - u.detach()
         dmem_tot = dmem_new + dmem_from_est

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..core.module import GradStore, Shape, VJPResult
 from ..core.vjp import local_vjp
-from .squeeze import _SqueezeBase, _depth_to_space, _haar_matrix, _space_to_depth
+from .squeeze import _depth_to_space, _haar_matrix, _space_to_depth, _SqueezeBase
 
 __all__ = ["LearnableDownsample"]
 
