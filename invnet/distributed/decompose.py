@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..core.module import GradStore, InvertibleModule
 from ..networks.density import StandardNormal
 from ..layers.conditioners import ZeroPad
-from ..layers.squeeze import HaarSqueeze, Squeeze, _SqueezeBase
+from ..layers.squeeze import Squeeze, SqueezeBase
 from ..networks.base import FlowNetwork
 from .data_parallel import allreduce_gradients, broadcast_parameters, use_global_statistics
 from .halo import HaloPad
@@ -44,7 +44,7 @@ def count_squeezes(network: nn.Module) -> int:
     >>> count_squeezes(invnet.Chain(invnet.layers.Squeeze(), invnet.layers.HaarSqueeze()))
     2
     """
-    return sum(1 for m in network.modules() if isinstance(m, _SqueezeBase))
+    return sum(1 for m in network.modules() if isinstance(m, SqueezeBase))
 
 
 def _check_decomposable(network: nn.Module, partition: Partition) -> None:

@@ -9,12 +9,15 @@ from .hint import HINTCoupling, hint_conditioner_count
 from .hyperbolic import HyperbolicLayer, TiedConvResidual
 from .irim import IRIMCoupling
 from .resampling import LearnableDownsample
-from .squeeze import HaarSqueeze, Squeeze, merge_channels, split_channels
+from .squeeze import (
+    HaarSqueeze, Squeeze, SqueezeBase, depth_to_space, haar_matrix, merge_channels, space_to_depth, split_channels,
+)
 from .structural import ChannelSubset, Inverted
 
 __all__ = [
     "ActNorm", "Conv1x1", "ChannelPermutation", "AffineCoupling", "AdditiveCoupling",
-    "Squeeze", "HaarSqueeze", "split_channels", "merge_channels",
+    "Squeeze", "HaarSqueeze", "SqueezeBase", "space_to_depth", "depth_to_space", "haar_matrix",
+    "split_channels", "merge_channels",
     "LeakyReLU", "Sigmoid", "Logit",
     "ConvConditioner", "MLPConditioner", "ZeroPad", "make_conditioner",
     "HINTCoupling", "hint_conditioner_count", "ConditionalAffine",

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.module import GradStore, InvertibleModule, parameter_aliases
-from ._shapes import check_condition, sum_per_sample
+from ..core.shapes import check_condition, sum_per_sample
 from .conditioners import PadFactory, expand_condition, make_conditioner
 
 __all__ = ["AffineCoupling", "AdditiveCoupling", "CouplingBase"]

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule, add_optional
-from ._shapes import check_condition
+from ..core.shapes import check_condition
 from .conditioners import PadFactory
 from .conv1x1 import ChannelPermutation
 from .coupling import AffineCoupling

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule, parameter_aliases
 from ..operators import ForwardOperator, as_operator, misfit_gradient
-from ._shapes import sum_per_sample
+from ..core.shapes import sum_per_sample
 from .conditioners import PadFactory, make_conditioner
 
 __all__ = ["IRIMCoupling"]

@@ -8,7 +8,7 @@ from torch import Tensor
 from ..core.chain import Chain
 from ..core.module import GradStore
 from ..layers import ActNorm, AffineCoupling, Conv1x1, Squeeze
-from ..layers._shapes import check_condition
+from ..core.shapes import check_condition
 from .base import FlowNetwork
 
 __all__ = ["ConditionalCouplingFlow"]
@@ -76,12 +76,12 @@ class ConditionalCouplingFlow(FlowNetwork):
     def _sq(self, t: Optional[Tensor]) -> Optional[Tensor]:
         if self.squeeze is None or t is None or t.dim() == 2:
             return t
-        return self.squeeze._squeeze(t)
+        return self.squeeze.squeeze(t)
 
     def _unsq(self, t: Optional[Tensor], vector: bool) -> Optional[Tensor]:
         if self.squeeze is None or t is None or vector:
             return t
-        return self.squeeze._unsqueeze(t)
+        return self.squeeze.unsqueeze(t)
 
     def _check_shape(self, shape, c_shape, inverse):
         if inverse:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..core.chain import Chain
 from ..core.module import GradStore, InvertibleModule
-from ..layers._shapes import check_condition
+from ..core.shapes import check_condition
 from ..layers.actnorm import ActNorm
 from ..layers.conditioners import PadFactory
 from ..layers.conv1x1 import ChannelPermutation, Conv1x1

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule, add_optional
-from ..layers.squeeze import _SqueezeBase
+from ..layers.squeeze import SqueezeBase
 
 __all__ = ["MultiscaleLevel"]
 
@@ -59,7 +59,7 @@ class MultiscaleLevel(InvertibleModule):
     def __init__(
         self,
         steps: InvertibleModule,
-        squeeze: Optional[_SqueezeBase] = None,
+        squeeze: Optional[SqueezeBase] = None,
         inner: Optional["MultiscaleLevel"] = None,
         keep: Optional[int] = None,
     ) -> None:
@@ -74,20 +74,20 @@ class MultiscaleLevel(InvertibleModule):
 
     # -- squeezing data and condition ---------------------------------------------------------
     def _down(self, t: Tensor) -> Tensor:
-        return t if self.squeeze is None else self.squeeze._squeeze(t)
+        return t if self.squeeze is None else self.squeeze.squeeze(t)
 
     def _up(self, t: Tensor) -> Tensor:
-        return t if self.squeeze is None else self.squeeze._unsqueeze(t)
+        return t if self.squeeze is None else self.squeeze.unsqueeze(t)
 
     def _down_c(self, c: Optional[Tensor]) -> Optional[Tensor]:
         if c is None or self.squeeze is None or c.dim() == 2:
             return c
-        return self.squeeze._squeeze(c)
+        return self.squeeze.squeeze(c)
 
     def _up_c(self, dc: Optional[Tensor], c: Optional[Tensor]) -> Optional[Tensor]:
         if dc is None or self.squeeze is None or c is None or c.dim() == 2:
             return dc
-        return self.squeeze._unsqueeze(dc)
+        return self.squeeze.unsqueeze(dc)
 
     def _split(self, h: Tensor) -> tuple[Tensor, Tensor]:
         return h[:, : self.keep], h[:, self.keep :]

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..core.chain import Chain
 from ..core.module import GradStore, InvertibleModule
-from ..layers._shapes import check_condition
+from ..core.shapes import check_condition
 from ..layers.conditioners import PadFactory
 from ..layers.squeeze import HaarSqueeze, Squeeze
 from .base import FlowNetwork
