@@ -1,7 +1,6 @@
 """Learnable invertible downsampling (orthogonal, initialised as the Haar wavelet squeeze)."""
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
