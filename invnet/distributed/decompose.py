@@ -120,17 +120,17 @@ class DecomposedFlow(FlowNetwork):
         return self.network.check_shape(shape, c_shape, inverse)
 
     def _forward(self, x, c):
-        y, logdet = self.network._forward(x, c)
-        return y, sum_over_ranks(logdet, self.partition.spatial)
+        z, logdet = self.network._forward(x, c)
+        return z, sum_over_ranks(logdet, self.partition.spatial)
 
-    def _inverse(self, y, c):
-        x, logdet = self.network._inverse(y, c)
+    def _inverse(self, z, c):
+        x, logdet = self.network._inverse(z, c)
         return x, sum_over_ranks(logdet, self.partition.spatial)
 
     # The reduced logdet's cotangent is replicated over spatial ranks, and the sum's adjoint for a
     # replicated loss is the identity: the wrapped network's own backward is the right one.
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
-        return self.network._vjp(y, dy, dlogdet, c, grads)
+    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
+        return self.network._vjp(z, dz, dlogdet, c, grads)
 
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
         return self.network._vjp_inverse(x, dx, dlogdet, c, grads)
