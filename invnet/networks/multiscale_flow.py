@@ -256,7 +256,7 @@ class MultiscaleFlow(FlowNetwork):
         field = (x_shape[0], self.cond_channels) + tuple(x_shape[2:])
         vector = (x_shape[0], self.cond_channels)
         if self.squeeze_kind is None:  # no squeeze: the couplings broadcast a vector themselves
-            accepted, kind = (field, vector), "a field with the space shape of x, or a vector"
+            accepted, kind = tuple(dict.fromkeys((field, vector))), "a field with the space shape of x, or a vector"
         elif self.vector_condition:
             accepted, kind = (vector,), "a vector condition"
         else:
