@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.module import GradStore, InvertibleModule, VJPResult
+from ..core.shapes import space_size
 from ..core.vjp import local_vjp
-from ._shapes import space_size
 
 __all__ = ["Conv1x1", "ChannelPermutation"]
 

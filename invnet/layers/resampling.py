@@ -8,12 +8,12 @@ from torch import Tensor, nn
 
 from ..core.module import GradStore, Shape, VJPResult
 from ..core.vjp import local_vjp
-from .squeeze import _depth_to_space, _haar_matrix, _space_to_depth, _SqueezeBase
+from .squeeze import SqueezeBase, depth_to_space, haar_matrix, space_to_depth
 
 __all__ = ["LearnableDownsample"]
 
 
-class LearnableDownsample(_SqueezeBase):
+class LearnableDownsample(SqueezeBase):
     r"""Learnable orthogonal downsampling: a space-to-depth followed by an orthogonal mixing of
     all resulting channels, initialised so that it equals :class:`~invnet.layers.HaarSqueeze`.
 
@@ -69,7 +69,7 @@ class LearnableDownsample(_SqueezeBase):
     def _haar(self, like: Tensor) -> Tensor:
         # built in the parameter's dtype each time: a stored float32 copy would not be orthogonal in float64
         eye = torch.eye(self.channels, dtype=like.dtype, device=like.device)
-        return torch.kron(eye, _haar_matrix(self.ndim, like.dtype, like.device))
+        return torch.kron(eye, haar_matrix(self.ndim, like.dtype, like.device))
 
     def matrix(self) -> Tensor:
         """The orthogonal mixing matrix :math:`W` (differentiable in the parameter)."""
@@ -80,11 +80,11 @@ class LearnableDownsample(_SqueezeBase):
         n, k = t.shape[:2]
         return torch.matmul(w, t.reshape(n, k, -1)).reshape(t.shape)
 
-    def _squeeze(self, x: Tensor) -> Tensor:
-        return self._mix(self.matrix(), _space_to_depth(x, "checkerboard"))
+    def squeeze(self, x: Tensor) -> Tensor:
+        return self._mix(self.matrix(), space_to_depth(x, "checkerboard"))
 
-    def _unsqueeze(self, y: Tensor) -> Tensor:
-        return _depth_to_space(self._mix(self.matrix().T, y), "checkerboard")
+    def unsqueeze(self, y: Tensor) -> Tensor:
+        return depth_to_space(self._mix(self.matrix().T, y), "checkerboard")
 
     @staticmethod
     def _outer(a: Tensor, b: Tensor) -> Tensor:
@@ -100,16 +100,16 @@ class LearnableDownsample(_SqueezeBase):
             t = self._mix(wt, y)
             if w.requires_grad:
                 vjp.grad(w, self._outer(dy, t))
-        return _depth_to_space(t, "checkerboard"), _depth_to_space(self._mix(wt, dy), "checkerboard"), None
+        return depth_to_space(t, "checkerboard"), depth_to_space(self._mix(wt, dy), "checkerboard"), None
 
     def _vjp_inverse(
         self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
     ) -> VJPResult:
         # inverse map y -> x = s2d^{-1}(W^T y): dy = W s2d(dx), dW = y s2d(dx)^T summed
-        dt = _space_to_depth(dx, "checkerboard")
+        dt = space_to_depth(dx, "checkerboard")
         with local_vjp(self, grads=grads) as vjp:
             w = self.matrix()
-            y = self._mix(w.detach(), _space_to_depth(x, "checkerboard"))
+            y = self._mix(w.detach(), space_to_depth(x, "checkerboard"))
             if w.requires_grad:
                 vjp.grad(w, self._outer(y, dt))
         return y, self._mix(w.detach(), dt), None
