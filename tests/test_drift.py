@@ -168,3 +168,14 @@ def test_warning_category_can_be_filtered_by_a_trainer():
         warnings.simplefilter("always", ReconstructionDriftWarning)
         report.check(warn_above=1e-6, fail_above=10.0)
     assert [w.category for w in seen] == [ReconstructionDriftWarning]
+
+
+def test_drift_that_no_single_block_explains_points_at_the_whole_network():
+    net = _glow()
+    x = torch.randn(2, 2, 16, 16)
+    report = reconstruction_drift(net, x)
+    spread = type(report)(1e-2, report.scales, report.blocks, torch.bfloat16)  # far above every block
+    assert not spread.single_block
+    assert "pin_full_precision(model)" in spread.remedy() and "clamp" not in spread.remedy()
+    with pytest.raises(ReconstructionDriftError, match="no block stands out"):
+        spread.check(warn_above=1e-4, fail_above=1e-3)

@@ -132,20 +132,31 @@ class DriftReport:
         lines.append(f"  worst block: {w.path!r} ({w.kind}, {w.direction}) {w.error:.2e}")
         return "\n".join(lines)
 
-    def remedy(self) -> str:
-        """What to do about the worst block, in words a user can act on: under autocast, run its
-        conditioner in float32; if it has a clamp, lower it (an exploding inverse comes from large
-        scales); else, stop relying on the rebuild."""
+    @property
+    def single_block(self) -> bool:
+        """Whether the worst block's own round trip explains the drift (at least a tenth of the
+        whole network's error). If not, no block stands out: the error builds up over the rebuild
+        (typically low-precision conditioners re-rounding slightly different rebuilt inputs)."""
         w = self.worst
-        name = repr(w.path) if w.path else "the network"
-        getter = f"model.get_submodule({w.path!r})" if w.path else "model"
+        return not w.error < 0.1 * self.error
+
+    def remedy(self) -> str:
+        """What to do, in words and code a user can act on. When one block explains the drift:
+        under autocast, run it in float32; if it has a clamp, lower it (an exploding inverse
+        comes from large scales). When none does: run the network's conditioners in float32.
+        Always: turning memory saving off stops relying on the rebuild."""
+        w = self.worst
+        if self.single_block and w.path:
+            name, getter = repr(w.path), f"model.get_submodule({w.path!r})"
+        else:
+            name, getter = "the network's conditioners", "model"
         parts = []
         if self.autocast is not None:
             parts.append(
                 f"run {name} in float32 (invnet.core.precision.pin_full_precision({getter})) "
                 "or train without autocast"
             )
-        if w.clamp is not None:
+        if self.single_block and w.clamp is not None:
             parts.append(f"lower the clamp of {name} (now {w.clamp:g}) to bound its scales")
         parts.append("or turn memory saving off (invnet.memory_saving(False)) to stop relying on the rebuild")
         return "; ".join(parts)
@@ -164,6 +175,8 @@ class DriftReport:
             f"worst block {w.path!r} ({w.kind}) with a round-trip error of {w.error:.2e} at space shape "
             f"{w.space_shape}"
         )
+        if not self.single_block:
+            where += "; no block stands out: the error builds up over the rebuild"
         if _exceeds(self.error, fail_above):
             raise ReconstructionDriftError(
                 f"reconstruction error {self.error:.2e} (the rebuilt input against the true one) is above "
