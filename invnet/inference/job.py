@@ -124,6 +124,22 @@ def _check_observations(ys, xs, rows: np.ndarray) -> None:
                 raise ValueError(f"{src.name} holds NaN or Inf in row {int(i)}; drop it (--indices) or clean the data")
 
 
+def _agree_on_errors(comm: Comm, check) -> None:
+    """Run ``check`` on every rank; if it fails on any, every rank raises (none waits for the others
+    in a collective that never comes)."""
+    problem = None
+    try:
+        check()
+    except ValueError as err:
+        problem = err
+    if comm.size > 1:
+        failed = float(comm.allreduce(torch.tensor([0.0 if problem is None else 1.0], dtype=torch.float64))[0])
+        if failed > 0 and problem is None:
+            problem = ValueError("another rank found a bad observation (its message says which); nothing was written")
+    if problem is not None:
+        raise problem
+
+
 def _read(src, i: int) -> torch.Tensor:
     return torch.from_numpy(src.read((slice(i, i + 1),))[0].astype(np.float64))
 
@@ -178,7 +194,7 @@ def sample_job(
     if xs is not None and tuple(xs.shape[1:]) != x_shape:
         raise ValueError(f"{xs.name} has samples of shape {tuple(xs.shape[1:])}, the network draws {x_shape}")
     lo, hi = blocks[comm.rank]
-    _check_observations(ys, xs, rows[lo:hi])  # each rank its own block
+    _agree_on_errors(comm, lambda: _check_observations(ys, xs, rows[lo:hi]))  # each rank reads its own block
     # ---- everything checked: write
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     attrs = dict(STORE_MARK, checkpoint=os.path.abspath(checkpoint), data=os.path.abspath(data), y=y_name,
