@@ -393,3 +393,19 @@ def test_demo_reruns_in_its_own_folder_and_prints_it(tmp_path, capsys):
 def test_the_demo_output_folder_is_ignored_by_git():
     with open(os.path.join(ROOT, ".gitignore")) as f:
         assert "/invnet_demo_output/" in f.read().split()
+
+
+def test_sample_from_a_network_whose_condition_hides_the_grid(tmp_path, capsys):
+    """A vector summary network turns the observation into a vector: the sampler must say the
+    shape of x (it used to fail with 'sample needs shape')."""
+    make_pairs(tmp_path / "data.h5")
+    cfg = write_config(tmp_path, steps=1)
+    text = open(cfg).read().replace('type = "ConditionalCouplingFlow"\ndepth = 1\nhidden = 4',
+                                    'type = "ConditionalGlow"\nlevels = 1\ndepth = 1\nhidden = 4\n'
+                                    'summary = { type = "VectorSummary", hidden = 8, out_channels = 4 }')
+    open(cfg, "w").write(text)
+    assert main(["train", cfg]) == 0
+    out = str(tmp_path / "r.zarr")
+    assert main(["sample", str(tmp_path / "run"), "--data", str(tmp_path / "data.h5"), "--out", out, "--n", "4",
+                 "--indices", "0:2"]) == 0
+    assert zarr.open_group(out, mode="r")["mean"].shape == (2, 1, 8, 8)

@@ -82,9 +82,10 @@ class PosteriorSampler:
         c = torch.as_tensor(y).to(self.dtype)[None]
         if self.normalization is not None:
             c = self.normalization.y_to_normal(c)
-        shape = None
-        if self.x_shape is not None and tuple(c.shape[2:]) != self.x_shape[1:]:
-            shape = self.x_shape  # the observation's grid differs (summary network): say what x looks like
+        shape = None  # a fully convolutional network trained on patches samples on the observation's grid ...
+        if self.x_shape is not None and (tuple(c.shape[2:]) != self.x_shape[1:]
+                                         or getattr(self.model, "summary", None) is not None):
+            shape = self.x_shape  # ... unless the condition cannot tell the grid (a summary network's output)
         x = self.model.sample(n, c, temperature=temperature, shape=shape, generator=generator)
         if self.normalization is not None:
             x = self.normalization.x_to_raw(x)
