@@ -24,8 +24,10 @@ EXIT_IO = 74
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size)
-    return 0
+    from .training.signals import exit_code_for_signal
+
+    report = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size, threads=args.threads)
+    return 0 if report.get("status") == "finished" else exit_code_for_signal(report.get("signal") or "")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -116,9 +118,12 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "2 idle CPU cores.")
     demo.add_argument("--out", default="invnet_demo_output", help="output folder (created; the demo's own)")
     demo.add_argument("--size", choices=["tiny", "small", "large"], default="small",
-                      help="tiny: seconds (tests); small: about a minute; large: a sharper posterior, ~5x longer")
+                      help="tiny: seconds (tests); small: about a minute; large: a deeper flow, ~4x longer")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the size's own)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data, weights and samples")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (the demo's tensors are small; on a busy machine more threads wait "
+                           "for each other and the demo takes many times longer)")
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser("train", formatter_class=fmt, help="train a conditional flow from a TOML config (docs/config.md)",

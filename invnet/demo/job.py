@@ -18,8 +18,8 @@ from .problem import NOISE, demo_data_matches, make_demo_data
 
 __all__ = ["run_demo", "DEMO_SIZES", "DEMO_OUTPUTS"]
 
-#: problem and training sizes. Seconds measured on 2 CPU cores (idle-equivalent, README): "small"
-#: (the default) about a minute, "large" about five times that, "tiny" a few seconds (tests).
+#: problem and training sizes. "small" (the default) takes about 45 s of CPU on one thread (README),
+#: "large" about four times that, "tiny" a few seconds (tests).
 DEMO_SIZES = {
     "small": {"image": 16, "n": 3000, "steps": 800, "batch_size": 32, "depth": 4, "hidden": 48,
               "n_samples": 200, "observations": 40, "lr": 2e-3},
@@ -94,14 +94,17 @@ def _claim_folder(out_dir: str) -> bool:
 
 
 def run_demo(out_dir: str = "invnet_demo_output", steps: Optional[int] = None, seed: int = 0,
-             size: str = "small") -> dict:
+             size: str = "small", threads: Optional[int] = 1) -> dict:
     """Generate the problem, train, sample held-out posteriors, write plots, Zarr and a report.
     Returns the calibration report (also in ``out_dir/report.json`` and ``report.md``), with
     ``status`` ``"finished"``, or ``"preempted"``/``"interrupted"`` (and ``signal``) when a signal
-    stopped the training (a checkpoint was written; the report then holds no calibration)."""
-    from ..data import train_validation_split
-    from ..inference import sample_job
-    from ..training import load_config, train_from_config
+    stopped the training (a checkpoint was written; the report then holds no calibration).
+
+    ``threads``: torch's CPU threads for the demo (restored afterwards; ``None`` leaves them). The
+    demo's tensors are small (16x16 images) and gain little from threads, while on a busy machine
+    the threads of each parallel region wait for each other: measured on 2 cores at load 6, one
+    thread took 0.09 s a step and two 1.1 s (up to 4.4 s)."""
+    import torch
 
     if size not in DEMO_SIZES:
         raise ValueError(f"size must be one of {sorted(DEMO_SIZES)}, got {size!r}")
@@ -110,8 +113,24 @@ def run_demo(out_dir: str = "invnet_demo_output", steps: Optional[int] = None, s
         if steps < 1:
             raise ValueError(f"steps must be positive, got {steps}")
         p["steps"] = steps
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be positive, got {threads}")
     out_dir = os.path.abspath(out_dir)
     previous = _claim_folder(out_dir)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(out_dir, previous, p, size, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int) -> dict:
+    from ..data import train_validation_split
+    from ..inference import sample_job
+    from ..training import load_config, train_from_config
+
     t0, cpu0 = time.time(), time.process_time()
     print(f"invnet demo ({size}): output folder {out_dir}" + (" (replacing the previous demo's outputs)" if previous else ""),
           flush=True)
@@ -128,6 +147,8 @@ def run_demo(out_dir: str = "invnet_demo_output", steps: Optional[int] = None, s
     result = train_from_config(cfg, resume=False)
     t_train = time.time() - t0
     if result.status != "finished":
+        print(f"invnet demo: stopped by {result.signal} during training (checkpoint {result.checkpoint}); "
+              "run the demo again to start over", flush=True)
         return {"status": result.status, "signal": result.signal, "checkpoint": result.checkpoint}
     _, val_idx = train_validation_split(p["n"], cfg["data"]["validation_fraction"], cfg["data"]["seed"])
     obs = val_idx[: p["observations"]]

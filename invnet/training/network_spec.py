@@ -13,10 +13,27 @@ from .schema import accepted_keywords, check_keywords
 __all__ = ["build_network", "resolve_network_spec", "available_networks", "available_summaries", "check_summary"]
 
 
+#: constructor arguments a spec need not give: they are taken from the data
+INFERRED = ("channels", "in_channels", "cond_channels", "ndim", "vector_condition")
+
+
+def _configurable(cls: type) -> bool:
+    """Buildable from a spec: every required argument is a plain value or taken from the data (the
+    builder :class:`~invnet.networks.MultiscaleFlow`, which needs a step factory object, is not)."""
+    from .schema import constructor_parameters
+
+    return all(p.default is not p.empty or p.name in INFERRED for p in constructor_parameters(cls))
+
+
 def available_networks() -> list[str]:
-    """Names of the :class:`FlowNetwork` classes in :mod:`invnet.networks` a spec may name."""
+    """Names of the :class:`FlowNetwork` classes in :mod:`invnet.networks` a spec may name.
+
+    >>> "ConditionalGlow" in available_networks(), "MultiscaleFlow" in available_networks()
+    (True, False)
+    """
     return sorted(n for n in dir(networks) if isinstance(getattr(networks, n), type)
-                  and issubclass(getattr(networks, n), FlowNetwork) and getattr(networks, n) is not FlowNetwork)
+                  and issubclass(getattr(networks, n), FlowNetwork) and getattr(networks, n) is not FlowNetwork
+                  and _configurable(getattr(networks, n)))
 
 
 def available_summaries() -> list[str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 __all__ = [
-    "REQUIRED", "Key", "check_section", "check_keywords", "accepted_keywords", "matches", "describe",
+    "REQUIRED", "Key", "check_section", "check_keywords", "accepted_keywords", "constructor_parameters", "matches", "describe",
     "positive", "fraction", "nonempty", "one_of", "positive_integers",
 ]
 
@@ -198,21 +198,46 @@ def check_section(section: str, given: Any, keys: dict[str, Key]) -> dict:
 
 
 # ---------------------------------------------------------------- open sections: class keywords
-def _parameters(cls: type) -> list[inspect.Parameter]:
-    """Constructor parameters of ``cls``, following ``**kwargs`` up the class hierarchy."""
+#: where a constructor's ``**NAME`` goes when not to the parent class: NAME -> (module, class, arguments
+#: the network fills in itself). ``**conditioner_kwargs`` of the HINT networks reach every conditioner.
+KEYWORD_TARGETS = {
+    "conditioner_kwargs": ("invnet.layers.conditioners", "ConvConditioner", ("in_channels", "out_channels", "hidden", "ndim")),
+}
+
+
+def _signature(klass: Any) -> list[inspect.Parameter]:
+    init = klass.__init__ if isinstance(klass, type) else klass
+    try:
+        sig = inspect.signature(init, eval_str=True)
+    except Exception:  # an annotation that cannot be resolved here: keep them as strings (unchecked)
+        sig = inspect.signature(init)
+    params = list(sig.parameters.values())
+    return params[1:] if isinstance(klass, type) else params  # drop self
+
+
+def constructor_parameters(cls: type) -> list[inspect.Parameter]:
+    """Constructor parameters of ``cls``, following ``**kwargs`` up the class hierarchy (or to
+    where :data:`KEYWORD_TARGETS` says they go)."""
+    import importlib
+
     found: dict[str, inspect.Parameter] = {}
+
+    def add(params: list[inspect.Parameter], skip: tuple[str, ...] = ()) -> None:
+        for p in params:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in found and p.name not in skip:
+                found[p.name] = p
+
     for klass in cls.__mro__:
         if "__init__" not in vars(klass) or klass is object or klass.__module__.startswith("torch.nn.modules"):
             continue
-        try:
-            sig = inspect.signature(klass.__init__, eval_str=True)
-        except Exception:  # an annotation that cannot be resolved here: keep them as strings (unchecked)
-            sig = inspect.signature(klass.__init__)
-        params = list(sig.parameters.values())[1:]  # drop self
-        for p in params:
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in found:
-                found[p.name] = p
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
+        params = _signature(klass)
+        add(params)
+        var = next((p for p in params if p.kind == p.VAR_KEYWORD), None)
+        if var is None:
+            break
+        if var.name in KEYWORD_TARGETS:
+            module, name, filled = KEYWORD_TARGETS[var.name]
+            add(_signature(getattr(importlib.import_module(module), name)), filled)
             break
     return list(found.values())
 
@@ -225,7 +250,7 @@ def accepted_keywords(cls: type, supplied: Iterable[str] = ()) -> list[str]:
     ['step_size', 'gamma']
     """
     supplied = set(supplied)
-    return [p.name for p in _parameters(cls) if p.name not in supplied]
+    return [p.name for p in constructor_parameters(cls) if p.name not in supplied]
 
 
 def check_keywords(where: str, cls: type, kwargs: dict, supplied: Iterable[str] = (),
@@ -245,7 +270,7 @@ def check_keywords(where: str, cls: type, kwargs: dict, supplied: Iterable[str] 
     ValueError: [optimizer] lr must be a number for Adam, got 'fast'
     """
     supplied = set(supplied)
-    params = [p for p in _parameters(cls) if p.name not in supplied]
+    params = [p for p in constructor_parameters(cls) if p.name not in supplied]
     accepted = [p.name for p in params]
     unknown = sorted(k for k in kwargs if k not in accepted)
     if unknown:
