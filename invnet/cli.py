@@ -23,7 +23,6 @@ EXIT_IO = 74
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-
     from .training.signals import exit_code_for_signal
 
     report = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size, threads=args.threads)

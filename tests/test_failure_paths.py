@@ -7,9 +7,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -19,6 +17,9 @@ import zarr
 from invnet.cli import main
 from invnet.training import EXIT_USAGE, PreemptionFlag
 from invnet.training.signals import EXIT_INTERRUPTED
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_training import train_then_signal  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = """[data]
@@ -312,16 +313,8 @@ def test_sample_shows_progress_over_observations(work, capsys):
 # ------------------------------------------------------------------------------ interruption
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     make_pairs(tmp_path / "data.h5")
-    cfg = write_config(tmp_path, steps=100000, extra="")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "invnet", "train", cfg], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    proc, out, err = train_then_signal(write_config(tmp_path, steps=100000), metrics, signal.SIGINT)
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "received SIGINT: wrote checkpoint" in out + err and "interrupted at step" in out

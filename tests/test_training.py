@@ -135,6 +135,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert read_checkpoint(latest_checkpoint(trainer.checkpoint_dir)).step == 3
 
 
+def train_then_signal(cfg_path, metrics, sig):
+    """`invnet train CFG` in a subprocess; once two metrics lines are written, send `sig`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "invnet", "train", cfg_path], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc, out, err
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_with_the_documented_code(tmp_path):
     cfg_path = tmp_path / "train.toml"
     make_data(str(tmp_path / "data.h5"))
@@ -152,15 +165,8 @@ batch_size = 8
 log_every = 1
 progress = false
 """)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "invnet", "train", str(cfg_path)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    proc, out, err = train_then_signal(str(cfg_path), metrics, signal.SIGTERM)
     assert proc.returncode == EXIT_PREEMPTED, err
     ck = read_checkpoint(str(tmp_path / "run"))
     assert 2 <= ck.step < 100000

@@ -8,7 +8,6 @@ narrow inside layers: a good first look at uncertainty.
 from __future__ import annotations
 
 import math
-import os
 
 import h5py
 import torch
@@ -74,7 +73,7 @@ def make_demo_data(path: str, n: int, size: int, seed: int = 0, chunk: int = 64)
 def demo_data_matches(path: str, n: int, size: int, seed: int) -> bool:
     """Whether ``path`` holds the pairs :func:`make_demo_data` writes for these arguments.
 
-    >>> import tempfile
+    >>> import os, tempfile
     >>> p = os.path.join(tempfile.mkdtemp(), "d.h5"); make_demo_data(p, 4, 8, seed=1)
     >>> demo_data_matches(p, 4, 8, 1), demo_data_matches(p, 4, 8, 2)
     (True, False)

@@ -15,7 +15,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .schema import REQUIRED, Key, check_keywords, check_section, fraction, nonempty, one_of, positive, positive_integers
+from .schema import (
+    REQUIRED,
+    Key,
+    check_keywords,
+    check_section,
+    fraction,
+    nonempty,
+    one_of,
+    positive,
+    positive_integers,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib

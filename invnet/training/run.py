@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from typing import Iterator, Optional
 
 import numpy as np
@@ -11,14 +10,16 @@ import torch
 
 from ..data import BatchLoader, Normalization, compute_normalization, open_pairs, train_validation_split
 from ..data.atomic import atomic_file, move_aside
+from ..data.quality import warn_about_data
 from .checkpoint import latest_readable_checkpoint, set_aside
 from .comm import Comm, SerialComm
-from .config import resume_differences, torch_dtype
+from .config import torch_dtype
 from .network_spec import build_network, resolve_network_spec
+from .run_folder import check_out_dir, check_restart, check_resume, check_same_data, holds_run
 from .signals import PreemptedError, PreemptionFlag
 from .trainer import Trainer, TrainResult
 
-__all__ = ["trainer_from_config", "train_from_config", "holds_run", "DataWarning", "RUN_FILES"]
+__all__ = ["trainer_from_config", "train_from_config"]
 
 
 def _validation_batches(dataset, indices, batch_size, normalization, dtype, seed) -> "callable":
@@ -43,102 +44,6 @@ def _say(comm: Comm, message: str) -> None:
         print(message, flush=True)
 
 
-def _within(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def holds_run(out_dir: str) -> bool:
-    """Whether ``out_dir`` holds (part of) a run: checkpoints, metrics or a stored config."""
-    return any(os.path.exists(os.path.join(out_dir, n)) for n in RUN_FILES)
-
-
-#: what a run writes into its out_dir
-RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "config.json")
-
-
-def _check_out_dir(out_dir: str) -> None:
-    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"[training] out_dir {out_dir!r} exists and is not a folder; point out_dir at a folder "
-                         "(it is created if missing)")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"[training] out_dir {out_dir!r} cannot be created: {parent!r} is not a writable folder")
-
-
-def _stored_config(out_dir: str) -> Optional[dict]:
-    path = os.path.join(out_dir, "config.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is unreadable ({err}); it records the run's settings. Restore it, or start over "
-                         "with --restart (the previous run is moved aside)") from None
-
-
-def _check_resume(cfg: dict, out_dir: str) -> None:
-    """Refuse to resume a run with settings that change what it learns (see resume_differences)."""
-    stored = _stored_config(out_dir)
-    if stored is None:
-        return
-    diffs = resume_differences(stored, cfg)
-    if diffs:
-        raise ValueError(
-            f"the config differs from the run in {out_dir} it would resume ({os.path.join(out_dir, 'config.json')}): "
-            + "; ".join(diffs) + ". A resumed run may change only how long, how often and how it logs, validates, "
-            "checkpoints and reads (docs/config.md). Undo the change, give the new settings another out_dir, or "
-            "start over with --restart (the previous run is moved aside)")
-
-
-def _check_restart(cfg: dict, config_path: Optional[str]) -> None:
-    """A restart moves the whole previous out_dir aside: refuse when that would move what this job needs."""
-    out_dir = cfg["training"]["out_dir"]
-    inside = [(what, p) for what, p in (("the data", cfg["data"]["path"]), ("the config file", config_path),
-                                         ("the current folder", os.getcwd())) if p and _within(p, out_dir)]
-    if inside:
-        what, p = inside[0]
-        raise ValueError(f"--restart moves the previous run in {out_dir} aside as a whole, but it also holds {what} "
-                         f"({p}); give the run an out_dir of its own, or move the previous run away yourself")
-
-
-def _check_same_data(ckpt, dataset, train_idx, val_idx, path: str) -> None:
-    """On resume the data may have moved (``path`` may change), but they must look the same."""
-    stored = ckpt.meta.get("data") or {}
-    now = {"x_shape": list(dataset.x_shape), "y_shape": list(dataset.y_shape), "n_train": int(len(train_idx)),
-           "n_validation": int(len(val_idx))}
-    differ = [f"{k} {stored[k]} -> {v}" for k, v in now.items() if k in stored and stored[k] != v]
-    if differ:
-        raise ValueError(f"the data in {path} differ from those the run in {ckpt.path} was trained on: "
-                         + ", ".join(differ) + "; point [data] path at the run's data, or start over with --restart")
-
-
-def _data_warnings(dataset, normalization: Normalization, floor: float = 1e-8) -> None:
-    """Warn about data a continuous density cannot describe honestly (training goes on)."""
-    for name, src in (("x", dataset.x), ("y", dataset.y)):
-        if src.dtype.kind in "iu" and name == "x":
-            warnings.warn(f"{src.name} (x) holds integers ({src.dtype}): a continuous density of integer values is "
-                          "degenerate (the flow can squeeze its mass onto the integers and the bits/dim fall without "
-                          "bound). Dequantize: store x + uniform noise in [0, 1) as float32 (or convert to float if "
-                          "the values are measurements rounded for storage)", DataWarning, stacklevel=3)
-    for name, stds in (("x", normalization.x_std), ("y", normalization.y_std)):
-        flat = [c for c, s in enumerate(stds) if s <= floor]
-        if flat:
-            src = dataset.x if name == "x" else dataset.y
-            consequence = ("the flow can put all its mass on one value, so the bits/dim fall without bound and mean "
-                           "nothing; drop the channel(s) or add noise of the measurement's size" if name == "x" else
-                           "it carries no information; drop the channel(s)")
-            warnings.warn(f"{src.name} ({name}): channel(s) {flat} are constant over the training samples (std below "
-                          f"{floor:g}, floored): {consequence}", DataWarning, stacklevel=3)
-
-
-class DataWarning(UserWarning):
-    """Training data that train but mislead (integers, constant channels)."""
-
-
 def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = True,
                         config_path: Optional[str] = None) -> Trainer:
     """Build the :class:`Trainer` a validated config describes (see
@@ -156,7 +61,7 @@ def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = T
     comm = comm or SerialComm()
     d, t = cfg["data"], cfg["training"]
     out_dir = t["out_dir"]
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     ckpt, unreadable = None, []
     if resume:
         ckpt, unreadable = latest_readable_checkpoint(os.path.join(out_dir, "checkpoints"))
@@ -165,22 +70,22 @@ def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = T
                              + "; ".join(reason for _, reason in unreadable)
                              + ". Start over with --restart (the previous run is moved aside)")
         if ckpt is not None:
-            _check_resume(cfg, out_dir)
+            check_resume(cfg, out_dir)
     restart = not resume and holds_run(out_dir)
     if restart:
-        _check_restart(cfg, config_path)
+        check_restart(cfg, config_path)
     max_bytes = None if d["max_read_mb"] is None else int(d["max_read_mb"] * 2**20)
     dataset = open_pairs(d["path"], d["x"], d["y"], d["patch"], max_bytes)
     train_idx, val_idx = train_validation_split(len(dataset), d["validation_fraction"], d["seed"])
     if ckpt is not None:
-        _check_same_data(ckpt, dataset, train_idx, val_idx, d["path"])
+        check_same_data(ckpt, dataset, train_idx, val_idx, d["path"])
         normalization = Normalization.from_dict(ckpt.meta["normalization"])
     else:
         normalization = compute_normalization(dataset, train_idx)  # also rejects NaN/Inf
         if len(val_idx):
             compute_normalization(dataset, val_idx)  # finite-value check of the validation part
     if comm.rank == 0:
-        _data_warnings(dataset, normalization)
+        warn_about_data(dataset, normalization)
     dtype = torch_dtype(t["dtype"])
     torch.manual_seed(t["seed"])
     spec = resolve_network_spec(cfg["model"], dataset.x_shape, dataset.y_shape)

@@ -13,9 +13,9 @@ from torch import Tensor
 from ..data.loader import BatchLoader
 from ..data.normalization import Normalization
 from ..networks.base import FlowNetwork
+from ..plotting import plot_metrics
 from .checkpoint import Checkpoint, capture_rng, latest_checkpoint, read_checkpoint, restore_rng, save_checkpoint
 from .comm import Comm, SerialComm, average_gradients
-from ..plotting import plot_metrics
 from .metrics import MetricsLog, peak_memory_mb
 from .signals import NonFiniteLossError, PreemptionFlag
 
