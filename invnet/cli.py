@@ -117,7 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "2 idle CPU cores.")
     demo.add_argument("--out", default="invnet_demo_output", help="output folder (created; the demo's own)")
     demo.add_argument("--size", choices=["tiny", "small", "large"], default="small",
-                      help="tiny: seconds (tests); small: about a minute; large: a deeper flow, ~4x longer")
+                      help="tiny: seconds (tests); small: about a minute; large: a deeper flow, ~2.5x longer")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the size's own)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data, weights and samples")
     demo.add_argument("--threads", type=int, default=1,

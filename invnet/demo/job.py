@@ -19,7 +19,7 @@ from .problem import NOISE, demo_data_matches, make_demo_data
 __all__ = ["run_demo", "DEMO_SIZES", "DEMO_OUTPUTS"]
 
 #: problem and training sizes. "small" (the default) takes about 45 s of CPU on one thread (README),
-#: "large" about four times that, "tiny" a few seconds (tests).
+#: "large" about 2.5 times that, "tiny" a few seconds (tests).
 DEMO_SIZES = {
     "small": {"image": 16, "n": 3000, "steps": 800, "batch_size": 32, "depth": 4, "hidden": 48,
               "n_samples": 200, "observations": 40, "lr": 2e-3},
