@@ -23,9 +23,10 @@ EXIT_IO = 74
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .training.signals import exit_code_for_signal
+    from .training.signals import PreemptionFlag, exit_code_for_signal
 
-    report = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size, threads=args.threads)
+    with PreemptionFlag(raise_on_signal=True):  # a signal outside training stops at once (training checkpoints first)
+        report = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size, threads=args.threads)
     return 0 if report.get("status") == "finished" else exit_code_for_signal(report.get("signal") or "")
 
 
@@ -61,11 +62,13 @@ def _parse_indices(text: Optional[str]):
 
 def _sample(args: argparse.Namespace) -> int:
     from .inference import report_path, sample_job
+    from .training.signals import PreemptionFlag
 
-    report = sample_job(args.checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
-                        temperature=args.temperature, keep=args.keep, indices=_parse_indices(args.indices),
-                        x_name=args.x, y_name=args.y, plots=args.plots, seed=args.seed, overwrite=args.overwrite,
-                        progress=not args.no_progress)
+    with PreemptionFlag(raise_on_signal=True):  # SIGTERM/SIGUSR1/Ctrl-C: stop now, the partial store is removed
+        report = sample_job(args.checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
+                            temperature=args.temperature, keep=args.keep, indices=_parse_indices(args.indices),
+                            x_name=args.x, y_name=args.y, plots=args.plots, seed=args.seed, overwrite=args.overwrite,
+                            progress=not args.no_progress)
     print(f"posterior mean, std and samples: {args.out}")
     if report:
         cov = report["coverage"]
@@ -160,7 +163,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the ``invnet`` command; returns the exit code (see the module docstring)."""
-    from .training.signals import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, NonFiniteLossError
+    from .training.signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, NonFiniteLossError, PreemptedError,
+                                   exit_code_for_signal)
 
     args = _build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -183,8 +187,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OSError as err:
         print(f"{name}: error: {err} (files are written atomically: nothing was left half-written)", file=sys.stderr)
         return EXIT_IO
+    except PreemptedError as err:  # a signal where nothing can be saved (sample; the demo outside training)
+        print(f"{name}: stopped by {err.signal}; nothing was left half-written (rerun the same command)",
+              file=sys.stderr)
+        return exit_code_for_signal(err.signal)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted (Ctrl-C); nothing was left half-written", file=sys.stderr)
+        resume = " (a rerun resumes from the last checkpoint)" if args.command == "train" else ""
+        print(f"{name}: interrupted (Ctrl-C) at once; every file is written atomically, so nothing is "
+              f"half-written{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         warnings.showwarning = previous

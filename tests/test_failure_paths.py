@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 from invnet.cli import main
-from invnet.training import EXIT_USAGE, PreemptionFlag
+from invnet.training import EXIT_PREEMPTED, EXIT_USAGE, PreemptionFlag
 from invnet.training.signals import EXIT_INTERRUPTED
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -301,6 +301,27 @@ def test_sample_that_fails_midway_leaves_no_store(work, capsys, monkeypatch):
     assert code == EXIT_INTERRUPTED
     assert "interrupted" in capsys.readouterr().err
     assert snapshot(work) == before  # no store, no temporary, no figures
+
+
+def test_sample_stopped_by_sigterm_leaves_nothing_and_says_rerun(work, capsys, monkeypatch):
+    import invnet.inference.job as job
+
+    calls = []
+    original = job.summarize_posterior
+
+    def preempted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the batch system's notice, mid-sampling
+        return original(*a, **k)
+
+    monkeypatch.setattr(job, "summarize_posterior", preempted)
+    before = snapshot(work)
+    code = main(["sample", str(work / "run"), "--data", str(work / "data.h5"), "--out", str(work / "r.zarr"),
+                 "--n", "4"])
+    assert code == EXIT_PREEMPTED
+    one_line_error(capsys.readouterr().err, "stopped by SIGTERM; nothing was left half-written (rerun the same command)")
+    assert snapshot(work) == before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_sample_shows_progress_over_observations(work, capsys):

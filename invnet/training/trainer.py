@@ -243,7 +243,7 @@ class Trainer:
         """Train up to ``steps`` (continuing from the current step after :meth:`resume`)."""
         from tqdm import tqdm
 
-        status = "finished"
+        status, at_once = "finished", False
         last_save = time.monotonic()
         bar = tqdm(total=self.steps, initial=self.step, disable=not (self.progress and self.is_root),
                    desc="train", dynamic_ncols=True)
@@ -272,9 +272,12 @@ class Trainer:
                             bar.write(f"received {flag.received}: wrote checkpoint {self.last_checkpoint} at step "
                                       f"{self.step}; rerun the same command to resume")
                         break
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without drawing the plot
+            at_once = True
+            raise
         finally:
             bar.close()
-            if self.is_root:
+            if self.is_root and not at_once:  # also after a non-finite loss: the plot shows how it came
                 records = self.metrics.read()
                 if records:
                     plot_metrics(records, os.path.join(self.out_dir, "metrics.png"))
