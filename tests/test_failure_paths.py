@@ -423,3 +423,13 @@ def test_sample_from_a_network_whose_condition_hides_the_grid(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "run"), "--data", str(tmp_path / "data.h5"), "--out", out, "--n", "4",
                  "--indices", "0:2"]) == 0
     assert zarr.open_group(out, mode="r")["mean"].shape == (2, 1, 8, 8)
+
+
+def test_docs_name_every_network_a_config_may_use_and_the_store_layout():
+    from invnet.training.network_spec import available_networks
+
+    with open(os.path.join(ROOT, "docs", "config.md")) as f:
+        text = f.read()
+    missing = [n for n in available_networks() if f"`{n}`" not in text]
+    assert not missing, f"docs/config.md does not document {missing}"
+    assert "when merged" not in text and all(f"`{a}`" in text for a in ("mean", "std", "samples", "index"))
