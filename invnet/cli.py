@@ -163,8 +163,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the ``invnet`` command; returns the exit code (see the module docstring)."""
-    from .training.signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, NonFiniteLossError, PreemptedError,
-                                   exit_code_for_signal)
+    from .training.signals import (
+        EXIT_INTERRUPTED,
+        EXIT_NONFINITE,
+        EXIT_USAGE,
+        NonFiniteLossError,
+        PreemptedError,
+        exit_code_for_signal,
+    )
 
     args = _build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

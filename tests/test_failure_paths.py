@@ -282,19 +282,27 @@ def test_sample_names_a_non_finite_observation_and_the_rerun_works(work, capsys)
     assert zarr.open_group(str(work / "r.zarr"), mode="r")["index"][...].tolist() == [0, 1, 2, 3, 4, 6]
 
 
-def test_sample_that_fails_midway_leaves_no_store(work, capsys, monkeypatch):
+def disturb_sampling(monkeypatch, at_call, disturb):
+    """Run `disturb()` when the sample job summarises its `at_call`-th observation."""
     import invnet.inference.job as job
 
-    calls = []
-    original = job.summarize_posterior
+    calls, original = [], job.summarize_posterior
 
-    def failing(*a, **k):
+    def summarize(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # Ctrl-C while sampling
+        if len(calls) == at_call:
+            disturb()
         return original(*a, **k)
 
-    monkeypatch.setattr(job, "summarize_posterior", failing)
+    monkeypatch.setattr(job, "summarize_posterior", summarize)
+
+
+def raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def test_sample_that_fails_midway_leaves_no_store(work, capsys, monkeypatch):
+    disturb_sampling(monkeypatch, 3, raise_keyboard_interrupt)  # Ctrl-C while sampling
     before = snapshot(work)
     code = main(["sample", str(work / "run"), "--data", str(work / "data.h5"), "--out", str(work / "r.zarr"),
                  "--n", "4", "--plots", str(work / "figs")])
@@ -304,18 +312,7 @@ def test_sample_that_fails_midway_leaves_no_store(work, capsys, monkeypatch):
 
 
 def test_sample_stopped_by_sigterm_leaves_nothing_and_says_rerun(work, capsys, monkeypatch):
-    import invnet.inference.job as job
-
-    calls = []
-    original = job.summarize_posterior
-
-    def preempted(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # the batch system's notice, mid-sampling
-        return original(*a, **k)
-
-    monkeypatch.setattr(job, "summarize_posterior", preempted)
+    disturb_sampling(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))  # the batch system's notice
     before = snapshot(work)
     code = main(["sample", str(work / "run"), "--data", str(work / "data.h5"), "--out", str(work / "r.zarr"),
                  "--n", "4"])

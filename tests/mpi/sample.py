@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import zarr
-
 from _common import Verdict, make_comm
 
 from invnet.inference import sample_job
