@@ -17,7 +17,8 @@ import tempfile
 import time
 from typing import IO, Iterator
 
-__all__ = ["atomic_file", "atomic_path", "atomic_dir", "move_aside", "remove_leftovers", "is_leftover", "fsync_path"]
+__all__ = ["atomic_file", "atomic_path", "atomic_dir", "move_aside", "remove_leftovers", "is_leftover", "fsync_path",
+           "check_creatable"]
 
 _TMP_MARK = ".tmp-"
 
@@ -70,6 +71,23 @@ def remove_leftovers(folder: str) -> list[str]:
                     os.remove(target)
             removed.append(name)
     return removed
+
+
+def check_creatable(path: str, what: str) -> None:
+    """Raise ``ValueError`` (naming ``what``, e.g. ``"--out"``) unless ``path`` can be created: its
+    nearest existing ancestor must be a writable folder (missing folders between are created later).
+
+    >>> a_file = tempfile.mkstemp()[1]
+    >>> check_creatable(os.path.join(a_file, "results.zarr"), "--out")
+    Traceback (most recent call last):
+    ...
+    ValueError: --out '.../results.zarr' cannot be created: '...' is not a writable folder
+    """
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path!r} cannot be created: {existing!r} is not a writable folder")
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data import ZarrResultWriter, chunk_aligned_range, open_array
-from ..data.atomic import atomic_dir, atomic_file
+from ..data.atomic import atomic_dir, atomic_file, check_creatable
 from ..training.comm import Comm, SerialComm
 from .calibration import Calibration
 from .sampler import PosteriorSampler, summarize_posterior
@@ -97,10 +97,12 @@ def _check_outputs(out: str, plots: Optional[str], figures: list[str], overwrite
             raise ValueError(f"--overwrite replaces only a store written by invnet sample, and {out!r} is {kind} that "
                              "is not one; nothing was changed. Choose another --out")
     report = report_path(out)
-    if os.path.lexists(report) and not (overwrite and _is_report(report)):
-        raise ValueError(f"{report!r} (where the calibration report goes) already exists"
-                         + ("" if overwrite else "; pass --overwrite to replace an earlier report")
-                         + ("" if not overwrite else " and is not a report invnet sample wrote"))
+    if os.path.lexists(report) and not overwrite:
+        raise ValueError(f"{report!r} (where the calibration report goes) already exists; choose another --out, or "
+                         "pass --overwrite to replace an earlier report")
+    if os.path.lexists(report) and not _is_report(report):
+        raise ValueError(f"{report!r} (where the calibration report goes) is not a report invnet sample wrote; "
+                         "--overwrite does not replace it. Choose another --out")
     if plots:
         if os.path.lexists(plots) and not os.path.isdir(plots):
             raise ValueError(f"--plots {plots!r} exists and is not a folder")
@@ -108,12 +110,7 @@ def _check_outputs(out: str, plots: Optional[str], figures: list[str], overwrite
         if taken and not overwrite:
             raise ValueError(f"--plots {plots!r} already holds {taken[:3]}{' ...' if len(taken) > 3 else ''}; "
                              "choose another folder or pass --overwrite")
-    folder = os.path.dirname(os.path.abspath(out))
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot create {out!r}: {existing!r} is not a writable folder")
+    check_creatable(out, "--out")
 
 
 def _check_observations(ys, xs, rows: np.ndarray) -> None:

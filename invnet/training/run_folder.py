@@ -9,6 +9,7 @@ import json
 import os
 from typing import Optional
 
+from ..data.atomic import check_creatable
 from .checkpoint import Checkpoint
 from .config import resume_differences
 
@@ -37,11 +38,7 @@ def check_out_dir(out_dir: str) -> None:
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"[training] out_dir {out_dir!r} exists and is not a folder; point out_dir at a folder "
                          "(it is created if missing)")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"[training] out_dir {out_dir!r} cannot be created: {parent!r} is not a writable folder")
+    check_creatable(out_dir, "[training] out_dir")
 
 
 def _stored_config(out_dir: str) -> Optional[dict]:
