@@ -15,17 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .schema import (
-    REQUIRED,
-    Key,
-    check_keywords,
-    check_section,
-    fraction,
-    nonempty,
-    one_of,
-    positive,
-    positive_integers,
-)
+from .schema import (REQUIRED, Key, check_keywords, check_section, constructor_parameters, fraction, nonempty, one_of,
+                     positive, positive_integers)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -190,8 +181,8 @@ def resume_differences(stored: dict, new: dict) -> list[str]:
     >>> a = validate_config({"data": {"path": "d.h5"}, "training": {"out_dir": "r", "steps": 10}})
     >>> b = validate_config({"data": {"path": "d.h5"}, "training": {"out_dir": "r", "steps": 20, "batch_size": 8},
     ...                      "model": {"type": "ConditionalCouplingFlow", "depth": 2}})
-    >>> resume_differences(a, b)
-    ['[training] batch_size: 16 -> 8', '[model] depth: (unset) -> 2']
+    >>> resume_differences(a, b)  # (depth was the default 4)
+    ['[training] batch_size: 16 -> 8', '[model] depth: 4 -> 2']
     """
     unset = "(unset)"
     lines = []
@@ -207,12 +198,19 @@ def resume_differences(stored: dict, new: dict) -> list[str]:
         compare(section, {k: v for k, v in (stored.get(section) or {}).items() if k in fixed},
                 {k: v for k, v in new[section].items() if k in fixed},
                 {k: key.default for k, key in keys.items() if key.default is not REQUIRED})
-    for section in OPEN_SECTIONS:
+    for section, spec in OPEN_SECTIONS.items():
         old, now = stored.get(section), new.get(section)
         if (old is None) != (now is None):
             lines.append(f"[{section}]: {'(none)' if old is None else 'present'} -> {'(none)' if now is None else 'present'}")
         elif old is not None:
-            compare(section, old, now, {})
+            defaults = {}
+            if old.get(spec.field) == now.get(spec.field):  # the same class: an argument given as its default is no change
+                try:
+                    defaults = {p.name: p.default for p in constructor_parameters(spec.resolve(now[spec.field]))
+                                if p.default is not p.empty}
+                except ValueError:  # a class this invnet no longer has: compare as written
+                    pass
+            compare(section, old, now, defaults)
     return lines
 
 
