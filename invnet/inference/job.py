@@ -162,8 +162,9 @@ def sample_job(
 
     Distributed hook: rank ``r`` of ``comm`` handles the chunk-aligned block of observations
     :func:`~invnet.data.chunk_aligned_range` gives it; rank 0 creates the store and renames it.
-    Calibration is then measured per rank and not written (each rank's report covers only its
-    own observations). Returns the calibration report (or ``{}``).
+    Calibration is summed over the ranks (every rank returns the report of all observations;
+    rank 0 writes it; the error-vs-std figure shows rank 0's observations). Returns the
+    calibration report (or ``{}``).
     """
     comm = comm or SerialComm()
     _check_arguments(n_samples, batch_size, temperature, keep, n_plots)
@@ -183,7 +184,7 @@ def sample_job(
     blocks = [chunk_aligned_range(m, 1, r, comm.size) for r in range(comm.size)]
     plotted = [int(rows[k]) for lo, hi in blocks for k in range(lo, min(hi, lo + n_plots))] if plots else []
     figures = [f"posterior_{i:05d}.png" for i in plotted]
-    if plots and xs is not None and comm.size == 1:
+    if plots and xs is not None:
         figures += ["error_vs_std.png", "coverage.png"]
     _check_outputs(out, plots, figures, overwrite)
     sampler = PosteriorSampler.from_checkpoint(checkpoint)
@@ -227,15 +228,17 @@ def sample_job(
                 cal.add(s, truth)
             if plots and k - lo < n_plots:
                 shown.append((i, truth, y, s))
+        if cal is not None and comm.size > 1:
+            cal.sum_over_ranks(comm)  # the report covers every rank's observations
         report = cal.report() if cal is not None else {}
         comm.barrier()  # every rank's part is in before rank 0 renames the store into place
-        if comm.rank == 0 and report and comm.size == 1:
+        if comm.rank == 0 and report:
             writer.group.attrs["calibration"] = report
-    if comm.rank == 0 and report and comm.size == 1:
+    if comm.rank == 0 and report:
         with atomic_file(report_path(out)) as f:
             json.dump(report, f, indent=1)
     if plots:
-        _draw(plots, shown, cal if comm.size == 1 else None, report, n_samples, temperature)
+        _draw(plots, shown, cal if comm.rank == 0 else None, report, n_samples, temperature)
     return report
 
 
