@@ -4,6 +4,11 @@ Convolutions here never pad by themselves: each 3x3 (or kxk) convolution is prec
 module made by a ``pad`` factory ``(ndim, width) -> nn.Module``. The default pads with zeros; a
 domain-decomposed network passes a factory that exchanges halos with neighbouring ranks instead
 and zero-pads only at the global border, so the same conditioner code serves both.
+
+The ``nn.Conv`` modules hold the weights (and name them in checkpoints); the arithmetic runs
+through :mod:`invnet.layers.kernels`, which picks the kernel path by an explicit rule (pointwise
+convolutions as matrix products, the others on oneDNN in channels-last layout) so that every
+size, batch and channel count runs at full kernel speed.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .kernels import conv, pointwise
 
 __all__ = ["ZeroPad", "ConvConditioner", "MLPConditioner", "make_conditioner", "PadFactory"]
 
@@ -46,7 +53,7 @@ class _ResidualPointwise(nn.Module):
         self.act = act
 
     def forward(self, h: Tensor) -> Tensor:
-        return h + self.act(self.conv(h))
+        return h + self.act(pointwise(h, self.conv.weight, self.conv.bias))
 
 
 class ConvConditioner(nn.Module):
@@ -108,9 +115,12 @@ class ConvConditioner(nn.Module):
             nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.conv_in(self.pad_in(x)))
+        h = self.act(conv(self.pad_in(x), self.conv_in.weight, self.conv_in.bias))
         h = self.body(h)
-        return self.conv_out(self.pad_out(h))
+        out = conv(self.pad_out(h), self.conv_out.weight, self.conv_out.bias)
+        # the hidden layers may run channels-last (see kernels); the coupling's arithmetic wants
+        # channels-first halves, so hand the output back in the default layout (one copy)
+        return out.contiguous()
 
 
 class MLPConditioner(nn.Module):
