@@ -92,3 +92,25 @@ def test_bench_gpu_without_cuda_says_so(tmp_path):
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr
     assert not out.exists()
+
+
+def test_bench_kernels_tiny(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = run_script("bench_kernels.py", "--sizes", "8", "16", "--batches", "1", "--threads", "1",
+                      "--repeats", "1", "--hidden", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert not [r for r in record["results"] if "error" in r]
+    for r in record["results"]:
+        assert set(r["ns_per_voxel"]) == {"invnet", "before", "plain"}
+        assert r["readbacks_per_step"] == 1
+        if torch.backends.mkldnn.is_available():
+            assert not r["slow_conv3d"]["invnet"], r["ops"]["invnet"]
+    assert [s["net"] for s in record["summary"]] == ["glow", "hint"]
+    assert "slow_conv3d in profile" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
+def test_bench_kernels_without_gpu_says_so():
+    proc = run_script("bench_kernels.py", "--device", "cuda", "--out", "/nonexistent/x.json")
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
