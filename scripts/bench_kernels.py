@@ -15,7 +15,8 @@ For every (network, threads, batch, size) a fresh process times, round-robin in 
 
 and records one profile (``torch.profiler`` op names, which do not depend on timing or load) of a
 step of each, reporting whether it contains ``slow_conv3d`` (PyTorch's reference kernel).
-Results: ns per voxel (median step time / (batch x volume)), the ratios ``before / invnet`` and
+Results: ns per voxel (median step time / (batch x volume); ``--clock wall`` by default, ``--clock
+cpu`` for this process's CPU time, the steadier figure for one thread on a loaded machine), the ratios ``before / invnet`` and
 ``invnet / plain``, and per (network, threads, batch) the flatness of invnet's figure: max / min
 over the sizes from the smallest one whose largest conditioner activation no longer fits the L2
 cache of a core (read from /sys) to the largest (target <= 1.3).
@@ -49,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 
 HERE = os.path.abspath(__file__)
-NETWORKS = ("glow", "hint")
+NETWORKS = ("glow", "hint", "chain")
 NO_GPU_MESSAGE = (
     "bench_kernels.py --device cuda: no CUDA device is available (torch.cuda.is_available() is False); "
     "nothing was measured. Run it on a machine with an NVIDIA GPU and a CUDA build of torch."
@@ -60,10 +61,19 @@ NO_GPU_MESSAGE = (
 def build_network(name: str, hidden: int, depth: int, levels: int) -> torch.nn.Module:
     """``glow``: ConditionalGlow(1, 1, ...) on a 3D volume with a 1-channel condition field;
     ``hint``: MultiscaleConditionalHINT(1, 1, ...) likewise (its HINT couplings recurse over the
-    8 channels of a squeezed volume: 8 conditioners per step)."""
+    8 channels of a squeezed volume: 8 conditioners per step); ``chain``: the unconditional chain
+    of issue 18 and scripts/bench_distributed.py (a Haar squeeze, then ``depth`` steps of ActNorm,
+    1x1 convolution and affine coupling on 8 channels)."""
+    import invnet
+    from invnet.layers import ActNorm, AffineCoupling, Conv1x1, HaarSqueeze
     from invnet.networks import ConditionalGlow, MultiscaleConditionalHINT
 
     torch.manual_seed(0)
+    if name == "chain":
+        blocks = [HaarSqueeze(ndim=3)]
+        for k in range(depth):
+            blocks += [ActNorm(8), Conv1x1(8), AffineCoupling(8, hidden=hidden, ndim=3, swap=bool(k % 2))]
+        return invnet.Chain(*blocks)
     if name == "glow":
         return ConditionalGlow(1, 1, hidden=hidden, levels=levels, depth=depth, ndim=3)
     return MultiscaleConditionalHINT(1, 1, hidden=hidden, levels=levels, depth=depth, ndim=3)
@@ -78,7 +88,7 @@ def conditioner_calls(net: torch.nn.Module, x: torch.Tensor, c: torch.Tensor) ->
              for m in net.modules() if isinstance(m, ConvConditioner)]
     try:
         with torch.no_grad():
-            net(x, c)
+            net(x, c if net.cond_channels else None)
     finally:
         for h in hooks:
             h.remove()
@@ -122,7 +132,11 @@ def make_steps(cfg: dict, device: torch.device) -> tuple[dict[str, Callable[[], 
 
     def invnet_step() -> None:
         opt.zero_grad(set_to_none=True)
-        (-net.log_prob(x, c).mean()).backward()
+        if cfg["net"] == "chain":  # a Chain has no density: the standard-normal NLL by hand
+            z, logdet = net(x)
+            (0.5 * z.square().sum() / b - logdet.mean()).backward()
+        else:
+            (-net.log_prob(x, c).mean()).backward()
 
     def before_step() -> None:
         with reference_kernels():
@@ -168,6 +182,26 @@ def conv_ops(step: Callable[[], None]) -> list[str]:
     return sorted({e.key for e in prof.key_averages() if any(k in e.key for k in keep)})
 
 
+FORWARD_KERNELS = ("aten::slow_conv3d_forward", "aten::slow_conv2d_forward", "aten::thnn_conv2d",
+                   "aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::_nnpack_spatial_convolution")
+
+
+def conv_calls(step: Callable[[], None]) -> list[dict[str, Any]]:
+    """Every convolution kernel call of one step (forward kernels: a convolution's backward runs
+    on the kernel family its forward ran on), grouped by (kernel, input shape, weight shape)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    counts: Counter = Counter()
+    for e in prof.events():
+        if e.name in FORWARD_KERNELS:
+            counts[(e.name.replace("aten::", ""), tuple(e.input_shapes[0]), tuple(e.input_shapes[1]))] += 1
+    return [{"kernel": k, "input": list(i), "weight": list(w), "calls": n} for (k, i, w), n in sorted(counts.items())]
+
+
 def count_readbacks(step: Callable[[], None]) -> int:
     """Host read-backs (``aten::_local_scalar_dense``: ``.item()``, ``bool(t)``, ...) in one step."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -201,16 +235,45 @@ def worker(cfg: dict) -> dict:
         runs = list(steps.items())
     for name, step in runs:
         step()  # warm-up (ActNorm initialisation, oneDNN primitive caches, cuDNN search)
+    if cfg.get("profile_only"):
+        out["conv_calls"] = {name: conv_calls(step) for name, step in runs}
+        out["slow_conv3d"] = {name: any(c["kernel"].startswith("slow_conv3d") for c in calls)
+                              for name, calls in out["conv_calls"].items()}
+        return out
     out["ops"] = {name: conv_ops(step) for name, step in runs}
     out["slow_conv3d"] = {name: any("slow_conv3d" in op for op in ops) for name, ops in out["ops"].items()}
-    timed = bc.interleaved_times(dict(runs), cfg["repeats"], device)
+    timed = interleaved_wall_and_cpu(dict(runs), cfg["repeats"], device)
     voxels = cfg["batch"] * cfg["size"] ** 3
     out["times"] = timed
-    out["ns_per_voxel"] = {name: t["time_median_s"] / voxels * 1e9 for name, t in timed.items()}
+    key = "cpu_median_s" if cfg.get("clock") == "cpu" else "wall_median_s"
+    out["ns_per_voxel"] = {name: t[key] / voxels * 1e9 for name, t in timed.items()}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / bc.MB
     out["peak_rss_mb"] = (bc._status_kb("VmHWM") or 0) / 1024.0
     return out
+
+
+def interleaved_wall_and_cpu(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict:
+    """Round-robin timing (a, b, c, a, b, c, ...) of wall time and of this process's CPU time.
+    On a loaded machine a one-thread step's CPU time is the steadier figure (waiting for a core
+    is not counted); on an idle one the two agree."""
+    import gc
+
+    wall: dict[str, list[float]] = {n: [] for n in steps}
+    cpu: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return {n: {"wall_median_s": statistics.median(wall[n]), "cpu_median_s": statistics.median(cpu[n]),
+                "wall_s": wall[n], "cpu_s": cpu[n]} for n in steps}
 
 
 def _with_cudnn_benchmark(step: Callable[[], None], enabled: bool) -> Callable[[], None]:
@@ -257,7 +320,7 @@ def flatness(rows: list[dict], cache_bytes: int, variant: str = "invnet") -> dic
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--nets", nargs="+", choices=NETWORKS, default=list(NETWORKS))
+    p.add_argument("--nets", nargs="+", choices=NETWORKS, default=["glow", "hint"])
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256], help="volume edges")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -266,8 +329,14 @@ def main(argv=None) -> int:
     p.add_argument("--glow-depth", type=int, default=2, help="Glow steps per scale")
     p.add_argument("--hint-levels", type=int, default=1)
     p.add_argument("--hint-depth", type=int, default=1, help="HINT lane steps per scale")
+    p.add_argument("--chain-depth", type=int, default=2, help="steps of the Haar + coupling chain")
+    p.add_argument("--chain-hidden", type=int, default=8, help="hidden channels of the chain (issue 18: 8)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="ns/voxel from wall time (idle machine) or process CPU time (loaded machine, 1 thread)")
+    p.add_argument("--profile-only", action="store_true",
+                   help="no timing: list every convolution kernel call of one step (load-independent)")
     p.add_argument("--budget-gb", type=float, default=20.0, help="skip sizes whose memory estimate exceeds this")
     p.add_argument("--timeout", type=float, default=5400, help="seconds per configuration")
     p.add_argument("--out", default="docs/benchmarks/kernels_cpu.json")
@@ -278,8 +347,9 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print(NO_GPU_MESSAGE)
         return 0
-    levels = {"glow": args.glow_levels, "hint": args.hint_levels}
-    depth = {"glow": args.glow_depth, "hint": args.hint_depth}
+    levels = {"glow": args.glow_levels, "hint": args.hint_levels, "chain": 1}
+    depth = {"glow": args.glow_depth, "hint": args.hint_depth, "chain": args.chain_depth}
+    hidden = {"glow": args.hidden, "hint": args.hidden, "chain": args.chain_hidden}
     most = max(levels[n] for n in args.nets)
     bad = [s for s in args.sizes if s % 2**most]
     if bad:
@@ -294,8 +364,9 @@ def main(argv=None) -> int:
             for batch in args.batches:
                 previous = None
                 for size in sorted(args.sizes):
-                    cfg = dict(net=net, threads=th, batch=batch, size=size, hidden=args.hidden, depth=depth[net],
-                               levels=levels[net], repeats=args.repeats, device=args.device)
+                    cfg = dict(net=net, threads=th, batch=batch, size=size, hidden=hidden[net], depth=depth[net],
+                               levels=levels[net], repeats=args.repeats, device=args.device,
+                               profile_only=args.profile_only, clock=args.clock)
                     if previous is not None and "peak_rss_mb" in previous:
                         base = previous["rss_baseline_mb"]
                         growth = previous["peak_rss_mb"] - base
@@ -323,7 +394,10 @@ def main(argv=None) -> int:
         "results": results, "summary": summary,
     }
     bc.write_json_atomic(args.out, record)
-    print_tables(results, summary, args.device)
+    if args.profile_only:
+        print_profiles(results)
+    else:
+        print_tables(results, summary, args.device)
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; wrote {args.out}")
     return 0
 
@@ -332,9 +406,44 @@ def _line(r: dict) -> str:
     head = f"{r['net']} threads={r['threads']} batch={r['batch']} {r['size']}^3:"
     if "error" in r:
         return f"{head} failed: {r['error']}"
+    if "conv_calls" in r:
+        return head + "; ".join(
+            f" {name}: " + ", ".join(f"{sum(c['calls'] for c in calls if c['kernel'] == k)} {k}"
+                                     for k in sorted({c["kernel"] for c in calls}))
+            for name, calls in r["conv_calls"].items())
     ns = "  ".join(f"{k} {v:.0f}" for k, v in r["ns_per_voxel"].items())
     slow = ", ".join(k for k, v in r["slow_conv3d"].items() if v) or "none"
     return f"{head} ns/voxel {ns}; slow_conv3d in: {slow}"
+
+
+def print_profiles(results: list[dict]) -> None:
+    """Per configuration: forward convolution kernel calls of one step, per variant; then every
+    distinct (input, weight) shape that ran on PyTorch's reference kernel, with the product
+    PyTorch's heuristic compares (batch x channels x first two space sizes of the input)."""
+    done = [r for r in results if "conv_calls" in r]
+    if not done:
+        return
+    names = list(done[0]["conv_calls"])
+    print("\n| net | threads | batch | size | " + " | ".join(f"{n}: kernel calls (forward)" for n in names) + " |")
+    print("|---" * (4 + len(names)) + "|")
+    for r in done:
+        cells = []
+        for n in names:
+            calls = r["conv_calls"][n]
+            kinds = sorted({c["kernel"] for c in calls})
+            cells.append(", ".join(f"{sum(c['calls'] for c in calls if c['kernel'] == k)} {k}" for k in kinds))
+        print(f"| {r['net']} | {r['threads']} | {r['batch']} | {r['size']}^3 | " + " | ".join(cells) + " |")
+    slow = {}
+    for r in done:
+        for n in names:
+            for c in r["conv_calls"][n]:
+                if c["kernel"].startswith("slow"):
+                    key = (n, tuple(c["input"]), tuple(c["weight"]))
+                    slow.setdefault(key, set()).add(r["threads"])
+    if slow:
+        print("\nshapes on the reference kernel (input, weight; N*C*D*H of the input; threads):")
+        for (n, i, w), th in sorted(slow.items()):
+            print(f"  {n}: input {list(i)} weight {list(w)}  N*C*D*H = {i[0] * i[1] * i[2] * i[3]}  threads {sorted(th)}")
 
 
 def print_tables(results: list[dict], summary: list[dict], device: str) -> None:

@@ -23,11 +23,13 @@ follow the volume. This module decides the path by a rule:
      same input cells and weights as before, so the map is unchanged; in channels-last layout the
      two output slabs lie back to back in memory and unfold into the volume without a copy.
      (Should a PyTorch version lack the selector, every batch of one is folded.)
-3. **Otherwise** (float64, which oneDNN does not compute and tests use; CUDA, where cuDNN
-   chooses): the plain ``torch.nn.functional.conv{1,2,3}d``.
+3. **Otherwise**: the plain ``torch.nn.functional.conv{1,2,3}d``. That is float64 (oneDNN does
+   not compute it; tests use it), CUDA (cuDNN chooses), and 1D: PyTorch runs a 1D convolution as
+   a 2D one over a ``1 x L`` image, and its reference kernel there (one im2col of ``k`` shifted
+   copies and a matrix product) measured as fast as oneDNN or faster at every size tried, while
+   channels-last and folding only added copies (docs/benchmarks.md).
 
-1D convolutions run as 2D ones over a ``1 x L`` image (there is no channels-last format for 3D
-tensors). The rule names no sizes: it holds for any volume, batch and channel count, and
+The rule names no sizes: it holds for any volume, batch and channel count, and
 ``tests/test_kernels.py`` checks through the profiler's op names that the reference kernel is not
 called at shapes that used to fall into it.
 
@@ -136,15 +138,14 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         )
     if all(k == 1 for k in weight.shape[2:]):
         return pointwise(x, weight, bias)
-    if not _uses_onednn_rule(x):
+    if d == 1 or not _uses_onednn_rule(x):
         return _CONV[d](x, weight, bias)
-    if d == 1:  # as a 2D convolution over a 1 x L image, which has a channels-last format
-        return _conv_onednn(x.unsqueeze(2), weight.unsqueeze(2), bias).squeeze(2)
     return _conv_onednn(x, weight, bias)
 
 
 def _conv_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Rule 2 for 2D and 3D: channels-last input, batch made at least 2 by folding."""
+    """Rule 2 (2D and 3D): channels-last input, a batch of one folded when PyTorch would run its
+    reference kernel."""
     d = x.dim() - 2
     x = x.contiguous(memory_format=_CHANNELS_LAST[d])
     kernel = weight.shape[2:]
