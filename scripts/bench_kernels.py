@@ -203,14 +203,18 @@ def conv_calls(step: Callable[[], None]) -> list[dict[str, Any]]:
 
 
 def count_readbacks(step: Callable[[], None]) -> int:
-    """Host read-backs (``aten::_local_scalar_dense``: ``.item()``, ``bool(t)``, ...) in one step."""
+    """Host synchronisations in one step: value read-backs (``aten::_local_scalar_dense``, behind
+    ``.item()``, ``bool(t)``, ``float(t)``) and tensors made from Python data (``aten::lift_fresh``,
+    a blocking host-to-device copy on a GPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default)
 
     class Count(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
+            if func in ops:
                 Count.n += 1
             return func(*args, **(kwargs or {}))
 
@@ -454,7 +458,7 @@ def print_tables(results: list[dict], summary: list[dict], device: str) -> None:
     ratio_cols = [("before", "invnet"), ("invnet", "plain")] if device == "cpu" else [
         ("invnet", "invnet-cudnn-benchmark"), ("invnet", "invnet-no-value-checks"), ("invnet", "plain")]
     print("\n| net | threads | batch | size | " + " | ".join(f"{n} ns/voxel" for n in names) + " | "
-          + " | ".join(f"{a} / {b}" for a, b in ratio_cols) + " | slow_conv3d in profile | read-backs / step |")
+          + " | ".join(f"{a} / {b}" for a, b in ratio_cols) + " | slow_conv3d in profile | host syncs / step |")
     print("|---" * (5 + len(names) + len(ratio_cols) + 1) + "|")
     for r in results:
         key = f"| {r['net']} | {r['threads']} | {r['batch']} | {r['size']}^3 | "

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import invnet
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_
 from invnet.layers import ActNorm, AffineCoupling, ConvConditioner, kernels
-from invnet.networks import ConditionalGlow, ConditionalHINT
+from invnet.networks import ConditionalGlow, ConditionalHINT, MultiscaleConditionalHINT
 
 D = torch.float64
 REFERENCE_OPS = ("slow_conv3d", "slow_conv2d", "thnn_conv2d", "slow_conv_dilated")
@@ -158,11 +158,13 @@ def test_float32_fast_path_memory_saving_matches_plain_autograd():
 
 # -- host read-backs ----------------------------------------------------------------------------
 class CountReadBacks(TorchDispatchMode):
-    """Counts every op that brings a value back to the host: ``_local_scalar_dense`` (behind
-    ``.item()``, ``bool(t)``, ``float(t)``, ``if t:``) and ops whose output size depends on data."""
+    """Counts every op that makes a GPU wait for the host or the host for the GPU: value
+    read-backs (``_local_scalar_dense``, behind ``.item()``, ``bool(t)``, ``float(t)``, ``if t:``),
+    ops whose output size depends on data, and tensors made from Python data (``lift_fresh``:
+    ``torch.tensor([...], device=...)`` is a blocking host-to-device copy)."""
 
     OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-           torch.ops.aten.masked_select.default, torch.ops.aten.equal.default}
+           torch.ops.aten.masked_select.default, torch.ops.aten.equal.default, torch.ops.aten.lift_fresh.default}
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,14 +183,17 @@ def training_step_read_backs(net, x, c) -> int:
     return counter.count
 
 
-@pytest.mark.parametrize("name", ["glow", "hint"])
+@pytest.mark.parametrize("name", ["glow", "hint", "multiscale_hint"])
 def test_a_training_step_reads_back_once_and_not_at_all_without_value_checks(name):
     if name == "glow":
         net = ConditionalGlow(1, 1, hidden=4, levels=2, depth=3, ndim=3)
         x, c = torch.randn(2, 1, 8, 8, 8), torch.randn(2, 1, 8, 8, 8)
-    else:
+    elif name == "hint":
         net = ConditionalHINT(2, 2, hidden=4, depth=3, ndim=3)
         x, c = torch.randn(2, 2, 8, 8, 8), torch.randn(2, 2, 8, 8, 8)
+    else:  # Haar squeezes on both lanes
+        net = MultiscaleConditionalHINT(1, 1, hidden=4, levels=2, depth=1, ndim=3)
+        x, c = torch.randn(2, 1, 8, 8, 8), torch.randn(2, 1, 8, 8, 8)
     # the one read-back: x and c checked finite together at the top-level call; none per block
     assert training_step_read_backs(net, x, c) == 1
     with invnet.value_checks(False):

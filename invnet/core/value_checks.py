@@ -10,10 +10,13 @@ has decided. invnet therefore keeps value checks off the per-block path:
   nothing;
 * ``Sigmoid.inverse`` and ``Logit`` check their (0, 1) domain (one read-back each);
 * ``ActNorm`` keeps a host copy of its "initialised" flag, so it reads its buffer back only
-  until it has initialised.
+  until it has initialised;
+* no block makes a tensor from Python data during a call (``torch.tensor([...], device=...)`` is
+  a blocking host-to-device copy: the Haar matrix is built by kernels on the device).
 
-``tests/test_kernels.py`` counts the read-backs of a training step (every
-``aten::_local_scalar_dense``, the op behind ``.item()``, ``bool(t)`` and ``float(t)``).
+``tests/test_kernels.py`` counts the synchronisations of a training step (every
+``aten::_local_scalar_dense``, the op behind ``.item()``, ``bool(t)`` and ``float(t)``, and every
+``aten::lift_fresh``, a tensor made from Python data): one, the finiteness check.
 ``with invnet.value_checks(False):`` turns the value checks off (thread-local, like
 ``torch.no_grad``): a training loop on a GPU whose data are known to be finite then runs without
 a single read-back per step; bad values then propagate as NaN instead of raising.
