@@ -26,6 +26,8 @@ cache of a core (read from /sys) to the largest (target <= 1.3).
         --repeats 2 --out /tmp/kernels.json
     # the full sweep (idle machine; 256^3 runs only where the memory estimate fits --budget-gb)
     PYTHONPATH=$PWD python scripts/bench_kernels.py --out docs/benchmarks/kernels_cpu.json
+    # single 1D, 2D and 3D conditioners, kernel rule against PyTorch's own choice
+    PYTHONPATH=$PWD python scripts/bench_kernels.py --conditioners --threads 1 --repeats 5 --out /tmp/cond.json
     # GPU: cuDNN with torch.backends.cudnn.benchmark off and on, and the host read-backs per step
     PYTHONPATH=$PWD python scripts/bench_kernels.py --device cuda --out docs/benchmarks/kernels_gpu.json
 
@@ -321,6 +323,50 @@ def flatness(rows: list[dict], cache_bytes: int, variant: str = "invnet") -> dic
     return {"from_size": big[0]["size"], "to_size": big[-1]["size"], "ratio": max(vals) / min(vals)}
 
 
+#: single conditioners (batch, in, hidden, out, space) for --conditioners: 1D, 2D and 3D shapes,
+#: batch 1 (where PyTorch's choice depends on size) and larger batches
+CONDITIONER_CASES = [
+    (1, 2, 16, 4, (4096,)), (1, 3, 32, 6, (1024,)), (1, 6, 64, 12, (65536,)), (8, 3, 32, 6, (512,)),
+    (1, 2, 16, 4, (64, 64)), (1, 6, 32, 12, (128, 128)), (4, 3, 32, 6, (64, 64)), (16, 6, 64, 12, (32, 32)),
+    (16, 12, 64, 24, (16, 16)), (1, 4, 8, 8, (32, 32, 32)), (1, 4, 8, 8, (64, 64, 64)), (2, 12, 16, 8, (64, 64, 64)),
+    (1, 80, 16, 32, (32, 32, 32)),
+]
+
+
+def conditioner_table(repeats: int) -> list[dict]:
+    """One ConvConditioner's forward + backward per case, kernel rule against PyTorch's own choice,
+    timed round-robin in this process (CPU time and wall time)."""
+    from invnet.layers import ConvConditioner
+    from invnet.layers.kernels import reference_kernels
+
+    rows = []
+    for batch, cin, hidden, cout, space in CONDITIONER_CASES:
+        torch.manual_seed(0)
+        net = ConvConditioner(cin, cout, hidden=hidden, ndim=len(space), zero_init=False)
+        x = torch.randn(batch, cin, *space, requires_grad=True)
+        g = torch.randn(batch, cout, *space)
+
+        def rule() -> None:
+            net(x).backward(g)
+
+        def reference() -> None:
+            with reference_kernels():
+                net(x).backward(g)
+
+        for f in (rule, reference):
+            f()
+        t = interleaved_wall_and_cpu({"rule": rule, "reference": reference}, repeats, torch.device("cpu"))
+        ops = {name: [o for o in conv_ops(f) if "slow" in o or "thnn" in o] for name, f in
+               (("rule", rule), ("reference", reference))}
+        rows.append(dict(batch=batch, channels=[cin, hidden, cout], space=list(space), times=t, reference_ops=ops))
+        print(f"{len(space)}D batch {batch} {cin}->{hidden}->{cout} {'x'.join(map(str, space))}: "
+              f"rule {t['rule']['cpu_median_s'] * 1e3:.2f} ms, reference {t['reference']['cpu_median_s'] * 1e3:.2f} ms "
+              f"(cpu), reference / rule {t['reference']['cpu_median_s'] / t['rule']['cpu_median_s']:.2f}; "
+              f"reference kernels: rule {ops['rule'] or 'none'}, PyTorch's choice {ops['reference'] or 'none'}",
+              flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -339,6 +385,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="ns/voxel from wall time (idle machine) or process CPU time (loaded machine, 1 thread)")
+    p.add_argument("--conditioners", action="store_true",
+                   help="time single 1D/2D/3D conditioners (rule against PyTorch's choice) instead of networks")
     p.add_argument("--profile-only", action="store_true",
                    help="no timing: list every convolution kernel call of one step (load-independent)")
     p.add_argument("--budget-gb", type=float, default=20.0, help="skip sizes whose memory estimate exceeds this")
@@ -350,6 +398,15 @@ def main(argv=None) -> int:
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print(NO_GPU_MESSAGE)
+        return 0
+    if args.conditioners:
+        torch.set_num_threads(args.threads[0])
+        load = os.getloadavg()
+        rows = conditioner_table(args.repeats)
+        bc.write_json_atomic(args.out, {"benchmark": "kernels-conditioners", "threads": args.threads[0],
+                                        "loadavg_before": load, "loadavg_after": os.getloadavg(),
+                                        "versions": bc.versions(), "results": rows})
+        print(f"load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f}; wrote {args.out}")
         return 0
     levels = {"glow": args.glow_levels, "hint": args.hint_levels, "chain": 1}
     depth = {"glow": args.glow_depth, "hint": args.hint_depth, "chain": args.chain_depth}
