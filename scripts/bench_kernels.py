@@ -333,14 +333,17 @@ CONDITIONER_CASES = [
 ]
 
 
-def conditioner_table(repeats: int) -> list[dict]:
+def conditioner_table(repeats: int, size_cap: int = 0) -> list[dict]:
     """One ConvConditioner's forward + backward per case, kernel rule against PyTorch's own choice,
-    timed round-robin in this process (CPU time and wall time)."""
+    timed round-robin in this process (CPU time and wall time). ``size_cap`` > 0 caps every space
+    size (smoke tests)."""
     from invnet.layers import ConvConditioner
     from invnet.layers.kernels import reference_kernels
 
     rows = []
     for batch, cin, hidden, cout, space in CONDITIONER_CASES:
+        if size_cap > 0:
+            space = tuple(min(n, size_cap) for n in space)
         torch.manual_seed(0)
         net = ConvConditioner(cin, cout, hidden=hidden, ndim=len(space), zero_init=False)
         x = torch.randn(batch, cin, *space, requires_grad=True)
@@ -387,6 +390,7 @@ def main(argv=None) -> int:
                    help="ns/voxel from wall time (idle machine) or process CPU time (loaded machine, 1 thread)")
     p.add_argument("--conditioners", action="store_true",
                    help="time single 1D/2D/3D conditioners (rule against PyTorch's choice) instead of networks")
+    p.add_argument("--size-cap", type=int, default=0, help=argparse.SUPPRESS)  # smoke tests: cap --conditioners sizes
     p.add_argument("--profile-only", action="store_true",
                    help="no timing: list every convolution kernel call of one step (load-independent)")
     p.add_argument("--budget-gb", type=float, default=20.0, help="skip sizes whose memory estimate exceeds this")
@@ -402,7 +406,7 @@ def main(argv=None) -> int:
     if args.conditioners:
         torch.set_num_threads(args.threads[0])
         load = os.getloadavg()
-        rows = conditioner_table(args.repeats)
+        rows = conditioner_table(args.repeats, args.size_cap)
         bc.write_json_atomic(args.out, {"benchmark": "kernels-conditioners", "threads": args.threads[0],
                                         "loadavg_before": load, "loadavg_after": os.getloadavg(),
                                         "versions": bc.versions(), "results": rows})

@@ -110,6 +110,23 @@ def test_bench_kernels_tiny(tmp_path):
     assert "slow_conv3d in profile" in proc.stdout
 
 
+def test_bench_kernels_conditioners_and_profile_tiny(tmp_path):
+    out = tmp_path / "cond.json"
+    proc = run_script("bench_kernels.py", "--conditioners", "--threads", "1", "--repeats", "1", "--size-cap", "8",
+                      "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {len(r["space"]) for r in rows} == {1, 2, 3}
+    if torch.backends.mkldnn.is_available():
+        assert not [r for r in rows if len(r["space"]) == 3 and r["reference_ops"]["rule"]]
+    out = tmp_path / "profile.json"
+    proc = run_script("bench_kernels.py", "--profile-only", "--nets", "chain", "--sizes", "8", "--batches", "1",
+                      "--threads", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert set(r["conv_calls"]) == {"invnet", "before", "plain"} and "forward" in proc.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
 def test_bench_kernels_without_gpu_says_so():
     proc = run_script("bench_kernels.py", "--device", "cuda", "--out", "/nonexistent/x.json")
