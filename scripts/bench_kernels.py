@@ -15,12 +15,22 @@ For every (network, threads, batch, size) a fresh process times, round-robin in 
 
 and records one profile (``torch.profiler`` op names, which do not depend on timing or load) of a
 step of each, reporting whether it contains ``slow_conv3d`` (PyTorch's reference kernel).
-Results: ns per voxel (median step time / (batch x volume); ``--clock wall`` by default, ``--clock
-cpu`` for this process's CPU time, the steadier figure for one thread on a loaded machine), the ratios ``before / invnet`` and
-``invnet / plain``, and per (network, threads, batch) the flatness of invnet's figure: max / min
-over the sizes from the smallest one whose largest conditioner activation no longer fits the L2
-cache of a core (read from /sys) to the largest (target <= 1.3).
+Results: ns per voxel (median step time / (batch x volume); ``--clock wall`` by default,
+``--clock cpu`` for this process's CPU time, the steadier figure for one thread on a loaded
+machine), the ratios ``before / invnet`` and ``invnet / plain``, and per (network, threads,
+batch) the flatness of invnet's figure: max / min over the sizes from the smallest one whose
+largest conditioner activation no longer fits the L2 cache of a core (read from /sys) to the
+largest (target <= 1.3). ``--profile-only`` lists every convolution call of one step per variant
+(kernel, input and weight shapes) without timing; ``--conditioners`` times single 1D/2D/3D
+conditioners instead of networks.
 
+Memory: before each size, the previous size's peak RSS growth (same network, batch and threads)
+is scaled by the volume ratio; a size whose estimate exceeds ``--budget-gb`` is skipped and says
+so.
+
+    # the op names of every convolution call (load-independent; docs/benchmarks.md section 4)
+    PYTHONPATH=$PWD python scripts/bench_kernels.py --profile-only --nets chain glow hint \
+        --sizes 32 64 128 --batches 1 2 4 --threads 1 2 --out docs/benchmarks/kernels_profile.json
     # small run that proves it works (a few minutes)
     PYTHONPATH=$PWD python scripts/bench_kernels.py --sizes 32 64 --batches 1 2 --threads 1 \\
         --repeats 2 --out /tmp/kernels.json
@@ -31,8 +41,6 @@ cache of a core (read from /sys) to the largest (target <= 1.3).
     # GPU: cuDNN with torch.backends.cudnn.benchmark off and on, and the host read-backs per step
     PYTHONPATH=$PWD python scripts/bench_kernels.py --device cuda --out docs/benchmarks/kernels_gpu.json
 
-Memory: before each size the peak RSS of the previous size (same network, batch and threads) is
-scaled by the volume ratio; a size whose estimate exceeds ``--budget-gb`` is skipped and says so.
 With ``--device cuda`` and no CUDA device the script prints why and exits with status 0,
 measuring nothing.
 """
@@ -508,7 +516,8 @@ def print_profiles(results: list[dict]) -> None:
     if slow:
         print("\nshapes on the reference kernel (input, weight; N*C*D*H of the input; threads):")
         for (n, i, w), th in sorted(slow.items()):
-            print(f"  {n}: input {list(i)} weight {list(w)}  N*C*D*H = {i[0] * i[1] * i[2] * i[3]}  threads {sorted(th)}")
+            product = i[0] * i[1] * i[2] * i[3]
+            print(f"  {n}: input {list(i)} weight {list(w)}  N*C*D*H = {product}  threads {sorted(th)}")
 
 
 def print_tables(results: list[dict], summary: list[dict], device: str) -> None:
@@ -534,7 +543,8 @@ def print_tables(results: list[dict], summary: list[dict], device: str) -> None:
     print("\nflatness of invnet's ns/voxel (max / min from the first size past the L2 cache; target <= 1.3):")
     for s in summary:
         f = s["flatness"]
-        text = "fewer than two sizes" if f["ratio"] is None else f"{f['ratio']:.2f} ({f['from_size']}^3 .. {f['to_size']}^3)"
+        text = ("fewer than two sizes" if f["ratio"] is None
+                else f"{f['ratio']:.2f} ({f['from_size']}^3 .. {f['to_size']}^3)")
         print(f"  {s['net']} threads={s['threads']} batch={s['batch']}: {text}")
 
 
