@@ -49,9 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from typing import Any, Callable
 
 import torch
@@ -256,38 +254,15 @@ def worker(cfg: dict) -> dict:
         return out
     out["ops"] = {name: conv_ops(step) for name, step in runs}
     out["slow_conv3d"] = {name: any("slow_conv3d" in op for op in ops) for name, ops in out["ops"].items()}
-    timed = interleaved_wall_and_cpu(dict(runs), cfg["repeats"], device)
+    timed = bc.interleaved_times(dict(runs), cfg["repeats"], device)
     voxels = cfg["batch"] * cfg["size"] ** 3
     out["times"] = timed
-    key = "cpu_median_s" if cfg.get("clock") == "cpu" else "wall_median_s"
+    key = "cpu_median_s" if cfg.get("clock") == "cpu" else "time_median_s"
     out["ns_per_voxel"] = {name: t[key] / voxels * 1e9 for name, t in timed.items()}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / bc.MB
     out["peak_rss_mb"] = (bc._status_kb("VmHWM") or 0) / 1024.0
     return out
-
-
-def interleaved_wall_and_cpu(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict:
-    """Round-robin timing (a, b, c, a, b, c, ...) of wall time and of this process's CPU time.
-    On a loaded machine a one-thread step's CPU time is the steadier figure (waiting for a core
-    is not counted); on an idle one the two agree."""
-    import gc
-
-    wall: dict[str, list[float]] = {n: [] for n in steps}
-    cpu: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            w0, c0 = time.perf_counter(), time.process_time()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
-    return {n: {"wall_median_s": statistics.median(wall[n]), "cpu_median_s": statistics.median(cpu[n]),
-                "wall_s": wall[n], "cpu_s": cpu[n]} for n in steps}
 
 
 def _with_cudnn_benchmark(step: Callable[[], None], enabled: bool) -> Callable[[], None]:
@@ -366,7 +341,7 @@ def conditioner_table(repeats: int, size_cap: int = 0) -> list[dict]:
 
         for f in (rule, reference):
             f()
-        t = interleaved_wall_and_cpu({"rule": rule, "reference": reference}, repeats, torch.device("cpu"))
+        t = bc.interleaved_times({"rule": rule, "reference": reference}, repeats, torch.device("cpu"))
         ops = {name: [o for o in conv_ops(f) if "slow" in o or "thnn" in o] for name, f in
                (("rule", rule), ("reference", reference))}
         rows.append(dict(batch=batch, channels=[cin, hidden, cout], space=list(space), times=t, reference_ops=ops))
