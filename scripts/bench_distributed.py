@@ -17,6 +17,7 @@ Peak memory: VmHWM of each process (reset before the timed steps). Rank 0 prints
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -76,7 +77,14 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--reference-kernels", action="store_true",
+                    help="PyTorch's own convolution kernel choice (invnet.layers.kernels off), for comparison")
     args = ap.parse_args()
+    kernel_choice = contextlib.ExitStack()
+    if args.reference_kernels:
+        from invnet.layers.kernels import reference_kernels
+
+        kernel_choice.enter_context(reference_kernels())  # for the whole run (thread-local)
 
     comm = default_comm()
     ranks = comm.size
@@ -103,20 +111,24 @@ def main() -> None:
     baseline = _status_mb("VmRSS:")  # interpreter, torch, weights, input: before the timed steps
     comm.barrier()
     HALO_SECONDS[0] = 0.0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
     comm.barrier()
     seconds = (time.perf_counter() - t0) / args.steps
+    cpu_seconds = (time.process_time() - c0) / args.steps  # CPU time: steadier on a loaded machine
     halo = HALO_SECONDS[0] / args.steps
-    per_rank = torch.zeros(4, ranks, dtype=torch.float64)
-    per_rank[:, comm.rank] = torch.tensor([seconds, halo, peak_rss_mb(), peak_rss_mb() - baseline], dtype=torch.float64)
+    per_rank = torch.zeros(5, ranks, dtype=torch.float64)
+    per_rank[:, comm.rank] = torch.tensor(
+        [seconds, halo, peak_rss_mb(), peak_rss_mb() - baseline, cpu_seconds], dtype=torch.float64)
     per_rank = comm.allreduce_sum(per_rank)
     if comm.rank == 0:
         print(json.dumps({
             "mode": args.mode, "ranks": ranks, "volume": list(space), "local": list(flow.partition.local_space_shape),
             "depth": args.depth, "hidden": args.hidden, "threads_per_rank": torch.get_num_threads(),
             "step_s": round(float(per_rank[0].max()), 3),
+            "step_cpu_s_per_rank": [round(float(v), 3) for v in per_rank[4]],
+            "kernels": "reference (PyTorch's choice)" if args.reference_kernels else "invnet rule",
             "halo_s": [round(float(v), 4) for v in per_rank[1]],
             # the exchange itself is best seen on the rank that waits least; the max includes waiting
             # for a slower neighbour (load imbalance)
@@ -125,6 +137,7 @@ def main() -> None:
             "peak_rss_mb_per_rank": [round(float(v), 1) for v in per_rank[2]],
             "step_peak_above_baseline_mb_per_rank": [round(float(v), 1) for v in per_rank[3]],
         }), flush=True)
+    kernel_choice.close()
     comm.close()
 
 

@@ -6,10 +6,11 @@ from .drift import DriftReport, ReconstructionDriftError, ReconstructionDriftWar
 from .handover import HandOver
 from .module import Backward, InvertibleModule, memory_saving, memory_saving_enabled
 from .precision import pin_full_precision
+from .value_checks import value_checks, value_checks_enabled
 from .vjp import GradStore, local_vjp
 
 __all__ = [
     "InvertibleModule", "Chain", "Backward", "GradStore", "memory_saving", "memory_saving_enabled", "local_vjp",
     "HandOver", "pin_full_precision", "reconstruction_drift", "DriftReport", "ReconstructionDriftError",
-    "ReconstructionDriftWarning",
+    "ReconstructionDriftWarning", "value_checks", "value_checks_enabled",
 ]

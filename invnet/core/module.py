@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .handover import HandOver
 from .precision import AutocastState, conditioner_call, full_precision, recorded_autocast
+from .value_checks import check_finite
 from .vjp import GradStore, add_optional, local_vjp, parameter_aliases
 
 __all__ = [
@@ -82,11 +83,6 @@ def _nested() -> Iterator[None]:
         yield
     finally:
         _state.depth -= 1
-
-
-def _check_finite(name: str, t: Optional[Tensor]) -> None:
-    if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must hold only finite values, but it contains NaN or Inf")
 
 
 class InvertibleModule(nn.Module):
@@ -222,8 +218,8 @@ class InvertibleModule(nn.Module):
             self.check_shape(tuple(inp.shape), None if c is None else tuple(c.shape), inverse)
             if not inp.is_floating_point():
                 raise ValueError(f"expected a floating-point tensor, got dtype {inp.dtype}")
-            _check_finite("y" if inverse else "x", inp)
-            _check_finite("the condition c", c)
+            # one host read-back for both (a GPU stalls on each), none under value_checks(False)
+            check_finite({"y" if inverse else "x": inp, "the condition c": c})
         # the block's own arithmetic runs with autocast off; its conditioners under the state
         # recorded here (the caller's, or the enclosing call's when nested)
         with _nested(), full_precision(_state_for(inp)):

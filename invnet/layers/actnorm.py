@@ -60,10 +60,19 @@ class ActNorm(InvertibleModule):
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("_initialized", torch.tensor(False))
+        # host copy of the buffer once it is True: reading a GPU buffer stalls the device, and
+        # every forward asks (the buffer stays the truth that checkpoints carry)
+        self._known_initialized = False
 
     @property
     def initialized(self) -> bool:
-        return bool(self._initialized)
+        if not self._known_initialized:
+            self._known_initialized = bool(self._initialized)  # one read-back until initialised
+        return self._known_initialized
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False  # the loaded buffer decides again
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, initialized={self.initialized}"
@@ -87,6 +96,7 @@ class ActNorm(InvertibleModule):
             self.log_scale.copy_((-torch.log(std)).to(self.log_scale))
             self.bias.copy_((-mean / std).to(self.bias))
         self._initialized.fill_(True)
+        self._known_initialized = True
 
     def _forward(self, x, c):
         if not self.initialized:

@@ -10,11 +10,11 @@ from torch import Tensor, nn
 
 from ..core.module import GradStore, InvertibleModule, VJPResult
 from ..core.vjp import local_vjp
+from . import kernels
 from .conditioners import ZeroPad
 
 __all__ = ["HyperbolicLayer", "TiedConvResidual"]
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _ACT = {"tanh": torch.tanh, "relu": torch.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.2)}
 
 
@@ -72,10 +72,10 @@ class TiedConvResidual(nn.Module):
         act = _ACT[self.activation]
         if self.ndim == 0:
             return F.linear(act(F.linear(u, self.weight, self.bias)), self.weight.T)
-        conv = _CONV[self.ndim]
-        z = conv(self.pad_in(u), self.weight, self.bias)
+        # through the kernel rule of invnet.layers.kernels (no reference kernel at any shape)
+        z = kernels.conv(self.pad_in(u), self.weight, self.bias)
         adjoint_weight = self.weight.transpose(0, 1).flip(list(range(2, 2 + self.ndim)))
-        return conv(self.pad_out(act(z)), adjoint_weight)
+        return kernels.conv(self.pad_out(act(z)), adjoint_weight, None).contiguous()
 
 
 class HyperbolicLayer(InvertibleModule):

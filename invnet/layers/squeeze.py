@@ -173,7 +173,11 @@ def haar_matrix(d: int, dtype: Optional[torch.dtype] = None, device: Optional[to
     >>> h.shape, bool(torch.allclose(h @ h, torch.eye(4, dtype=torch.float64)))
     (torch.Size([4, 4]), True)
     """
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=dtype, device=device) / math.sqrt(2.0)
+    # built on the device by kernels, not copied from Python data: on a GPU a copy from the host
+    # waits for every queued kernel, and this runs at every squeeze call
+    h2 = torch.ones(2, 2, dtype=dtype, device=device)
+    h2[1, 1].fill_(-1.0)
+    h2 = h2 / math.sqrt(2.0)
     h = torch.ones(1, 1, dtype=dtype, device=device)
     for _ in range(d):
         h = torch.kron(h, h2)
