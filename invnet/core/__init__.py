@@ -1,6 +1,7 @@
 """The block contract, the Chain and the memory-free autograd bridge; the tools a hand-written
 backward uses (``local_vjp``, ``GradStore``, ``HandOver``); mixed precision (``pin_full_precision``)
 and the reconstruction-drift measurement (``reconstruction_drift``); check helpers."""
+from .budget import BudgetPlan, clear_memory_plans, memory_budget, memory_plans
 from .chain import Chain
 from .drift import DriftReport, ReconstructionDriftError, ReconstructionDriftWarning, reconstruction_drift
 from .handover import HandOver
@@ -12,5 +13,6 @@ from .vjp import GradStore, local_vjp
 __all__ = [
     "InvertibleModule", "Chain", "Backward", "GradStore", "memory_saving", "memory_saving_enabled", "local_vjp",
     "HandOver", "pin_full_precision", "reconstruction_drift", "DriftReport", "ReconstructionDriftError",
-    "ReconstructionDriftWarning", "value_checks", "value_checks_enabled",
+    "ReconstructionDriftWarning", "value_checks", "value_checks_enabled", "memory_budget", "memory_plans",
+    "clear_memory_plans", "BudgetPlan",
 ]

@@ -5,6 +5,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from .budget import unit_forward, unit_vjp
 from .module import GradStore, InvertibleModule, Shape, VJPResult, add_optional
 
 __all__ = ["Chain"]
@@ -20,6 +21,10 @@ class Chain(InvertibleModule):
     propagates the cotangent, after which ``x_k`` is dropped, so at most one rebuilt input (plus
     one block's local work) is alive at a time. The condition ``c`` is handed to every block;
     blocks without a condition ignore it. Its cotangent is the sum over blocks.
+
+    Under :func:`~invnet.memory_budget` the blocks that are not themselves chains are the units of
+    the plan: each either keeps its activations (ordinary autograd) or is recomputed
+    (:mod:`invnet.core.budget`).
 
     Args:
         *blocks: invertible blocks, applied in order.
@@ -57,21 +62,24 @@ class Chain(InvertibleModule):
     def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         logdet = x.new_zeros(x.shape[0])
         for b in self.blocks:
-            x, ld = b._forward(x, c)
+            x, ld = b._forward(x, c) if isinstance(b, Chain) else unit_forward(b, x, c, inverse=False)
             logdet = logdet + ld
         return x, logdet
 
     def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         logdet = y.new_zeros(y.shape[0])
         for b in reversed(self.blocks):
-            y, ld = b._inverse(y, c)
+            y, ld = b._inverse(y, c) if isinstance(b, Chain) else unit_forward(b, y, c, inverse=True)
             logdet = logdet + ld
         return y, logdet
 
     def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         dc = None
         for b in reversed(self.blocks):
-            y, dy, dc_b = b._vjp(y, dy, dlogdet, c, grads)
+            if isinstance(b, Chain):
+                y, dy, dc_b = b._vjp(y, dy, dlogdet, c, grads)
+            else:
+                y, dy, dc_b = unit_vjp(b, y, dy, dlogdet, c, grads, inverse=False)
             dc = add_optional(dc, dc_b)
         return y, dy, dc
 
@@ -80,6 +88,9 @@ class Chain(InvertibleModule):
     ) -> VJPResult:
         dc = None
         for b in self.blocks:
-            x, dx, dc_b = b._vjp_inverse(x, dx, dlogdet, c, grads)
+            if isinstance(b, Chain):
+                x, dx, dc_b = b._vjp_inverse(x, dx, dlogdet, c, grads)
+            else:
+                x, dx, dc_b = unit_vjp(b, x, dx, dlogdet, c, grads, inverse=True)
             dc = add_optional(dc, dc_b)
         return x, dx, dc

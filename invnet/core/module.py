@@ -16,6 +16,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from .budget import Tape
 from .handover import HandOver
 from .precision import AutocastState, conditioner_call, full_precision, recorded_autocast
 from .value_checks import check_finite
@@ -308,7 +309,12 @@ class _MemorySavingCall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module: InvertibleModule, inverse: bool, inp: Tensor, c: Optional[Tensor], *params: Tensor):
-        out, logdet = module._inverse(inp, c) if inverse else module._forward(inp, c)
+        # under a memory budget (top-level calls only), the chains inside keep or recompute
+        # each unit as the cached plan says (invnet.core.budget)
+        tape = Tape.for_call(module, inverse, inp, c) if _nesting_depth() == 1 else None
+        with tape.record() if tape is not None else contextlib.nullcontext():
+            out, logdet = module._inverse(inp, c) if inverse else module._forward(inp, c)
+        ctx.tape = tape if tape is not None and tape.has_kept else None
         ctx.module = module
         ctx.inverse = inverse
         ctx.params = params
@@ -325,7 +331,8 @@ class _MemorySavingCall(torch.autograd.Function):
         vjp = ctx.module._vjp_inverse if ctx.inverse else ctx.module._vjp
         # rebuild and differentiate under the forward's autocast state, whatever the context of
         # loss.backward(); the output goes straight into the call so that no frame here keeps it
-        with full_precision(ctx.precision.without_cache()):
+        replay = ctx.tape.replay(_graph_kept()) if ctx.tape is not None else contextlib.nullcontext()
+        with full_precision(ctx.precision.without_cache()), replay:
             _, dinp, dc = vjp(ctx.output.take(), dout, dlogdet, c, grads)
         if c is None or not ctx.needs_input_grad[3]:
             dc = None

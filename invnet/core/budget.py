@@ -1,0 +1,430 @@
+r"""A memory budget: keep the activations of some blocks, recompute the others.
+
+The memory-free bridge (:mod:`invnet.core.module`) keeps nothing: its backward rebuilds every
+block's input from its output, which costs about one more forward pass. A model that fits in memory
+pays that for nothing, and one that almost fits has no middle ground. Inside
+``with memory_budget(nbytes):`` the blocks of a :class:`~invnet.Chain` (its *units*: the children
+that are not themselves chains) either
+
+* **keep** their activations: the unit's own ``_forward`` is recorded by ordinary autograd (on
+  detached leaves of its input, condition and parameters), and its backward is that graph's
+  ``torch.autograd.grad``: no rebuild, no recomputation; or
+* **recompute**: the unit runs without a graph, and its hand-written ``_vjp`` rebuilds its input
+  from its output as before.
+
+Which units keep is a 0/1 knapsack solved greedily by *time saved per byte*: unit :math:`k` costs
+:math:`b_k` bytes kept (what autograd saves for it, counted with saved-tensor hooks, each storage
+once, parameters excluded) and saves :math:`t_k` seconds (the time of its forward, which is what
+its memory-free backward spends on rebuilding and re-running the conditioner). Units are taken in
+order of decreasing :math:`t_k / b_k` while :math:`\sum b_k \le B`; a unit that does not fit is
+skipped and smaller ones are still tried. Large early scales (many bytes for their time) are
+therefore the first to be recomputed, the small coarse scales the first to be kept.
+
+The figures come from the **first step** of each network and input shape, which measures every
+unit once (each unit's graph is recorded, counted, timed and dropped at once: that step keeps
+nothing and peaks at one unit's activations). The plan is then cached on the network, keyed by the
+direction (``forward`` or ``inverse``), the shapes of input and condition, dtype and device, so the
+decision is the same at every later step (a new shape measures once more; see
+:func:`memory_plans` and :func:`clear_memory_plans`). An unlimited budget keeps every unit from the
+first step and measures nothing; a budget of 0 (or ``None``, the default outside the context)
+keeps nothing: today's memory-free backward.
+
+Gradients are the same either way (kept units differentiate the forward, recomputed ones the
+rebuilt forward; they agree to round-off). The budget counts *activation* bytes on top of the
+memory-free step; parameters, the network's output and the condition are not part of it. While a
+step runs, a unit whose planned bytes would overflow the budget is recomputed instead, so the kept
+bytes never exceed it.
+
+>>> import torch, invnet
+>>> from invnet.networks import Glow
+>>> flow = Glow(channels=2, levels=2, depth=2, ndim=1, hidden=8).double()
+>>> x = torch.randn(4, 2, 16, dtype=torch.float64)
+>>> with invnet.memory_budget("20kB"):
+...     for step in range(2):  # the first step measures, the second keeps
+...         z, logdet = flow(x)
+...         (0.5 * (z**2).sum() - logdet.sum()).backward()
+>>> plan = invnet.memory_plans(flow)[0]
+>>> 0 < plan.kept_bytes <= 20_000, len(plan.keep) == len(plan.units)
+(True, True)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from .vjp import GradStore, parameter_aliases
+
+__all__ = [
+    "memory_budget", "current_memory_budget", "parse_bytes", "BudgetPlan", "memory_plans", "clear_memory_plans",
+]
+
+_state = threading.local()
+
+_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_UNLIMITED = ("inf", "unlimited", "all")
+
+
+def parse_bytes(value: Union[None, int, float, str]) -> Optional[float]:
+    """A byte count from ``None``, a number, or a string such as ``"2GB"``, ``"512 MiB"``,
+    ``"1.5e9"``, ``"unlimited"`` (decimal units kB/MB/GB/TB are powers of 1000, binary
+    KiB/MiB/GiB/TiB powers of 1024). Returns ``None`` for ``None`` and ``math.inf`` for an
+    unlimited budget; raises ``ValueError`` naming the accepted forms otherwise.
+
+    >>> parse_bytes("2GB"), parse_bytes("1 KiB"), parse_bytes(0), parse_bytes("unlimited")
+    (2000000000.0, 1024.0, 0.0, inf)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"a memory budget must be a byte count, not a bool ({value!r})")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text in _UNLIMITED:
+            return math.inf
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?b|b)?", text)
+        if m is None:
+            raise ValueError(
+                f"cannot read a memory budget from {value!r}: expected bytes as a number or a string like "
+                "'2GB', '512MiB', '0' or 'unlimited'"
+            )
+        n = float(m.group(1)) * _UNITS[m.group(2) or ""]
+    else:
+        raise ValueError(f"a memory budget must be None, a number of bytes or a string like '2GB'; got {type(value).__name__}")
+    if math.isnan(n) or n < 0:
+        raise ValueError(f"a memory budget must be >= 0 bytes, got {value!r}")
+    return n
+
+
+def current_memory_budget() -> Optional[float]:
+    """The budget in force on this thread (bytes; ``None`` outside :func:`memory_budget`)."""
+    return getattr(_state, "budget", None)
+
+
+@contextlib.contextmanager
+def memory_budget(nbytes: Union[None, int, float, str]) -> Iterator[None]:
+    """Let blocks keep activations up to ``nbytes`` inside a ``with`` block (thread-local).
+
+    ``nbytes``: bytes or a string (``"2GB"``, ``"unlimited"``, see :func:`parse_bytes`); ``None``
+    restores the default (keep nothing, the memory-free backward), ``0`` recomputes everything,
+    ``math.inf`` keeps everything. Has effect only where memory saving is on (the default): see
+    the module docstring for the choice of the blocks that keep and the plan cached per network.
+
+    >>> import torch, invnet
+    >>> flow = invnet.Chain(invnet.layers.ActNorm(2), invnet.layers.AffineCoupling(2, 8, ndim=0))
+    >>> with invnet.memory_budget("unlimited"):
+    ...     z, logdet = flow(torch.randn(5, 2))
+    ...     (z.sum() + logdet.sum()).backward()
+    >>> invnet.memory_plans(flow)[0].keep
+    (True, True)
+    """
+    budget = parse_bytes(nbytes)
+    previous = current_memory_budget()
+    _state.budget = budget
+    try:
+        yield
+    finally:
+        _state.budget = previous
+
+
+# ----------------------------------------------------------------------------------------------
+# plans
+@dataclass(frozen=True)
+class BudgetPlan:
+    """Which units of one network keep their activations, for one input shape and budget.
+
+    ``units``: the unit types in the order of the forward walk; ``nbytes`` and ``seconds``: what
+    each kept unit costs and saves (measured at the first step; ``None`` when the budget was
+    unlimited and nothing was measured); ``keep``: the decision; ``kept_bytes``: planned bytes of
+    the kept units (``None`` if not measured); ``budget``: the budget in bytes; ``key``: the
+    direction, shapes, dtype and device the plan is for."""
+
+    key: tuple
+    budget: float
+    units: tuple[str, ...]
+    keep: tuple[bool, ...]
+    nbytes: Optional[tuple[int, ...]] = None
+    seconds: Optional[tuple[float, ...]] = None
+
+    @property
+    def kept_bytes(self) -> Optional[int]:
+        if self.nbytes is None:
+            return None
+        return sum(b for b, k in zip(self.nbytes, self.keep) if k)
+
+
+def greedy_keep(nbytes: tuple[int, ...], seconds: tuple[float, ...], budget: float) -> tuple[bool, ...]:
+    """The units to keep within ``budget`` bytes: by decreasing time saved per byte (ties: the
+    later unit first), skipping those that no longer fit.
+
+    >>> greedy_keep((100, 10, 10), (1.0, 1.0, 0.5), budget=25)
+    (False, True, True)
+    """
+    order = sorted(range(len(nbytes)), key=lambda k: (-seconds[k] / max(nbytes[k], 1), -k))
+    keep = [False] * len(nbytes)
+    used = 0
+    for k in order:
+        if used + nbytes[k] <= budget:
+            keep[k] = True
+            used += nbytes[k]
+    return tuple(keep)
+
+
+@dataclass
+class _Cache:
+    stats: dict = field(default_factory=dict)  # key -> (units, nbytes, seconds)
+    plans: dict = field(default_factory=dict)  # (key, budget) -> BudgetPlan
+
+
+def _cache(module: nn.Module) -> _Cache:
+    cache = module.__dict__.get("_invnet_budget_cache")
+    if cache is None:
+        cache = _Cache()
+        module.__dict__["_invnet_budget_cache"] = cache
+    return cache
+
+
+def memory_plans(module: nn.Module) -> list[BudgetPlan]:
+    """The plans cached on ``module`` (a network called under :func:`memory_budget`), oldest first."""
+    cache = module.__dict__.get("_invnet_budget_cache")
+    return [] if cache is None else list(cache.plans.values())
+
+
+def clear_memory_plans(module: nn.Module) -> None:
+    """Forget the measured figures and plans of ``module``: the next step under a budget measures
+    again (after a change that alters the cost of its blocks, e.g. another device)."""
+    module.__dict__.pop("_invnet_budget_cache", None)
+
+
+def _plan_key(inverse: bool, inp: Tensor, c: Optional[Tensor]) -> tuple:
+    return ("inverse" if inverse else "forward", tuple(inp.shape), None if c is None else tuple(c.shape),
+            str(inp.dtype), str(inp.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# the tape: what one step records (forward) and replays (backward)
+class _Kept:
+    """One kept unit: its graph (held through gradient edges, so that the unit's output is not
+    kept alive by this record), the leaves it was recorded on, and the parameters they alias."""
+
+    __slots__ = ("outputs", "x", "c", "originals", "aliases")
+
+    def __init__(self, outputs: list[Optional[GradientEdge]], x: Tensor, c: Optional[Tensor], originals, aliases) -> None:
+        self.outputs, self.x, self.c, self.originals, self.aliases = outputs, x, c, originals, aliases
+
+    def grad(self, dy: Tensor, dlogdet: Tensor, grads: GradStore, keep_graph: bool):
+        wrt = [self.x] + ([self.c] if self.c is not None else []) + list(self.aliases)
+        pairs = [(e, v) for e, v in zip(self.outputs, (dy, dlogdet)) if e is not None]
+        g = torch.autograd.grad([e for e, _ in pairs], wrt, [v for _, v in pairs], allow_unused=True,
+                                retain_graph=keep_graph)
+        grads.add_many(self.originals, g[1 + (self.c is not None):])
+        dx = torch.zeros_like(self.x) if g[0] is None else g[0]
+        dc = g[1] if self.c is not None else None  # None: the unit ignores c (zero)
+        return self.x.detach(), dx, dc
+
+
+class _ByteCounter:
+    """Saved-tensor hooks that add up the bytes autograd saves, each storage once, leaving out
+    storages that are alive anyway (parameters, the condition)."""
+
+    def __init__(self, exclude: list[Tensor]) -> None:
+        self.seen: dict[int, int] = {}
+        self.exclude = {_storage_key(t) for t in exclude if t is not None}
+
+    def see(self, t: Tensor) -> Tensor:
+        key = _storage_key(t)
+        if key not in self.exclude:
+            try:
+                self.seen[key] = t.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):
+                self.seen[key] = t.numel() * t.element_size()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def _storage_key(t: Tensor) -> Any:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(t)
+
+
+class Tape:
+    """What one call of the memory-free bridge does with its units under a budget: ``measure``
+    (first step: count and time every unit, keep none), or ``keep`` (follow the plan). The bridge
+    makes it (:meth:`for_call`), records into it in the forward and replays it in the backward."""
+
+    def __init__(self, module: nn.Module, key: tuple, budget: float, plan: Optional[BudgetPlan]) -> None:
+        self.module, self.key, self.budget, self.plan = module, key, budget, plan
+        self.measuring = plan is None and math.isfinite(budget)
+        self.index = 0
+        self.units: list[str] = []
+        self.nbytes: list[int] = []
+        self.seconds: list[float] = []
+        self.kept: dict[int, list[Optional[_Kept]]] = {}
+        self.kept_bytes = 0
+        self.replaying = False
+        self.keep_graph = False
+
+    @classmethod
+    def for_call(cls, module: nn.Module, inverse: bool, inp: Tensor, c: Optional[Tensor]) -> Optional["Tape"]:
+        """The tape for a bridge call now, or ``None`` when no budget (or budget 0) is in force."""
+        budget = current_memory_budget()
+        if not budget:
+            return None
+        key = _plan_key(inverse, inp, c)
+        cache = _cache(module)
+        plan = cache.plans.get((key, budget))
+        if plan is None and key in cache.stats:
+            units, nbytes, seconds = cache.stats[key]
+            plan = BudgetPlan(key, budget, units, greedy_keep(nbytes, seconds, budget), nbytes, seconds)
+            cache.plans[(key, budget)] = plan
+        return cls(module, key, budget, plan)
+
+    # -- forward -------------------------------------------------------------------------------
+    def _wants(self, index: int, unit: nn.Module) -> bool:
+        if self.plan is None:
+            return not self.measuring  # unlimited: keep all
+        return index < len(self.plan.keep) and self.plan.keep[index] and self.plan.units[index] == type(unit).__name__
+
+    def run(self, unit: nn.Module, fn: Callable, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        index = self.index
+        self.index += 1
+        self.units.append(type(unit).__name__)
+        keep = self._wants(index, unit)
+        if keep and self.plan is not None and self.plan.nbytes is not None:
+            if self.kept_bytes + self.plan.nbytes[index] > self.budget:
+                keep = False  # the walk differs from the plan's: never overflow the budget
+        if not (keep or self.measuring):
+            self.kept.setdefault(id(unit), []).append(None)
+            with _paused():
+                return fn(x, c)
+        from .module import memory_saving  # local: module imports this file
+
+        x_leaf = x.detach().requires_grad_(True)
+        c_leaf = c.detach().requires_grad_(True) if (c is not None and c.is_floating_point()) else c
+        counter = _ByteCounter(list(unit.parameters()) + [c]) if self.measuring else None
+        hooks = (torch.autograd.graph.saved_tensors_hooks(counter.see, lambda t: t)
+                 if counter is not None else contextlib.nullcontext())
+        with _paused(), memory_saving(False), torch.enable_grad(), parameter_aliases(unit) as (originals, aliases):
+            start = time.perf_counter()
+            with hooks:
+                y, logdet = fn(x_leaf, c_leaf)
+            if counter is not None:
+                counter.see(x_leaf)
+                if y.device.type == "cuda":
+                    torch.cuda.synchronize(y.device)
+                self.nbytes.append(counter.total)
+                self.seconds.append(time.perf_counter() - start)
+        record = None
+        if keep and y.requires_grad:
+            # a logdet that does not depend on anything (a squeeze) has no edge and no cotangent
+            outputs = [get_gradient_edge(t) if t.requires_grad else None for t in (y, logdet)]
+            record = _Kept(outputs, x_leaf, c_leaf if c_leaf is not c else None, originals, aliases)
+            if self.plan is not None and self.plan.nbytes is not None:
+                self.kept_bytes += self.plan.nbytes[index]
+        self.kept.setdefault(id(unit), []).append(record)
+        return y.detach(), logdet.detach()
+
+    def finish_forward(self) -> None:
+        """Store what a measuring step found; the plan follows at the next step."""
+        cache = _cache(self.module)
+        if self.measuring:
+            cache.stats[self.key] = (tuple(self.units), tuple(self.nbytes), tuple(self.seconds))
+            cache.plans[(self.key, self.budget)] = BudgetPlan(
+                self.key, self.budget, tuple(self.units), greedy_keep(tuple(self.nbytes), tuple(self.seconds), self.budget),
+                tuple(self.nbytes), tuple(self.seconds),
+            )
+        elif self.plan is None:  # unlimited: every unit kept, nothing measured
+            units = tuple(self.units)
+            cache.plans.setdefault((self.key, self.budget), BudgetPlan(self.key, self.budget, units, (True,) * len(units)))
+
+    @property
+    def has_kept(self) -> bool:
+        return any(r is not None for rs in self.kept.values() for r in rs)
+
+    # -- backward ------------------------------------------------------------------------------
+    def vjp(self, unit: nn.Module, vjp: Callable, y: Tensor, dy: Tensor, dlogdet: Tensor, c, grads: GradStore):
+        records = self.kept.get(id(unit))
+        record = None
+        if records:
+            record = records[-1] if self.keep_graph else records.pop()
+            if self.keep_graph:  # a second backward walks them again: rotate instead of dropping
+                records.insert(0, records.pop())
+        if record is None:
+            with _paused():
+                return vjp(y, dy, dlogdet, c, grads)
+        del y  # the kept graph holds the input; the rebuilt one is not needed
+        return record.grad(dy, dlogdet, grads, self.keep_graph)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        with _active(self):
+            yield
+        self.finish_forward()
+
+    @contextlib.contextmanager
+    def replay(self, keep_graph: bool) -> Iterator[None]:
+        self.replaying, self.keep_graph = True, keep_graph
+        try:
+            with _active(self):
+                yield
+        finally:
+            self.replaying = False
+
+
+@contextlib.contextmanager
+def _active(tape: Optional[Tape]) -> Iterator[None]:
+    previous = getattr(_state, "tape", None)
+    _state.tape = tape
+    try:
+        yield
+    finally:
+        _state.tape = previous
+
+
+def _paused() -> contextlib.AbstractContextManager:
+    # inside a unit, nested chains run plainly: the unit is the finest grain of the plan
+    return _active(None)
+
+
+def _tape() -> Optional[Tape]:
+    return getattr(_state, "tape", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# what Chain calls for each of its units
+def unit_forward(unit: nn.Module, x: Tensor, c: Optional[Tensor], inverse: bool) -> tuple[Tensor, Tensor]:
+    """``unit._forward(x, c)`` (or ``_inverse``), kept or recomputed as the running step's plan
+    says; a plain call when no budget is recording."""
+    fn = unit._inverse if inverse else unit._forward
+    tape = _tape()
+    if tape is None or tape.replaying:
+        return fn(x, c)
+    return tape.run(unit, fn, x, c)
+
+
+def unit_vjp(unit: nn.Module, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore,
+             inverse: bool):
+    """``unit._vjp`` (or ``_vjp_inverse``), or the kept graph's gradient when the unit kept it."""
+    vjp = unit._vjp_inverse if inverse else unit._vjp
+    tape = _tape()
+    if tape is None or not tape.replaying:
+        return vjp(y, dy, dlogdet, c, grads)
+    return tape.vjp(unit, vjp, y, dy, dlogdet, c, grads)
