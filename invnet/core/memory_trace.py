@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -43,9 +43,11 @@ class LiveBytesTrace:
 
 
 class _LiveBytesMode(TorchDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, preexisting: Iterable[Tensor] = ()) -> None:
         super().__init__()
         self._tracked: dict[int, list[int]] = {}  # storage id -> [bytes, live tensors using it]
+        # storages alive before the call: an in-place op returns them, but they are not new
+        self._old = {t.untyped_storage()._cdata for t in preexisting if t is not None}
         self.current = 0
         self.peak = 0
         self.created = 0
@@ -60,6 +62,8 @@ class _LiveBytesMode(TorchDispatchMode):
     def _track(self, t: Tensor) -> None:
         storage = t.untyped_storage()
         key = storage._cdata  # identity of the storage, stable while it lives
+        if key in self._old:
+            return
         entry = self._tracked.get(key)
         if entry is None:
             entry = self._tracked[key] = [storage.nbytes(), 0]
@@ -81,14 +85,17 @@ class _LiveBytesMode(TorchDispatchMode):
             del self._tracked[key]
 
 
-def trace_live_bytes(fn: Callable[[], object]) -> LiveBytesTrace:
+def trace_live_bytes(fn: Callable[[], object], preexisting: Iterable[Tensor] = ()) -> LiveBytesTrace:
     """Run ``fn()`` and return the peak of tensor memory created during it and still alive.
 
     Tensors that existed before the call (inputs, parameters) are not counted; tensors created
     inside it are, from creation to release, whoever holds them (your frames, autograd's saved
-    tensors, the engine's gradient buffers). Storages shared by views count once.
+    tensors, the engine's gradient buffers). Storages shared by views count once. An in-place
+    operation returns the storage it wrote to, which would be counted from then on: list the
+    tensors that existed before and may be written in place (e.g. the ``.grad`` buffers that
+    gradient accumulation adds to) in ``preexisting``.
     """
-    mode = _LiveBytesMode()
+    mode = _LiveBytesMode(preexisting)
     with mode:
         fn()
     return LiveBytesTrace(peak_bytes=mode.peak, end_bytes=mode.current, storages=mode.created)

@@ -142,13 +142,14 @@ class InvertibleModule(nn.Module):
             raise ValueError(f"dy must have the shape of y {tuple(y.shape)}, got {tuple(dy.shape)}")
         if tuple(dlogdet.shape) != (y.shape[0],):
             raise ValueError(f"dlogdet must have shape ({y.shape[0]},), got {tuple(dlogdet.shape)}")
-        grads = GradStore()
+        params = [p for p in self.parameters() if p.requires_grad]
+        grads = GradStore(into_grad=[p for p in params if p.grad is not None])  # added in place
         with torch.no_grad(), full_precision(_state_for(y).without_cache()):
             x, dx, dc = self._vjp(y, dy, dlogdet, c, grads)
-        for p in self.parameters():
+        for p in params:
             g = grads.get(p)
-            if g is not None and p.requires_grad:
-                p.grad = g.detach().clone() if p.grad is None else p.grad + g
+            if g is not None:
+                p.grad = g.detach().clone()
         return Backward(x, dx, dc)
 
     def check_shape(
@@ -327,7 +328,8 @@ class _MemorySavingCall(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor, dlogdet: Tensor):
         (c,) = ctx.saved_tensors
-        grads = GradStore()
+        direct = _accumulating_in_place(ctx.params, ctx.needs_input_grad[4:])
+        grads = GradStore(into_grad=direct)
         vjp = ctx.module._vjp_inverse if ctx.inverse else ctx.module._vjp
         # rebuild and differentiate under the forward's autocast state, whatever the context of
         # loss.backward(); the output goes straight into the call so that no frame here keeps it
@@ -336,4 +338,39 @@ class _MemorySavingCall(torch.autograd.Function):
             _, dinp, dc = vjp(ctx.output.take(), dout, dlogdet, c, grads)
         if c is None or not ctx.needs_input_grad[3]:
             dc = None
-        return (None, None, dinp, dc, *[grads.get(p) for p in ctx.params])
+        return (None, None, dinp, dc, *[_already_in_grad(p) if grads.went_into_grad(p) else grads.get(p)
+                                         for p in ctx.params])
+
+
+def _engine_accumulates(p: Tensor) -> bool:
+    """Whether the running backward will accumulate into ``p.grad`` (``loss.backward()``, or
+    ``backward(inputs=...)`` naming ``p``; never ``torch.autograd.grad``)."""
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_execute is None:
+        return False
+    try:
+        return will_execute(torch.autograd.graph.get_gradient_edge(p).node) is True
+    except RuntimeError:  # autograd.grad(): PyTorch refuses to say for a leaf, and never accumulates
+        return False
+
+
+def _accumulating_in_place(params: tuple[Tensor, ...], needed: tuple[bool, ...]) -> list[Tensor]:
+    """The parameters whose gradients the bridge may add straight into ``.grad`` as blocks
+    finish: those with a ``.grad`` already (accumulation over micro-batches) that this backward
+    accumulates into, that carry no tensor hooks (a hook must see the gradient itself, so those
+    take the ordinary path), outside a double backward. Without this, the whole set of new
+    gradients is alive next to the ``.grad`` buffers until autograd adds them at the end."""
+    if torch.is_grad_enabled():
+        return []
+    return [
+        p for p, need in zip(params, needed)
+        if need and p.grad is not None and not p.grad.is_sparse and p.grad.shape == p.shape
+        and not p._backward_hooks and _engine_accumulates(p)
+    ]
+
+
+def _already_in_grad(p: Tensor) -> Tensor:
+    """What the bridge hands autograd for a parameter whose gradient it already added into
+    ``.grad``: a zero of ``p``'s shape that holds one element (stride 0). Autograd adds it (a
+    no-op) and then fires the post-accumulate-grad hooks, once, with ``.grad`` complete."""
+    return torch.zeros((), dtype=p.grad.dtype, device=p.grad.device).expand(p.shape)

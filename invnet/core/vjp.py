@@ -31,22 +31,39 @@ class GradStore:
     """Accumulates parameter gradients during a hand-written backward, keyed by identity so that
     shared parameters add up.
 
+    Parameters listed in ``into_grad`` (whose ``.grad`` already exists: gradient accumulation
+    over micro-batches) get each contribution added straight into ``.grad``, in place, as soon as
+    a block produces it: no second gradient-sized copy is held until the end of the backward.
+    :meth:`get` returns ``None`` for them and :meth:`went_into_grad` says that something arrived.
+
     >>> import torch
     >>> p = torch.nn.Parameter(torch.zeros(2))
     >>> store = GradStore()
     >>> store.add(p, torch.ones(2)); store.add(p, torch.ones(2))
     >>> store.get(p).tolist()
     [2.0, 2.0]
+    >>> p.grad = torch.ones(2)
+    >>> store = GradStore(into_grad=[p])
+    >>> store.add(p, torch.ones(2))
+    >>> p.grad.tolist(), store.get(p), store.went_into_grad(p)
+    ([2.0, 2.0], None, True)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, into_grad: Sequence[Tensor] = ()) -> None:
         self._grads: dict[int, Tensor] = {}
+        self._into: dict[int, Tensor] = {id(p): p for p in into_grad}
+        self._arrived: set[int] = set()
 
     def add(self, param: Tensor, grad: Optional[Tensor]) -> None:
         """Add ``grad`` to the gradient of ``param`` (``None`` means zero)."""
         if grad is None:
             return
         key = id(param)
+        target = self._into.get(key)
+        if target is not None:
+            target.grad.add_(grad)
+            self._arrived.add(key)
+            return
         if key in self._grads:
             self._grads[key] = self._grads[key] + grad
         else:
@@ -58,8 +75,13 @@ class GradStore:
             self.add(p, g)
 
     def get(self, param: Tensor) -> Optional[Tensor]:
-        """The accumulated gradient of ``param``, or ``None`` if nothing was added."""
+        """The accumulated gradient of ``param``, or ``None`` if nothing was added (or it went
+        straight into ``.grad``)."""
         return self._grads.get(id(param))
+
+    def went_into_grad(self, param: Tensor) -> bool:
+        """Whether gradients of ``param`` were added straight into its ``.grad``."""
+        return id(param) in self._arrived
 
 
 def add_optional(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
