@@ -256,12 +256,16 @@ def as_operator(
 
 
 class _MisfitGradient(torch.autograd.Function):
-    """g = A^T (A x - y); VJP: dx = A^T A dg, dy = -A dg (the map is linear)."""
+    """g = A^T (A x - y); VJP: dx = A^T A dg, dy = -A dg; JVP: dg = A^T (A dx - dy) (the map is
+    affine). Under vmap the operator is applied slice by slice (it need not be a torch function)."""
 
     @staticmethod
-    def forward(ctx, op: ForwardOperator, x: Tensor, y: Tensor) -> Tensor:
-        ctx.op = op
+    def forward(op: ForwardOperator, x: Tensor, y: Tensor) -> Tensor:
         return op.adjoint(op.forward(x) - y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.op = inputs[0]
 
     @staticmethod
     def backward(ctx, dg: Tensor):
@@ -270,6 +274,21 @@ class _MisfitGradient(torch.autograd.Function):
         dx = op.adjoint(a_dg) if ctx.needs_input_grad[1] else None
         dy = -a_dg if ctx.needs_input_grad[2] else None
         return None, dx, dy
+
+    @staticmethod
+    def jvp(ctx, _, dx: Optional[Tensor], dy: Optional[Tensor]) -> Tensor:
+        op = ctx.op
+        if dx is None:
+            return op.adjoint(-dy)
+        a_dx = op.forward(dx)
+        return op.adjoint(a_dx if dy is None else a_dx - dy)
+
+    @staticmethod
+    def vmap(info, in_dims, op: ForwardOperator, x: Tensor, y: Tensor):
+        _, x_dim, y_dim = in_dims
+        xs = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
+        ys = y.movedim(y_dim, 0) if y_dim is not None else y.expand(info.batch_size, *y.shape)
+        return torch.stack([_MisfitGradient.apply(op, xs[i], ys[i]) for i in range(info.batch_size)]), 0
 
 
 def misfit_gradient(op: ForwardOperator, x: Tensor, y: Tensor) -> Tensor:

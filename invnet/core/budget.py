@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from .forward_mode import in_plain_forward_mode, naming_block
 from .vjp import GradStore, parameter_aliases
 
 __all__ = [
@@ -414,6 +415,9 @@ def unit_forward(unit: nn.Module, x: Tensor, c: Optional[Tensor], inverse: bool)
     """``unit._forward(x, c)`` (or ``_inverse``), kept or recomputed as the running step's plan
     says; a plain call when no budget is recording."""
     fn = unit._inverse if inverse else unit._forward
+    if in_plain_forward_mode():
+        with naming_block(type(unit).__name__):  # name the unit that has no forward-mode rule
+            return fn(x, c)
     tape = _tape()
     if tape is None or tape.replaying:
         return fn(x, c)

@@ -10,6 +10,7 @@ on the way. Parameter gradients are handed back to autograd (parameters are inpu
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from typing import Callable, Iterator, NamedTuple, Optional
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .budget import Tape
+from .forward_mode import forward_mode_active, plain_forward_mode, transforms_active
 from .handover import HandOver
 from .precision import AutocastState, conditioner_call, full_precision, recorded_autocast
 from .value_checks import check_finite
@@ -220,11 +222,18 @@ class InvertibleModule(nn.Module):
             self.check_shape(tuple(inp.shape), None if c is None else tuple(c.shape), inverse)
             if not inp.is_floating_point():
                 raise ValueError(f"expected a floating-point tensor, got dtype {inp.dtype}")
-            # one host read-back for both (a GPU stalls on each), none under value_checks(False)
-            check_finite({"y" if inverse else "x": inp, "the condition c": c})
+            # one host read-back for both (a GPU stalls on each), none under value_checks(False);
+            # none inside torch.func transforms, whose batched tensors cannot be read
+            if not transforms_active():
+                check_finite({"y" if inverse else "x": inp, "the condition c": c})
         # the block's own arithmetic runs with autocast off; its conditioners under the state
         # recorded here (the caller's, or the enclosing call's when nested)
         with _nested(), full_precision(_state_for(inp)):
+            if forward_mode_active(itertools.chain((inp, c), self.parameters())):
+                # forward mode keeps no activations: the plain forward, each op's own tangent
+                # rule (invnet.core.forward_mode)
+                with plain_forward_mode(type(self).__name__):
+                    return self._inverse(inp, c) if inverse else self._forward(inp, c)
             if torch.is_grad_enabled() and memory_saving_enabled():
                 params = self._grad_params()
                 return _MemorySavingCall.apply(self, inverse, inp, c, *params)

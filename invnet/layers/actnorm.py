@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..core.forward_mode import ForwardModeError, transforms_active
 from ..core.module import GradStore, InvertibleModule, VJPResult
 from ..core.shapes import broadcast_channel, reduce_dims, space_size
 
@@ -79,6 +80,11 @@ class ActNorm(InvertibleModule):
 
     @torch.no_grad()
     def _initialize(self, data: Tensor, inverse: bool) -> None:
+        if transforms_active():
+            raise ForwardModeError(
+                "ActNorm's data-dependent initialisation writes its parameters and cannot run inside a "
+                "torch.func transform (jvp, jacfwd, vmap, ...): call the network once outside it first"
+            )
         dims = reduce_dims(data)
         count = data.new_tensor(float(data.numel() // data.shape[1]))
         stats = torch.cat([data.sum(dims), (data * data).sum(dims), count.reshape(1)])

@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.forward_mode import in_plain_forward_mode
+
 __all__ = ["conv", "pointwise", "reference_kernels", "fast_kernels_enabled", "reference_kernel_chosen"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -104,7 +106,8 @@ def pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x, w, bias)
     if not fast_kernels_enabled() and d in _CONV and weight.dim() == x.dim():
         return _CONV[d](x, weight, bias)
-    if d >= 2 and x.is_contiguous(memory_format=_CHANNELS_LAST[d]) and not x.is_contiguous():
+    # (layout queries are not answered inside vmap: forward mode takes the channels-first path)
+    if d >= 2 and not in_plain_forward_mode() and x.is_contiguous(memory_format=_CHANNELS_LAST[d]) and not x.is_contiguous():
         return F.linear(x.movedim(1, -1), w, bias).movedim(-1, 1)
     n, c = x.shape[:2]
     flat = x.reshape(n, c, -1)
@@ -116,7 +119,8 @@ def pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def _uses_onednn_rule(x: Tensor) -> bool:
-    return fast_kernels_enabled() and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES
+    # not in forward mode: layouts cannot be chosen inside vmap, and the fold has no jvp rule
+    return fast_kernels_enabled() and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES and not in_plain_forward_mode()
 
 
 def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
