@@ -16,9 +16,18 @@ times all libraries round-robin (ratios from the same run):
 * ``3d``: volumes ``--volumes`` (invnet only; the peers have no 3D Glow): memory.
 * ``largest3d``: the largest cubic volume a conditional Glow trains on with one sample within
   ``--budget-gb`` of peak RSS growth, memory saving on vs off.
+* ``budget``: the trade-off of ``invnet.memory_budget`` at K=``--budget-depth``: invnet with an
+  unlimited budget, a quarter of the plain step's autograd-saved bytes, and 0 (memory-free),
+  against every library (memory per configuration in a fresh process; one round-robin timing
+  process), and a plot of step time against peak memory (``--plots``).
+* ``accumulate``: gradient accumulation (``.grad`` kept, ``zero_grad(set_to_none=False)``):
+  memory of a step at K in ``--accumulate-depths``, every library, beside the default step of the
+  depth sweep.
 
     PYTHONPATH=$PWD python scripts/bench_memory.py                      # full run (~25 min)
     PYTHONPATH=$PWD python scripts/bench_memory.py --tiny --out /tmp/b.json   # seconds
+    PYTHONPATH=$PWD python scripts/bench_memory.py --sweeps budget accumulate --plots docs/figures \
+        --out docs/benchmarks/memory_budget_cpu.json                   # the budget trade-off
 
 Writes a JSON record (``--out``) and prints Markdown tables; ``--plots DIR`` draws PNGs.
 """
@@ -53,7 +62,17 @@ def peer_available(library: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # worker side
-def _make(cfg: dict, library: str, device: torch.device):
+def _library_and_budget(label: str, cfg: dict) -> tuple[str, Any]:
+    """``"invnet@quarter"`` -> ``("invnet", bytes)``: a library label with an optional memory
+    budget (``cfg["budgets"]`` maps the names to bytes)."""
+    library, _, name = label.partition("@")
+    return library, (cfg.get("budgets", {}).get(name, name) if name else None)
+
+
+def _make(cfg: dict, label: str, device: torch.device):
+    import invnet
+
+    library, budget = _library_and_budget(label, cfg)
     torch.manual_seed(0)
     model = bm.build(
         library, cfg["channels"], cfg["levels"], cfg["depth"], cfg["hidden"], cfg["size"], cfg["ndim"],
@@ -66,11 +85,14 @@ def _make(cfg: dict, library: str, device: torch.device):
         c = torch.randn((cfg["batch"], cfg["cond_channels"]) + space, device=device)
 
     def loss():
-        return model.nll(x, c)
+        with invnet.memory_budget(budget):
+            return model.nll(x, c)
 
     def step():
-        model.zero_grad(set_to_none=True)
-        loss().backward()
+        # accumulation: .grad kept (zeroed in place), as between micro-batches
+        model.zero_grad(set_to_none=not cfg.get("accumulate", False))
+        with invnet.memory_budget(budget):
+            loss().backward()
 
     return model, loss, step
 
@@ -87,7 +109,7 @@ def worker(cfg: dict) -> dict:
     try:
         if cfg["measure"] == "memory":
             model, loss, step = _make(cfg, cfg["library"], device)
-            step()  # warm-up: ActNorm initialisation, thread pools, allocator
+            step()  # warm-up: ActNorm initialisation, thread pools, allocator, a budget's measuring step
             out["saved_mb"] = saved_bytes(loss) / bc.MB
             out.update(bc.measure_step_memory(step, device))
             out["params"] = bc.parameter_count(model)
@@ -175,6 +197,32 @@ def largest_3d(args, log: list[dict]) -> dict:
     return found
 
 
+def sweep_budget(args, libs: list[str], log: list[dict]) -> None:
+    """invnet under memory budgets (unlimited, a quarter of the plain step's saved bytes, 0)
+    against every library at one depth: memory in fresh processes, time round-robin."""
+    base = dict(sweep="budget", channels=args.channels, levels=args.levels, hidden=args.hidden, size=args.size,
+                batch=args.batch, ndim=2, depth=args.budget_depth)
+    plain = _run(dict(base, library="invnet-plain", measure="memory"), args, log)
+    if "error" in plain:
+        return
+    budgets = {"unlimited": "unlimited", "quarter": int(plain["saved_mb"] * bc.MB / 4), "0": 0}
+    labels = [f"invnet@{name}" for name in budgets]
+    others = [lib for lib in libs if lib not in ("invnet", "invnet-plain")]
+    for label in labels + others:
+        _run(dict(base, library=label, budgets=budgets, measure="memory"), args, log)
+    _run(dict(base, libraries=labels + ["invnet-plain"] + others, budgets=budgets, measure="time",
+              repeats=args.repeats), args, log)
+
+
+def sweep_accumulate(args, libs: list[str], log: list[dict]) -> None:
+    """Memory of a step that accumulates into existing ``.grad`` buffers, every library."""
+    base = dict(sweep="accumulate", channels=args.channels, levels=args.levels, hidden=args.hidden, size=args.size,
+                batch=args.batch, ndim=2, accumulate=True)
+    for depth in args.accumulate_depths:
+        for lib in libs:
+            _run(dict(base, depth=depth, library=lib, measure="memory"), args, log)
+
+
 def _median(rs: list[dict], key: str) -> Optional[float]:
     vals = [r[key] for r in rs if key in r]
     return statistics.median(vals) if vals else None
@@ -210,7 +258,24 @@ def summarize(log: list[dict], libs: list[str]) -> dict:
                 if r.get("sweep") == sweep and r.get("size") == size and "error" in r:
                     row[f"{r['library']}_error"] = r["error"]
             size_rows.append(row)
-    return {"depth": depth_rows, "size": size_rows}
+    budget_rows = []
+    labels = list(dict.fromkeys(r["library"] for r in mem if r["sweep"] == "budget"))
+    timed = [r for r in ok if r["sweep"] == "budget" and r["measure"] == "time"]
+    for label in labels:
+        rs = [r for r in mem if r["sweep"] == "budget" and r["library"] == label]
+        row = {"library": label, "depth": rs[0]["depth"], "rss_mb": _median(rs, "peak_growth_mb"),
+               "saved_mb": _median(rs, "saved_mb"), "time_s": _median(timed, f"{label}_time_median_s"),
+               "budget_bytes": _library_and_budget(label, rs[0])[1]}
+        budget_rows.append(row)
+    accumulate_rows = []
+    for depth in sorted({r["depth"] for r in mem if r["sweep"] == "accumulate"}):
+        row = {"depth": depth}
+        for lib in libs:
+            rs = [r for r in mem if r["sweep"] == "accumulate" and r["depth"] == depth and r["library"] == lib]
+            if rs:
+                row[f"{lib}_rss_mb"] = _median(rs, "peak_growth_mb")
+        accumulate_rows.append(row)
+    return {"depth": depth_rows, "size": size_rows, "budget": budget_rows, "accumulate": accumulate_rows}
 
 
 def targets(summary: dict) -> dict:
@@ -246,6 +311,13 @@ def print_tables(summary: dict, libs: list[str]) -> None:
     def f(v, fmt="{:.1f}"):
         return "-" if v is None else fmt.format(v)
 
+    if summary["depth"]:
+        _print_depth_tables(summary, libs, f)
+    _print_budget_tables(summary, libs, f)
+    _print_size_tables(summary, libs, f)
+
+
+def _print_depth_tables(summary: dict, libs: list[str], f) -> None:
     print("\nStep memory (peak RSS growth, MB) and autograd-saved MB, by depth K")
     print("| K | " + " | ".join(f"{lib} RSS / saved" for lib in libs) + " |")
     print("|---|" + "---|" * len(libs))
@@ -258,6 +330,30 @@ def print_tables(summary: dict, libs: list[str]) -> None:
     for r in summary["depth"]:
         if any(r.get(f"{lib}_time_s") is not None for lib in libs):
             print(f"| {r['depth']} | " + " | ".join(f(r.get(f"{lib}_time_s"), "{:.3f}") for lib in libs) + " |")
+
+
+def _print_budget_tables(summary: dict, libs: list[str], f) -> None:
+    if summary.get("budget"):
+        plain = next((r for r in summary["budget"] if r["library"] == "invnet-plain"), {})
+        print(f"\nMemory budget trade-off at K={summary['budget'][0]['depth']} (time relative to invnet-plain)")
+        print("| library | budget (bytes) | peak RSS growth (MB) | saved (MB) | step time (s) | time / plain |")
+        print("|---|---|---|---|---|---|")
+        for r in summary["budget"]:
+            ratio = r["time_s"] / plain["time_s"] if r.get("time_s") and plain.get("time_s") else None
+            print(f"| {r['library']} | {r['budget_bytes'] if r['budget_bytes'] is not None else '-'} | "
+                  f"{f(r['rss_mb'])} | {f(r['saved_mb'])} | {f(r['time_s'], '{:.3f}')} | {f(ratio, '{:.2f}')} |")
+    if summary.get("accumulate"):
+        default = {r["depth"]: r for r in summary["depth"]}
+        print("\nGradient accumulation (.grad kept): peak RSS growth (MB), default step in brackets")
+        print("| K | " + " | ".join(libs) + " |")
+        print("|---|" + "---|" * len(libs))
+        for r in summary["accumulate"]:
+            cells = [f"{f(r.get(f'{lib}_rss_mb'))} ({f(default.get(r['depth'], {}).get(f'{lib}_rss_mb'))})"
+                     for lib in libs]
+            print(f"| {r['depth']} | " + " | ".join(cells) + " |")
+
+
+def _print_size_tables(summary: dict, libs: list[str], f) -> None:
     for sweep, title in (("size", "image size (2D)"), ("3d", "volume size (3D, peers: no 3D Glow)")):
         rows = [r for r in summary["size"] if r["sweep"] == sweep]
         if not rows:
@@ -306,6 +402,9 @@ def plot(summary: dict, libs: list[str], folder: str) -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    rows = [r for r in summary.get("budget", []) if r.get("time_s") is not None and r.get("rss_mb") is not None]
+    if rows:
+        paths.append(_plot_tradeoff(rows, folder, plt))
     rows = [r for r in summary["size"] if r["sweep"] in ("size", "3d")]
     if rows:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -327,6 +426,31 @@ def plot(summary: dict, libs: list[str], folder: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _plot_tradeoff(rows: list[dict], folder: str, plt) -> str:
+    """Step time against peak memory: invnet's budgets as one curve, every other library a point."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    curve = [r for r in rows if r["library"].startswith("invnet@")]
+    if curve:
+        ax.plot([r["rss_mb"] for r in curve], [r["time_s"] for r in curve], "o-", color="C0",
+                label="invnet, memory_budget")
+        for r in curve:
+            ax.annotate(r["library"].split("@")[1], (r["rss_mb"], r["time_s"]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=8)
+    for i, r in enumerate(r for r in rows if not r["library"].startswith("invnet@")):
+        ax.plot([r["rss_mb"]], [r["time_s"]], "s", color=f"C{i + 1}", label=r["library"])
+    ax.set_xscale("log")
+    ax.set_xlabel("peak RSS growth of one step (MB)")
+    ax.set_ylabel("step time, median (s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Glow training step, K={rows[0]['depth']}: time against memory")
+    fig.tight_layout()
+    path = os.path.join(folder, "bench_budget_tradeoff.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _write_and_report(args, record: dict, libs: list[str], budget_note: str) -> int:
@@ -370,7 +494,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--libraries", nargs="+", default=list(bm.LIBRARIES), choices=bm.LIBRARIES + bm.EXTRA_LIBRARIES)
     p.add_argument("--sweeps", nargs="+", default=["depth", "size", "3d", "largest3d"],
-                   choices=["depth", "size", "3d", "largest3d"])
+                   choices=["depth", "size", "3d", "largest3d", "budget", "accumulate"])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--size", type=int, default=64)
@@ -389,6 +513,9 @@ def main(argv=None) -> int:
     p.add_argument("--volume-batch", type=int, default=2)
     p.add_argument("--largest-sizes", type=int, nargs="+", default=[32, 64, 96, 128, 160, 192, 224, 256])
     p.add_argument("--budget-gb", type=float, default=4.0)
+    p.add_argument("--budget-depth", type=int, default=16, help="K of the memory-budget sweep")
+    p.add_argument("--accumulate-depths", type=int, nargs="+", default=[4, 32],
+                   help="K of the gradient-accumulation sweep")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--tiny", action="store_true", help="a seconds-long run of every sweep (smoke test)")
@@ -405,8 +532,9 @@ def main(argv=None) -> int:
         args.sizes, args.size_depth, args.size_batch = [8], 1, 1
         args.volumes, args.volume_depth, args.volume_batch = [4], 1, 1
         args.largest_sizes, args.budget_gb = [4, 8], 0.5
+        args.budget_depth, args.accumulate_depths = 2, [1, 2]
     for name in ("batch", "channels", "size", "hidden", "levels", "repeats", "threads", "size_depth", "size_batch",
-                 "volume_depth", "volume_batch"):
+                 "volume_depth", "volume_batch", "budget_depth"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     div = 2**args.levels
@@ -431,6 +559,10 @@ def main(argv=None) -> int:
         sweep_3d(args, libs, log)
     if "largest3d" in args.sweeps:
         largest = largest_3d(args, log)
+    if "budget" in args.sweeps:
+        sweep_budget(args, libs, log)
+    if "accumulate" in args.sweeps:
+        sweep_accumulate(args, libs, log)
     summary = summarize(log, libs)
     record = {
         "benchmark": "memory", "device": "cpu",

@@ -56,6 +56,23 @@ def test_bench_memory_tiny(tmp_path):
     assert "no 3D" in proc.stdout
 
 
+def test_bench_memory_budget_and_accumulation_sweeps_tiny(tmp_path):
+    out = tmp_path / "budget.json"
+    proc = run_script("bench_memory.py", "--tiny", "--libraries", "invnet", "invnet-plain",
+                      "--sweeps", "budget", "accumulate", "--accumulate-depths", "1", "--out", str(out),
+                      "--plots", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert not [r for r in record["results"] if "error" in r]
+    rows = {r["library"]: r for r in record["summary"]["budget"]}
+    assert set(rows) == {"invnet-plain", "invnet@unlimited", "invnet@quarter", "invnet@0"}
+    assert rows["invnet@quarter"]["budget_bytes"] == int(rows["invnet-plain"]["saved_mb"] * 2**20 / 4)
+    assert rows["invnet@0"]["saved_mb"] < rows["invnet@unlimited"]["saved_mb"]
+    assert all(r["time_s"] > 0 for r in rows.values())
+    assert [r["depth"] for r in record["summary"]["accumulate"]] == [1]
+    assert (tmp_path / "bench_budget_tradeoff.png").exists()
+
+
 def test_bench_memory_rejects_sizes_the_squeezes_cannot_halve(tmp_path):
     proc = run_script("bench_memory.py", "--size", "20", "--levels", "3", "--out", str(tmp_path / "x.json"))
     assert proc.returncode != 0 and "divisible by 2^levels = 8" in proc.stderr
