@@ -36,11 +36,27 @@ def _train(args: argparse.Namespace) -> int:
     from .training.signals import exit_code_for_signal
 
     cfg = load_config(args.config)
-    comm = default_comm()  # MPI under `mpiexec ... python -m mpi4py -m invnet train`, serial otherwise
+    if args.device is not None:
+        cfg["training"]["device"] = _device_option(args.device)
+    comm = default_comm(cfg["distributed"]["backend"])  # MPI under `mpiexec ... -m invnet train`, serial otherwise
     result = train_from_config(cfg, comm=comm, resume=not args.restart, config_path=args.config)
     if comm.rank == 0:
         print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}")
     return EXIT_OK if result.status == "finished" else exit_code_for_signal(result.signal or "")
+
+
+def _device_option(name: str) -> str:
+    """Check a ``--device`` value (before anything is read).
+
+    >>> _device_option("cuda:0")
+    'cuda:0'
+    """
+    from .training.device import check_device_name
+
+    complaint = check_device_name(name)
+    if complaint:
+        raise ValueError(f"--device must be {complaint}, got {name!r}")
+    return name
 
 
 def _parse_indices(text: Optional[str]):
@@ -88,8 +104,11 @@ def _info(args: argparse.Namespace) -> int:
     n_params = sum(int(t.numel()) for t in ckpt.weights.values() if t.is_floating_point())
     info = {"checkpoint": ckpt.path, "step": ckpt.step, "saved_at": ckpt.meta.get("saved_at"),
             "network": ckpt.meta.get("spec"), "parameters_and_buffers": n_params, "data": ckpt.meta.get("data"),
-            "normalization": ckpt.meta.get("normalization"), "last_train_bpd": ckpt.meta.get("last_train_bpd"),
-            "last_val_bpd": ckpt.meta.get("last_val_bpd"), "data_position": ckpt.state.get("loader")}
+            "normalization": ckpt.meta.get("normalization"), "run": ckpt.meta.get("run"),
+            "loss_name": ckpt.meta.get("loss_name", "bpd"),
+            "last_train_loss": ckpt.meta.get("last_train_loss", ckpt.meta.get("last_train_bpd")),
+            "last_val_loss": ckpt.meta.get("last_val_loss", ckpt.meta.get("last_val_bpd")),
+            "data_position": ckpt.state.get("loader")}
     print(json.dumps(info, indent=1))
     return 0
 
@@ -131,6 +150,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", formatter_class=fmt, help="train a conditional flow from a TOML config (docs/config.md)",
                            description="Train, or resume the run in out_dir (rerun the same command after a stop).")
     train.add_argument("config", help="TOML configuration (docs/config.md)")
+    train.add_argument("--device", default=None,
+                       help="auto, cpu, cuda (each MPI rank: the GPU of its node-local rank) or cuda:N; "
+                            "overrides [training] device")
     train.add_argument("--restart", action="store_true",
                        help="start over: a previous run in out_dir is moved aside to OUT_DIR.previous-DATE-TIME")
     train.set_defaults(func=_train)

@@ -160,7 +160,7 @@ def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int) -> dict:
     t_sample, t_total, cpu = time.time() - t1, time.time() - t0, time.process_time() - cpu0
     report = dict(report, status="finished", size=size, train_seconds=round(t_train, 1),
                   sample_seconds=round(t_sample, 1), total_seconds=round(t_total, 1), cpu_seconds=round(cpu, 1),
-                  steps=result.step, final_train_bpd=result.last_train_bpd, final_val_bpd=result.last_val_bpd)
+                  steps=result.step, final_train_bpd=result.last_train_loss, final_val_bpd=result.last_val_loss)
     with atomic_file(os.path.join(out_dir, "report.json")) as f:
         json.dump(report, f, indent=1)
     cov = report["coverage"]

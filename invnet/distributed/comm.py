@@ -10,14 +10,17 @@ CUDA streams), otherwise staged through host memory.
 """
 from __future__ import annotations
 
+import builtins
 import os
 import socket
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Communicator", "SerialComm", "MPIComm", "TorchComm", "default_comm"]
+__all__ = ["Communicator", "SerialComm", "MPIComm", "TorchComm", "default_comm", "agree_on_errors"]
+
+T = TypeVar("T")
 
 
 class Communicator:
@@ -57,13 +60,30 @@ class Communicator:
         """Send a picklable Python object from ``root`` to every rank (configs, paths, flags)."""
         raise NotImplementedError
 
-    def allreduce(self, t: Tensor) -> Tensor:
-        """Alias of :meth:`allreduce_sum` (the trainer's communicator protocol)."""
-        return self.allreduce_sum(t)
-
     def allreduce_scalar(self, value: float) -> float:
         """Sum of a Python number over ranks (for verdicts and logging)."""
         return float(self.allreduce_sum(torch.tensor([float(value)], dtype=torch.float64))[0])
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any: a decision all ranks must take together
+        (stop after this step, write a checkpoint now).
+
+        >>> SerialComm().agree(True), SerialComm().agree(False)
+        (True, False)
+        """
+        if self.size == 1:
+            return bool(flag)
+        return self.allreduce_scalar(1.0 if flag else 0.0) > 0
+
+    def node_local(self) -> tuple[int, int]:
+        """``(rank, size)`` of this process among the ranks on its node (the processes that share
+        memory with it): under MPI the world split by ``MPI.COMM_TYPE_SHARED``. A rank uses it to
+        pick the GPU of its node (:func:`invnet.training.device.resolve_device`). Collective.
+
+        >>> SerialComm().node_local()
+        (0, 1)
+        """
+        return 0, 1
 
     def close(self) -> None:
         """Release backend resources (no-op unless the backend needs it)."""
@@ -194,6 +214,13 @@ class MPIComm(Communicator):
     def split(self, color: int, key: int) -> "MPIComm":
         return MPIComm(self.comm.Split(color, key), cuda_aware=self.cuda_aware)
 
+    def node_local(self) -> tuple[int, int]:
+        shared = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return shared.Get_rank(), shared.Get_size()
+        finally:
+            shared.Free()
+
     def abort(self, code: int = 1) -> None:
         """End every rank of the job at once (used when one rank cannot go on)."""
         self.comm.Abort(code)
@@ -234,8 +261,9 @@ class TorchComm(Communicator):
                     port = s.getsockname()[1]
             host, port = world.bcast((host, port), root=0)
             kwargs = {}
-            if backend == "nccl":
-                kwargs["device_id"] = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+            if backend == "nccl":  # one GPU per rank: the GPU of its node-local rank
+                local, _ = MPIComm(world).node_local()
+                kwargs["device_id"] = torch.device("cuda", local % max(1, torch.cuda.device_count()))
             dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=size, **kwargs)
         self.group = group
         self._ranks = _ranks  # global ranks of this group, in group order
@@ -298,26 +326,35 @@ class TorchComm(Communicator):
                 own = (grp, ranks)
         return TorchComm(self.backend, group=own[0], _ranks=own[1])
 
+    def node_local(self) -> tuple[int, int]:
+        from mpi4py import MPI  # the ranks came from the MPI launcher (see __init__)
+
+        if self._ranks is not None or self.size != MPI.COMM_WORLD.Get_size():
+            raise ValueError("node_local is defined on the world group of a TorchComm, not on a split one")
+        return MPIComm(MPI.COMM_WORLD).node_local()
+
     def close(self) -> None:
         if self.group is None and self._dist.is_initialized():
             self._dist.destroy_process_group()
 
 
-def default_comm() -> Communicator:
-    """The communicator of this job: :class:`MPIComm` over ``COMM_WORLD`` when mpi4py is
-    installed and more than one process runs (or ``INVNET_COMM=mpi``), else :class:`SerialComm`.
-    ``INVNET_COMM=gloo`` / ``nccl`` selects :class:`TorchComm`.
+def default_comm(backend: str = "auto") -> Communicator:
+    """The communicator of this job. ``backend``: ``"auto"`` (the environment variable
+    ``INVNET_COMM`` if set, else :class:`MPIComm` over ``COMM_WORLD`` when mpi4py is installed and
+    more than one process runs, else :class:`SerialComm`), ``"mpi"``, ``"gloo"`` or ``"nccl"``
+    (:class:`TorchComm`), ``"serial"``.
 
     >>> default_comm().size >= 1
     True
     """
-    choice = os.environ.get("INVNET_COMM", "auto")
+    choice = os.environ.get("INVNET_COMM", "auto") if backend == "auto" else backend
     if choice in ("gloo", "nccl"):
         return TorchComm(choice)
     if choice == "serial":
         return SerialComm()
     if choice not in ("auto", "mpi"):
-        raise ValueError(f"INVNET_COMM must be auto, mpi, gloo, nccl or serial, got {choice!r}")
+        raise ValueError(f"the communication backend must be auto, mpi, gloo, nccl or serial (INVNET_COMM or "
+                         f"[distributed] backend), got {choice!r}")
     try:
         from mpi4py import MPI
     except ImportError:
@@ -327,3 +364,44 @@ def default_comm() -> Communicator:
     if choice == "mpi" or MPI.COMM_WORLD.Get_size() > 1:
         return MPIComm()
     return SerialComm()
+
+
+#: the errors a job reports as bad input (exit code 2); :func:`agree_on_errors` shares them
+_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                 PermissionError)
+
+
+def agree_on_errors(comm: Communicator, check: Callable[[], T]) -> T:
+    """Run ``check()`` on every rank and return its result; if it raises a bad-input error
+    (``ValueError``, ``FileNotFoundError``, ...) on any rank, every rank raises the error of the
+    lowest such rank (same type, same one-line message), so no rank is left waiting in a
+    collective the failed one never reaches. Collective (one allreduce, one broadcast on failure).
+
+    >>> agree_on_errors(SerialComm(), lambda: 3)
+    3
+    >>> agree_on_errors(SerialComm(), lambda: int("x"))
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid literal for int() with base 10: 'x'
+    """
+    error: Optional[BaseException] = None
+    result = None
+    try:
+        result = check()
+    except _INPUT_ERRORS as err:
+        error = err
+    if comm.size == 1:
+        if error is not None:
+            raise error
+        return result
+    failed = torch.zeros(comm.size, dtype=torch.float64)
+    failed[comm.rank] = 0.0 if error is None else 1.0
+    failed = comm.allreduce_sum(failed)
+    if not bool((failed > 0).any()):
+        return result
+    root = int(torch.nonzero(failed > 0)[0, 0])
+    kind, message = comm.bcast((type(error).__name__, str(error)) if comm.rank == root else None, root)
+    if comm.rank == root:
+        raise error
+    cls = getattr(builtins, kind, ValueError)
+    raise (cls if isinstance(cls, type) and issubclass(cls, _INPUT_ERRORS) else ValueError)(message) from None

@@ -19,7 +19,7 @@ import torch
 
 from ..data import ZarrResultWriter, chunk_aligned_range, open_array
 from ..data.atomic import atomic_dir, atomic_file, check_creatable
-from ..training.comm import Comm, SerialComm
+from ..distributed.comm import Communicator, SerialComm, agree_on_errors
 from .calibration import Calibration
 from .sampler import PosteriorSampler, summarize_posterior
 
@@ -121,22 +121,6 @@ def _check_observations(ys, xs, rows: np.ndarray) -> None:
                 raise ValueError(f"{src.name} holds NaN or Inf in row {int(i)}; drop it (--indices) or clean the data")
 
 
-def _agree_on_errors(comm: Comm, check) -> None:
-    """Run ``check`` on every rank; if it fails on any, every rank raises (none waits for the others
-    in a collective that never comes)."""
-    problem = None
-    try:
-        check()
-    except ValueError as err:
-        problem = err
-    if comm.size > 1:
-        failed = float(comm.allreduce(torch.tensor([0.0 if problem is None else 1.0], dtype=torch.float64))[0])
-        if failed > 0 and problem is None:
-            problem = ValueError("another rank found a bad observation (its message says which); nothing was written")
-    if problem is not None:
-        raise problem
-
-
 def _read(src, i: int) -> torch.Tensor:
     return torch.from_numpy(src.read((slice(i, i + 1),))[0].astype(np.float64))
 
@@ -144,7 +128,7 @@ def _read(src, i: int) -> torch.Tensor:
 def sample_job(
     checkpoint: str, data: str, out: str, n_samples: int = 100, batch_size: int = 50, temperature: float = 1.0,
     keep: int = 4, indices: Optional[Sequence[int]] = None, x_name: Optional[str] = "x", y_name: str = "y",
-    plots: Optional[str] = None, n_plots: int = 3, seed: int = 0, comm: Optional[Comm] = None,
+    plots: Optional[str] = None, n_plots: int = 3, seed: int = 0, comm: Optional[Communicator] = None,
     overwrite: bool = False, progress: bool = False,
 ) -> dict:
     r"""Draw ``n_samples`` posterior samples for each observation ``y[i]`` (``i`` in ``indices``,
@@ -192,7 +176,7 @@ def sample_job(
     if xs is not None and tuple(xs.shape[1:]) != x_shape:
         raise ValueError(f"{xs.name} has samples of shape {tuple(xs.shape[1:])}, the network draws {x_shape}")
     lo, hi = blocks[comm.rank]
-    _agree_on_errors(comm, lambda: _check_observations(ys, xs, rows[lo:hi]))  # each rank reads its own block
+    agree_on_errors(comm, lambda: _check_observations(ys, xs, rows[lo:hi]))  # each rank reads its own block
     # ---- everything checked: write
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     attrs = dict(STORE_MARK, checkpoint=os.path.abspath(checkpoint), data=os.path.abspath(data), y=y_name,

@@ -61,7 +61,8 @@ class PosteriorSampler:
         if not ckpt.meta.get("spec"):
             raise ValueError(f"checkpoint {ckpt.path} holds no network spec; it was not written by invnet train")
         data = ckpt.meta.get("data") or {}
-        model = build_network(ckpt.meta["spec"]).to(torch_dtype(data.get("dtype", "float32")))
+        precision = (ckpt.meta.get("run") or {}).get("precision") or data.get("dtype", "float32")  # (older: dtype)
+        model = build_network(ckpt.meta["spec"]).to(torch_dtype(precision))
         try:
             model.load_state_dict(ckpt.weights)
         except RuntimeError as err:  # weights of another shape than the spec says
