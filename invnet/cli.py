@@ -226,6 +226,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         warnings.showwarning = previous
+        # under `python -m mpi4py` a non-zero exit ends the job through MPI_Abort, which does not
+        # flush Python's buffers: the last lines must be out before
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":
