@@ -54,6 +54,21 @@ def _state_on_cpu(obj: Any) -> Any:
     return obj
 
 
+def _move(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype) -> None:
+    """Move ``model`` to ``device`` and ``dtype`` and keep ``optimizer`` pointing at its
+    parameters: ``Module.to`` replaces a parameter object when the new tensor cannot share its
+    type (e.g. to another kind of device), which would leave the optimizer updating the old one."""
+    before = dict(model.named_parameters())
+    model.to(device=device, dtype=dtype)
+    replaced = {id(before[name]): p for name, p in model.named_parameters() if p is not before[name]}
+    if not replaced:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+    for old in [p for p in optimizer.state if id(p) in replaced]:
+        optimizer.state[replaced[id(old)]] = optimizer.state.pop(old)
+
+
 class Trainer:
     r"""Train a network on batches from a batch source with a loss function, on a device, in a
     precision, over a parallel strategy, with checkpoints, exact resume, signals and metrics.
@@ -189,7 +204,7 @@ class Trainer:
             ref = next(iter(model.parameters()), None)
             device = ref.device if ref is not None else torch.device("cpu")
         self.device = resolve_device(device, self.strategy.comm)
-        model.to(device=self.device, dtype=self.precision.parameter_dtype)  # same Parameter objects: the optimizer keeps them
+        _move(model, optimizer, self.device, self.precision.parameter_dtype)
         self.model = self.strategy.prepare(model)
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.scaler = self.precision.grad_scaler(self.device)
