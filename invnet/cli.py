@@ -26,7 +26,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .training.signals import PreemptionFlag, exit_code_for_signal
 
     with PreemptionFlag(raise_on_signal=True):  # a signal outside training stops at once (training checkpoints first)
-        report = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size, threads=args.threads)
+        report = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size, threads=args.threads,
+                          device=_device_option(args.device), precision=args.precision)
     return 0 if report.get("status") == "finished" else exit_code_for_signal(report.get("signal") or "")
 
 
@@ -80,11 +81,17 @@ def _sample(args: argparse.Namespace) -> int:
     from .inference import report_path, sample_job
     from .training.signals import PreemptionFlag
 
+    from .distributed import default_comm
+
+    device = _device_option(args.device)
+    comm = default_comm()  # MPI under `mpiexec ... -m invnet sample`: the run's grid, each rank its own chunks
     with PreemptionFlag(raise_on_signal=True):  # SIGTERM/SIGUSR1/Ctrl-C: stop now, the partial store is removed
         report = sample_job(args.checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
                             temperature=args.temperature, keep=args.keep, indices=_parse_indices(args.indices),
                             x_name=args.x, y_name=args.y, plots=args.plots, seed=args.seed, overwrite=args.overwrite,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, comm=comm, grid=args.grid, device=device)
+    if comm.rank != 0:
+        return 0
     print(f"posterior mean, std and samples: {args.out}")
     if report:
         cov = report["coverage"]
@@ -145,6 +152,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (the demo's tensors are small; on a busy machine more threads wait "
                            "for each other and the demo takes many times longer)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    demo.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                      help="arithmetic of training and sampling (bfloat16/float16: autocast for the conditioners)")
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser("train", formatter_class=fmt, help="train a conditional flow from a TOML config (docs/config.md)",
@@ -172,6 +182,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--x", default="x", help="truth array name (calibration when present)")
     sample.add_argument("--plots", default=None, help="folder for figures")
     sample.add_argument("--seed", type=int, default=0, help="seed of the latent draws")
+    sample.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda (each MPI rank: the GPU of its node-local rank) or cuda:N")
+    sample.add_argument("--grid", type=int, nargs="+", default=None, metavar="N",
+                        help="parallel grid under mpiexec: observation groups, then ranks per space axis (default: "
+                             "the run's split of space, the other ranks as groups)")
     sample.add_argument("--overwrite", action="store_true",
                         help="replace --out if it is a store invnet sample wrote (never anything else)")
     sample.add_argument("--no-progress", action="store_true", help="no progress bar")

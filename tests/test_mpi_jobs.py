@@ -182,3 +182,51 @@ def test_each_rank_reads_only_its_subdomain(tmp_path, ranks, grid):
     make_volumes(tmp_path / "vol.h5", space=(16, 8, 12))
     assert_ok(launch("reads.py", ranks, "--data", str(tmp_path / "vol.h5"), "--tmp", str(tmp_path), "--grid",
                      *grid.split(), timeout=240)[0])
+
+
+def _flat(report: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in report.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif v is not None:
+            out[prefix + k] = v
+    return out
+
+
+def _store(path: Path) -> dict:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(group[name][...]) for name in ("mean", "std", "samples", "index")} | {
+        "chunks": tuple(group["mean"].chunks), "attrs": dict(group.attrs)}
+
+
+@pytest.mark.timeout(600)
+def test_decomposed_sampling_writes_the_serial_store(tmp_path):
+    """`invnet sample` on 2 ranks (each volume split in two: grid 1 2 1 1) and on 4 (two
+    observation groups x two subdomains: grid 2 1 2 1) writes the store the serial job writes
+    with the same seed (the noise is drawn per global tile), chunked by subdomain, each rank its
+    own chunks; the calibration is the same, and nothing temporary is left."""
+    make_volumes(tmp_path / "vol.h5")
+    from invnet.cli import main
+
+    assert main(["train", str(write_config(tmp_path, "run", 2, 4))]) == 0
+    common = ["--data", "vol.h5", "--n", "6", "--keep", "2", "--indices", "0:5", "--seed", "3"]
+    assert main(["sample", str(tmp_path / "run"), "--out", str(tmp_path / "serial.zarr"), "--no-progress",
+                 *common[:1], str(tmp_path / "vol.h5"), *common[2:]]) == 0
+    serial = _store(tmp_path / "serial.zarr")
+    for ranks, grid, chunk in ((2, "1 2 1 1", (1, 1, 8, 8, 8)), (4, "2 1 2 1", (1, 1, 16, 4, 8))):
+        out = f"ranks{ranks}.zarr"
+        cmd = ["timeout", "-s", "KILL", "240", MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
+               "invnet", "sample", "run", "--out", out, "--grid", *grid.split(), "--plots", f"plots{ranks}", *common]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=270)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert proc.stdout.count("calibration (5 observations)") == 1  # rank 0 reports, for all
+        got = _store(tmp_path / out)
+        assert got["chunks"] == chunk and got["attrs"]["grid"] == [int(g) for g in grid.split()]
+        for name in ("mean", "std", "samples", "index"):
+            assert np.array_equal(got[name], serial[name]), name  # float64 run: the same numbers, bit for bit
+        assert _flat(got["attrs"]["calibration"]) == pytest.approx(_flat(serial["attrs"]["calibration"]), rel=1e-12)
+        assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+        assert sorted(os.listdir(tmp_path / f"plots{ranks}"))[:2] == ["coverage.png", "error_vs_std.png"]

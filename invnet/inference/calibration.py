@@ -100,10 +100,11 @@ class Calibration:
             del self.pairs[self.max_pairs:]
         self.per_obs.append((math.sqrt(float((err * err).mean())), float(summary.std.mean())))
 
-    def sum_over_ranks(self, comm) -> None:
+    def sum_over_ranks(self, comm, shared_by: int = 1) -> None:
         """Sum the counts and sums over the ranks of ``comm`` (each rank calibrated its own
-        observations), so that :meth:`report` describes all of them on every rank. The (|error|,
-        std) pairs for the plots stay this rank's. ``comm``: a
+        observations, or, when a volume is split, its own subdomain of them: ``shared_by`` ranks
+        share each observation, which then counts once), so that :meth:`report` describes all of
+        them on every rank. The (|error|, std) pairs for the plots stay this rank's. ``comm``: a
         :class:`~invnet.distributed.Communicator`.
 
         >>> from invnet.distributed import SerialComm
@@ -120,7 +121,7 @@ class Calibration:
                   self.var_sum, float(self.n_obs > 0), float(self.n_samples), float(bool(self.inside_emp)),
                   *[float(self.inside_emp.get(k, 0)) for k in keys], *[float(self.inside_gauss.get(k, 0)) for k in keys]]
         total = comm.allreduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
-        self.n_obs, self.n_elements = int(round(total[0])), int(round(total[1]))
+        self.n_obs, self.n_elements = int(round(total[0] / shared_by)), int(round(total[1]))
         self.z_sum, self.z_sq, self.sq_err_mean, self.sq_err_samples, self.var_sum = total[2:7]
         ranks_with_obs, n_samples, ranks_with_truth_ranks = total[7:10]
         self.n_samples = int(round(n_samples / ranks_with_obs)) if ranks_with_obs else 0  # the same on every rank
