@@ -92,3 +92,26 @@ def test_bench_gpu_without_cuda_says_so(tmp_path):
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(__import__("shutil").which("mpiexec") is None, reason="mpiexec is not on PATH (pip install mpich)")
+def test_bench_distributed_tiny():
+    """The scaling script runs through the Trainer and a ParallelStrategy on 2 ranks: strong
+    scaling with the exact live bytes, and the memory fit."""
+    import shutil
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    base = ["timeout", "-s", "KILL", "240", shutil.which("mpiexec"), "-n", "2", sys.executable, "-m", "mpi4py",
+            os.path.join(SCRIPTS, "bench_distributed.py")]
+    proc = subprocess.run(base + ["--mode", "strong", "--size", "16", "--levels", "1", "--depth", "1", "--steps", "1",
+                                  "--trace"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["local"] == [8, 16, 16] and len(record["live_peak_mb"]) == 2 and record["step_s"] > 0
+    assert 0 < record["halo_fraction_min"] <= record["halo_fraction_max"] < 1
+    proc = subprocess.run(base + ["--mode", "fit", "--sizes", "8", "16", "--levels", "1", "--depth", "1", "--steps",
+                                  "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["largest_edge_one_rank_per_machine"]["tensors"] >= record["largest_edge_one_machine"]["tensors"] > 0
