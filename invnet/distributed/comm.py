@@ -227,7 +227,8 @@ class MPIComm(Communicator):
 
 
 class TorchComm(Communicator):
-    """torch.distributed backend: gloo for CPU tensors, NCCL for CUDA tensors.
+    """torch.distributed backend: gloo for CPU tensors, NCCL for CUDA tensors (with NCCL, the
+    few CPU tensors the jobs reduce, flags and loss sums, travel through this rank's GPU).
 
     Ranks and the world size come from the MPI launcher (mpi4py); rank 0 picks a free TCP port
     and broadcasts its host and port, so no environment variables are needed. Set
@@ -273,13 +274,19 @@ class TorchComm(Communicator):
     def _global(self, r: int) -> int:
         return r if self._ranks is None else self._ranks[r]
 
+    def _on_backend_device(self, t: Tensor) -> Tensor:
+        # NCCL moves only CUDA memory
+        if self.backend == "nccl" and not t.is_cuda:
+            return t.to(torch.device("cuda", torch.cuda.current_device()))
+        return t
+
     def allreduce_sum(self, t: Tensor) -> Tensor:
-        out = t.detach().contiguous().clone()
+        out = self._on_backend_device(t.detach().contiguous()).clone()
         self._dist.all_reduce(out, op=self._dist.ReduceOp.SUM, group=self.group)
-        return out
+        return out.to(t.device)
 
     def broadcast(self, t: Tensor, root: int = 0) -> Tensor:
-        buf = t.detach().contiguous()
+        buf = self._on_backend_device(t.detach().contiguous())
         self._dist.broadcast(buf, src=self._global(root), group=self.group)
         if buf.data_ptr() != t.data_ptr():
             with torch.no_grad():
@@ -291,9 +298,11 @@ class TorchComm(Communicator):
         ops = []
         rbuf = None
         if send is not None and dest is not None:
-            ops.append(dist.P2POp(dist.isend, send.detach().contiguous(), self._global(dest), self.group))
+            ops.append(dist.P2POp(dist.isend, self._on_backend_device(send.detach().contiguous()), self._global(dest),
+                                  self.group))
         if recv is not None and source is not None:
-            rbuf = recv if recv.is_contiguous() else torch.empty_like(recv)
+            rbuf = recv if recv.is_contiguous() and (recv.is_cuda or self.backend != "nccl") else \
+                self._on_backend_device(torch.empty_like(recv))
             ops.append(dist.P2POp(dist.irecv, rbuf, self._global(source), self.group))
         if ops:
             for req in dist.batch_isend_irecv(ops):
@@ -314,8 +323,8 @@ class TorchComm(Communicator):
         # new_group is collective over the whole default group: every rank creates every group,
         # in the same order, and keeps its own.
         dist = self._dist
-        mine = torch.tensor([color, key, self._global(self.rank)], dtype=torch.int64)
-        table = [torch.zeros(3, dtype=torch.int64) for _ in range(self.size)]
+        mine = self._on_backend_device(torch.tensor([color, key, self._global(self.rank)], dtype=torch.int64))
+        table = [torch.zeros_like(mine) for _ in range(self.size)]
         dist.all_gather(table, mine, group=self.group)
         rows = [tuple(int(v) for v in r) for r in table]
         own = None
