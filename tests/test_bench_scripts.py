@@ -115,3 +115,15 @@ def test_bench_distributed_tiny():
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["largest_edge_one_rank_per_machine"]["tensors"] >= record["largest_edge_one_machine"]["tensors"] > 0
+
+
+def test_bench_precision_tiny(tmp_path):
+    out = tmp_path / "precision.json"
+    proc = run_script("bench_precision.py", "--batch", "2", "--size", "16", "--hidden", "8", "--levels", "2",
+                      "--depth", "1", "--repeats", "1", "--precisions", "float32", "bfloat16", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    rows = {r["precision"]: r for r in record["summary"]}
+    assert set(rows) == {"float32", "bfloat16"} and not any(r["error"] for r in rows.values())
+    assert all(r["finite_loss"] and r["step_s"] > 0 and r["live_peak_mb"] > 0 for r in rows.values())
+    assert rows["float32"]["time_ratio_to_float32"] == 1.0 and rows["bfloat16"]["time_ratio_to_float32"] > 0
