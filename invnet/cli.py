@@ -42,7 +42,9 @@ def _train(args: argparse.Namespace) -> int:
     comm = default_comm(cfg["distributed"]["backend"])  # MPI under `mpiexec ... -m invnet train`, serial otherwise
     result = train_from_config(cfg, comm=comm, resume=not args.restart, config_path=args.config)
     if comm.rank == 0:
-        print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}")
+        print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}",
+              flush=True)
+    comm.barrier()  # a non-zero exit ends an MPI job by MPI_Abort: no rank may end it before rank 0 has spoken
     return EXIT_OK if result.status == "finished" else exit_code_for_signal(result.signal or "")
 
 
