@@ -15,6 +15,7 @@ along its first axis), not a hand-written loop.
 Per run, rank 0 prints one JSON line:
 
 * ``step_s``: median time of a training step (``--steps`` timed steps after one warm-up);
+  ``step_cpu_s_per_rank``: CPU time per step (steadier on a loaded machine);
   ``halo_fraction_min/max``: time inside the halo exchange and its adjoint over the step (min:
   the rank that waits least, closest to the exchange's own cost; max: with load imbalance);
 * ``peak_rss_mb``, ``step_rss_growth_mb``: per rank, the kernel's high-water mark after the timed
@@ -34,6 +35,7 @@ Per run, rank 0 prints one JSON line:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -139,15 +141,17 @@ def one_run(space: tuple[int, ...], args, comm, trace: bool) -> dict:
         baseline = _status_mb("VmRSS:")
         HALO_SECONDS[0] = 0.0
         times = []
+        c0 = time.process_time()
         for _ in range(args.steps):
             t0 = time.perf_counter()
             trainer._train_step()
             times.append(time.perf_counter() - t0)
+        cpu = (time.process_time() - c0) / args.steps  # CPU time: steadier than wall time on a loaded machine
         comm.barrier()
         step, halo = statistics.median(times), HALO_SECONDS[0] / args.steps
-        per_rank = torch.zeros(5, comm.size, dtype=torch.float64)
+        per_rank = torch.zeros(6, comm.size, dtype=torch.float64)
         per_rank[:, comm.rank] = torch.tensor([step, halo, _status_mb("VmHWM:"), _status_mb("VmHWM:") - baseline,
-                                               baseline], dtype=torch.float64)
+                                               baseline, cpu], dtype=torch.float64)
         per_rank = comm.allreduce_sum(per_rank)
         lives = None
         if live is not None:
@@ -157,6 +161,7 @@ def one_run(space: tuple[int, ...], args, comm, trace: bool) -> dict:
         return {
             "ranks": comm.size, "volume": list(space), "local": list(trainer.strategy.local_space_shape),
             "step_s": round(float(per_rank[0].max()), 3),
+            "step_cpu_s_per_rank": [round(float(v), 3) for v in per_rank[5]],
             "halo_fraction_min": round(float((per_rank[1] / per_rank[0]).min()), 4),
             "halo_fraction_max": round(float((per_rank[1] / per_rank[0]).max()), 4),
             "peak_rss_mb": [round(float(v), 1) for v in per_rank[2]],
@@ -223,9 +228,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up)")
     ap.add_argument("--trace", action="store_true", help="also count the exact live tensor bytes of one step")
+    ap.add_argument("--reference-kernels", action="store_true",
+                    help="PyTorch's own convolution kernel choice (invnet's kernel rule off), for comparison")
     args = ap.parse_args()
+    kernel_choice = contextlib.ExitStack()
+    if args.reference_kernels:
+        try:
+            from invnet.layers.kernels import reference_kernels
+        except ImportError:
+            raise SystemExit("--reference-kernels: this invnet has no kernel rule (invnet.layers.kernels)") from None
+        kernel_choice.enter_context(reference_kernels())  # for the whole run (thread-local)
     comm = default_comm()
     common = {"hidden": args.hidden, "levels": args.levels, "depth": args.depth, "batch": args.batch,
+              "kernels": "reference (PyTorch's choice)" if args.reference_kernels else "invnet rule",
               "threads_per_rank": torch.get_num_threads(), "load_average": os.getloadavg()}
     if args.mode == "fit":
         record = fit(args, comm)
@@ -235,6 +250,7 @@ def main() -> None:
         record = {"mode": args.mode, **one_run(space, args, comm, trace=args.trace)}
     if comm.rank == 0:
         print(json.dumps({**record, **common, "load_average_after": os.getloadavg()}), flush=True)
+    kernel_choice.close()
     comm.close()
 
 
