@@ -143,8 +143,9 @@ def _check_observations(ys, xs, rows: np.ndarray, reader: _Rows) -> None:
 
 def _sampling_strategy(ckpt_meta: dict, ys, comm: Communicator, grid: Optional[Sequence[int]]) -> ParallelStrategy:
     """The grid of a sampling job: ``grid`` when given, else the run's split of space with the
-    rest of the ranks as observation groups; on the grid the unknown is drawn on (the
-    observation's, for a fully convolutional network; the training data's otherwise)."""
+    rest of the ranks as observation groups when the job's ranks are a multiple of it (else no
+    split: every rank samples whole volumes of its observations); on the grid the unknown is
+    drawn on (the observation's, for a fully convolutional network; the training data's otherwise)."""
     data = ckpt_meta.get("data") or {}
     spec = ckpt_meta.get("spec") or {}
     x_shape = tuple(data.get("x_shape") or ())
@@ -153,11 +154,9 @@ def _sampling_strategy(ckpt_meta: dict, ys, comm: Communicator, grid: Optional[S
     if grid is None:
         run_grid = (ckpt_meta.get("run") or {}).get("grid") or []
         split = tuple(run_grid[1:]) if len(run_grid) == len(space) + 1 else (1,) * len(space)
-        per_group = math.prod(split)
-        if comm.size % per_group:
-            raise ValueError(f"the run split space over {list(split)} ranks ({per_group} per sample), which does not "
-                             f"divide the {comm.size} ranks of this job; give --grid B {' '.join(['P'] * len(space))}")
-        grid = (comm.size // per_group,) + split
+        if comm.size % math.prod(split):  # e.g. a run trained on a split volume, sampled serially
+            split = (1,) * len(space)
+        grid = (comm.size // math.prod(split),) + split
     try:
         strategy = ParallelStrategy(space, grid, comm)
     except ValueError as err:
