@@ -230,3 +230,41 @@ def test_decomposed_sampling_writes_the_serial_store(tmp_path):
         assert _flat(got["attrs"]["calibration"]) == pytest.approx(_flat(serial["attrs"]["calibration"]), rel=1e-12)
         assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
         assert sorted(os.listdir(tmp_path / f"plots{ranks}"))[:2] == ["coverage.png", "error_vs_std.png"]
+
+
+@pytest.mark.timeout(600)
+def test_a_vector_summary_is_replicated_on_a_split_volume(tmp_path):
+    """y a vector through a VectorSummary: every rank reads it whole and computes the same
+    condition, while x is split; training on 2 ranks equals serial training (1e-10), and a run
+    trained on a split volume samples serially (no split) to the store 2 ranks write."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 1, 16, 8, 8)).cumsum(axis=2)
+    with h5py.File(tmp_path / "vol.h5", "w") as f:
+        f["x"] = x
+        f["y"] = x.mean(axis=(1, 2, 3, 4))[:, None] * np.ones((1, 3)) + 0.1 * rng.normal(size=(24, 3))
+    summary = 'summary = { type = "VectorSummary", hidden = 8, out_channels = 4 }'
+    from invnet.cli import main
+
+    serial = write_config(tmp_path, "serial", 4, 4)
+    serial.write_text(serial.read_text().replace("depth = 1\n", f"depth = 1\n{summary}\n"))
+    assert main(["train", str(serial)]) == 0
+    split = write_config(tmp_path, "split", 4, 4, (1, 2, 1, 1))
+    split.write_text(split.read_text().replace("depth = 1\n", f"depth = 1\n{summary}\n"))
+    proc = mpi_train(split, 2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    a, b = records(tmp_path / "serial"), records(tmp_path / "split")
+    assert max(abs(u["train_bpd"] - v["train_bpd"]) / abs(u["train_bpd"]) for u, v in zip(a, b)) < 1e-10
+    common = ["--data", "vol.h5", "--n", "4", "--keep", "1", "--indices", "0:3", "--no-progress"]
+    cmd = ["timeout", "-s", "KILL", "200", MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "invnet",
+           "sample", "split", "--out", "two.zarr", *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=230)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["sample", "split", "--out", "one.zarr", *common]) == 0
+    finally:
+        os.chdir(old)
+    two, one = _store(tmp_path / "two.zarr"), _store(tmp_path / "one.zarr")
+    assert two["chunks"] == (1, 1, 8, 8, 8) and one["chunks"] == (1, 1, 16, 8, 8)
+    assert all(np.array_equal(two[k], one[k]) for k in ("mean", "std", "samples", "index"))
