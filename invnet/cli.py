@@ -1,7 +1,8 @@
 """The ``invnet`` command. Subcommands register themselves in ``_build_parser``.
 
 Exit codes: 0 success; 2 bad command line, configuration, data or checkpoint (nothing written);
-65 the loss became NaN/Inf (last good checkpoint kept); 74 an input/output error (disk full, ...;
+65 the loss became NaN/Inf (last good checkpoint kept); 70 the reconstruction drift of the
+memory-free backward rose above ``drift_fail_above`` (last good checkpoint kept); 74 an input/output error (disk full, ...;
 files are written atomically, so nothing is half-written); 75 stopped by SIGTERM/SIGUSR1 after
 writing a checkpoint (rerun the same command to resume); 130 Ctrl-C (training writes a checkpoint
 first; a second Ctrl-C stops at once). See :mod:`invnet.training.signals`. Errors are one line on
@@ -137,7 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fmt = _HelpWithDefaults
     parser = argparse.ArgumentParser(
         prog="invnet", description="Memory-efficient invertible networks: train conditional flows, sample posteriors.",
-        epilog="exit codes: 0 ok, 2 bad input (nothing written), 65 non-finite loss, 74 I/O error, "
+        epilog="exit codes: 0 ok, 2 bad input (nothing written), 65 non-finite loss, 70 reconstruction drift, "
+               "74 I/O error, "
                "75 preempted (rerun to resume), 130 Ctrl-C", formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"invnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -202,7 +204,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the ``invnet`` command; returns the exit code (see the module docstring)."""
+    from .core import ReconstructionDriftError
     from .training.signals import (
+        EXIT_DRIFT,
         EXIT_INTERRUPTED,
         EXIT_NONFINITE,
         EXIT_USAGE,
@@ -229,6 +233,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NonFiniteLossError as err:
         print(f"{name}: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+    except ReconstructionDriftError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return EXIT_DRIFT
     except OSError as err:
         print(f"{name}: error: {err} (files are written atomically: nothing was left half-written)", file=sys.stderr)
         return EXIT_IO
