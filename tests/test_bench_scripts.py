@@ -127,3 +127,57 @@ def test_bench_precision_tiny(tmp_path):
     assert set(rows) == {"float32", "bfloat16"} and not any(r["error"] for r in rows.values())
     assert all(r["finite_loss"] and r["step_s"] > 0 and r["live_peak_mb"] > 0 for r in rows.values())
     assert rows["float32"]["time_ratio_to_float32"] == 1.0 and rows["bfloat16"]["time_ratio_to_float32"] > 0
+
+
+def test_measure_drift_tiny(tmp_path):
+    out = tmp_path / "drift.json"
+    proc = run_script("measure_drift.py", "--depths", "2", "--steps", "3", "--batch", "8", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert [(r["model"], r["depth"]) for r in record["results"]] == [("glow", 2), ("hint", 2)]
+    for r in record["results"]:
+        for state in ("untrained", "trained"):
+            row = r[state]
+            assert all(0 <= row[p] < 1e-3 for p in ("float32", "bfloat16", "float16"))
+            # the whole network in bfloat16, invertible arithmetic included: far worse
+            assert row["bf16_weights"] > 100 * row["float32"]
+    assert "| glow | 2 |" in proc.stdout
+
+
+def test_bench_kernels_tiny(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = run_script("bench_kernels.py", "--sizes", "8", "16", "--batches", "1", "--threads", "1",
+                      "--repeats", "1", "--hidden", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert not [r for r in record["results"] if "error" in r]
+    for r in record["results"]:
+        assert set(r["ns_per_voxel"]) == {"invnet", "before", "plain"}
+        assert r["readbacks_per_step"] == 1
+        if torch.backends.mkldnn.is_available():
+            assert not r["slow_conv3d"]["invnet"], r["ops"]["invnet"]
+    assert [s["net"] for s in record["summary"]] == ["glow", "hint"]
+    assert "slow_conv3d in profile" in proc.stdout
+
+
+def test_bench_kernels_conditioners_and_profile_tiny(tmp_path):
+    out = tmp_path / "cond.json"
+    proc = run_script("bench_kernels.py", "--conditioners", "--threads", "1", "--repeats", "1", "--size-cap", "8",
+                      "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {len(r["space"]) for r in rows} == {1, 2, 3}
+    if torch.backends.mkldnn.is_available():
+        assert not [r for r in rows if len(r["space"]) == 3 and r["reference_ops"]["rule"]]
+    out = tmp_path / "profile.json"
+    proc = run_script("bench_kernels.py", "--profile-only", "--nets", "chain", "--sizes", "8", "--batches", "1",
+                      "--threads", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert set(r["conv_calls"]) == {"invnet", "before", "plain"} and "forward" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
+def test_bench_kernels_without_gpu_says_so():
+    proc = run_script("bench_kernels.py", "--device", "cuda", "--out", "/nonexistent/x.json")
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
