@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from .precision import PRECISIONS, Precision
-from .schema import (REQUIRED, Key, check_keywords, check_section, constructor_parameters, fraction, nonempty, one_of,
-                     positive, positive_integers)
+from .schema import (REQUIRED, Key, check_keywords, check_section, constructor_parameters, fraction, nonempty,
+                     nonnegative, one_of, positive, positive_integers)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,6 +33,10 @@ def _grid(v: Any) -> Optional[str]:
         "a list [batch_ranks, p_1, ..., p_d] of positive integers (one rank count per space axis of x)"
 
 
+def _entry_point(v: Any) -> Optional[str]:
+    return None if v.count(":") == 1 and all(v.split(":")) else 'an entry point "package.module:name"'
+
+
 def _device(v: Any) -> Optional[str]:
     from .device import check_device_name
 
@@ -40,8 +44,11 @@ def _device(v: Any) -> Optional[str]:
 
 #: the fixed sections, one line per key: Key(type, default (REQUIRED / None: unset), check, resume=may change)
 SECTIONS: dict[str, dict[str, Key]] = {
-    "data": {
-        "path": Key(str, REQUIRED, nonempty, resume=True),  # the file may move; its shapes are checked on resume
+    "data": {  # a file of pairs (path) or a simulator drawing fresh pairs every step (source)
+        "path": Key(str, None, nonempty, resume=True),  # the file may move; its shapes are checked on resume
+        "source": Key(str, None, _entry_point),  # "package.module:function" (invnet.data.simulated)
+        "arguments": Key(dict, None),  # keyword arguments of the simulator
+        "validation_size": Key(int, 0, nonnegative, resume=True),  # simulated validation pairs (fixed)
         "x": Key(str, "x", nonempty),
         "y": Key(str, "y", nonempty),
         "validation_fraction": Key(float, 0.1, fraction),
@@ -66,6 +73,7 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "drift_check_every": Key(int, None, positive, resume=True),
         "drift_warn_above": Key(float, 1e-4, positive, resume=True),
         "drift_fail_above": Key(float, 1e-2, positive, resume=True),
+        "loss": Key(str, None, _entry_point),  # loss_fn(model, batch) -> per-sample losses; default: bits/dim
     },
     "distributed": {
         "grid": Key(list[int], None, _grid, resume=True),  # the batch groups are checked on resume (global batch)
@@ -121,13 +129,14 @@ def _scheduler_class(name: str) -> type:
     return cls
 
 
-def _network_class(name: str) -> type:
-    from .. import networks
-    from .network_spec import available_networks
+def _network_class(name: str) -> "type | Callable":
+    from .network_spec import network_class
 
-    if name not in available_networks():
-        raise ValueError(f"[model] unknown type {name!r}; available: {available_networks()}")
-    return getattr(networks, name)
+    try:
+        return network_class(name)
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(message if message.startswith("[model]") else f"[model] {message}") from None
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,26 @@ def _check_open(section: str, spec: OpenSection, given: Any) -> Optional[dict]:
     return table
 
 
+def _check_data_kind(d: dict) -> None:
+    """``[data]`` reads a file (``path``) or calls a simulator (``source``), never both; the
+    simulator and a custom loss must import (checked now, before anything is read or written)."""
+    from ..data.simulated import load_entry_point
+
+    if (d["path"] is None) == (d["source"] is None):
+        raise ValueError('[data] needs either path (a file of pairs) or source (a simulator "package.module:function" '
+                         "drawing fresh pairs every step), not " + ("both" if d["path"] else "neither"))
+    if d["source"] is None:
+        if d["arguments"] is not None or d["validation_size"]:
+            raise ValueError("[data] arguments and validation_size belong to a simulator (source); with a file, "
+                             "validation_fraction holds out pairs")
+        return
+    given = [k for k in ("patch", "max_read_mb") if d[k] is not None]
+    if given:
+        raise ValueError(f"[data] {given} read a file; a simulator (source) draws whole samples")
+    if not callable(load_entry_point(d["source"], "[data] source")):
+        raise ValueError(f"[data] source {d['source']!r} is not a function")
+
+
 def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     """Check a parsed configuration and fill in defaults; relative paths are taken from
     ``base_dir`` (the config file's folder). Raises ``ValueError`` naming the allowed keys, the
@@ -189,7 +218,7 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     >>> validate_config({"data": {"path": "d.h5", "bogus": 1}})
     Traceback (most recent call last):
     ...
-    ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'x', 'y', 'validation_fraction', 'patch', 'seed', 'max_read_mb']
+    ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'source', 'arguments', 'validation_size', 'x', 'y', 'validation_fraction', 'patch', 'seed', 'max_read_mb']
     """
     if not isinstance(cfg, dict):
         raise ValueError(f"a configuration is a table of sections, got {type(cfg).__name__}")
@@ -202,8 +231,15 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     for name, spec in OPEN_SECTIONS.items():
         out[name] = _check_open(name, spec, cfg.get(name))
     d, t = out["data"], out["training"]
-    d["path"] = os.path.normpath(os.path.join(base_dir, d["path"]))
+    _check_data_kind(d)
+    if d["path"] is not None:
+        d["path"] = os.path.normpath(os.path.join(base_dir, d["path"]))
     t["out_dir"] = os.path.normpath(os.path.join(base_dir, t["out_dir"]))
+    if t["loss"] is not None:
+        from ..data.simulated import load_entry_point
+
+        if not callable(load_entry_point(t["loss"], "[training] loss")):
+            raise ValueError(f"[training] loss {t['loss']!r} is not a function")
     return out
 
 

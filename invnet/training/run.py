@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from ..data import BatchLoader, Normalization, Shard, data_moments, open_pairs, train_validation_split
+from ..data.simulated import SimulatedPairs, load_entry_point, simulated_set
 from ..data.atomic import atomic_file, move_aside
 from ..data.quality import warn_about_data
 from ..distributed.comm import Communicator, SerialComm, agree_on_errors
 from ..distributed.strategy import ParallelStrategy
+from ..networks.base import FlowNetwork
 from .checkpoint import latest_readable_checkpoint, set_aside
 from .device import device_assignment, resolve_device
 from .network_spec import build_network, resolve_network_spec
@@ -97,32 +99,50 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
     restart = not resume and holds_run(out_dir)
     if restart:
         check_restart(cfg, config_path)
-    max_bytes = None if d["max_read_mb"] is None else int(d["max_read_mb"] * 2**20)
-    dataset = open_pairs(d["path"], d["x"], d["y"], d["patch"], max_bytes)  # names, shapes, dtypes: no data read
-    train_idx, val_idx = train_validation_split(len(dataset), d["validation_fraction"], d["seed"])
-    strategy = strategy_from_config(cfg, dataset.x_shape[1:], comm)
-    strategy.check_data(dataset.x_shape, dataset.y_shape)
     precision = Precision(t["precision"])
-    device = resolve_device(t["device"], comm)
     dtype = precision.parameter_dtype
+    simulated = d["source"] is not None
+    if simulated:  # one pair drawn apart from the stream tells the shapes
+        x_shape, y_shape = (tuple(a.shape[1:]) for a in agree_on_errors(comm, lambda: SimulatedPairs(
+            d["source"], 1, t["seed"], d["arguments"], dtype=dtype).probe()))
+    else:
+        max_bytes = None if d["max_read_mb"] is None else int(d["max_read_mb"] * 2**20)
+        dataset = open_pairs(d["path"], d["x"], d["y"], d["patch"], max_bytes)  # names, shapes, dtypes: no data read
+        x_shape, y_shape = dataset.x_shape, dataset.y_shape
+        train_idx, val_idx = train_validation_split(len(dataset), d["validation_fraction"], d["seed"])
+    strategy = strategy_from_config(cfg, x_shape[1:], comm)
+    strategy.check_data(x_shape, y_shape)
+    device = resolve_device(t["device"], comm)
     torch.manual_seed(t["seed"])
-    spec = resolve_network_spec(cfg["model"], dataset.x_shape, dataset.y_shape)
+    spec = resolve_network_spec(cfg["model"], x_shape, y_shape)
     model = build_network(spec).to(dtype)
     strategy.check_network(model)  # squeeze levels and decomposability on this grid
-    with torch.no_grad():  # shapes fit? (through the summary network, if any, on a dummy observation)
-        c = model.condition(torch.zeros((1,) + dataset.y_shape, dtype=dtype))
-        model.check_shape((1,) + dataset.x_shape, None if c is None else tuple(c.shape))
+    if isinstance(model, FlowNetwork):  # shapes fit? (through the summary network, if any, on a dummy observation)
+        with torch.no_grad():
+            c = model.condition(torch.zeros((1,) + tuple(y_shape), dtype=dtype))
+            model.check_shape((1,) + tuple(x_shape), None if c is None else tuple(c.shape))
     shard = strategy.shard()
+    if simulated:
+        n_train, n_val = None, d["validation_size"]
+    else:
+        n_train, n_val = int(len(train_idx)), int(len(val_idx))
+    data_info = {"path": d["path"], "x": d["x"], "y": d["y"], "x_shape": list(x_shape), "y_shape": list(y_shape),
+                 "n_train": n_train, "n_validation": n_val, "validation_fraction": d["validation_fraction"],
+                 "split_seed": d["seed"], "patch": d["patch"]}
+    if simulated:
+        data_info.update(source=d["source"], arguments=d["arguments"] or {}, validation_fraction=None)
     if ckpt is not None:
-        check_same_data(ckpt, dataset, train_idx, val_idx, d["path"])
+        check_same_data(ckpt, data_info, d["path"] or d["source"])
         normalization = Normalization.from_dict(ckpt.meta["normalization"])
+    elif simulated:  # the simulator chooses the scale
+        normalization = Normalization.identity(int(x_shape[0]), int(y_shape[0]))
     else:  # each rank reads its part; a NaN found by one rank stops all with its message
         moments = agree_on_errors(comm, lambda: data_moments(dataset, train_idx, shard=shard))
         moments.sum_over_ranks(strategy.sum_over_ranks)
         normalization = moments.normalization()
         if len(val_idx):  # the finite-value check of the validation part
             agree_on_errors(comm, lambda: data_moments(dataset, val_idx, shard=shard))
-    if comm.rank == 0:
+    if comm.rank == 0 and not simulated:
         warn_about_data(dataset, normalization)
     opt_kwargs = {k: v for k, v in cfg["optimizer"].items() if k != "name"}
     optimizer = getattr(torch.optim, cfg["optimizer"]["name"])(model.parameters(), **opt_kwargs)
@@ -131,13 +151,21 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
         s_kwargs = {k: v for k, v in cfg["scheduler"].items() if k != "name"}
         scheduler = getattr(torch.optim.lr_scheduler, cfg["scheduler"]["name"])(optimizer, **s_kwargs)
     pin = device.type == "cuda"
-    loader = BatchLoader(dataset, train_idx, t["batch_size"], t["seed"], normalization, dtype, shard, pin)
     validation = None
-    if len(val_idx):
-        validation = _validation_batches(dataset, val_idx, t["batch_size"], normalization, dtype, t["seed"], shard, pin)
-    data_info = {"path": d["path"], "x": d["x"], "y": d["y"], "x_shape": list(dataset.x_shape),
-                 "y_shape": list(dataset.y_shape), "n_train": int(len(train_idx)), "n_validation": int(len(val_idx)),
-                 "validation_fraction": d["validation_fraction"], "split_seed": d["seed"], "patch": d["patch"]}
+    if simulated:
+        loader = SimulatedPairs(d["source"], t["batch_size"], t["seed"], d["arguments"], shard, dtype, pin)
+        if n_val:
+            fixed = agree_on_errors(comm, lambda: simulated_set(d["source"], n_val, t["batch_size"], d["seed"],
+                                                                  d["arguments"], shard, dtype))
+
+            def validation() -> list:  # the same fixed pairs at every validation
+                return fixed
+    else:
+        loader = BatchLoader(dataset, train_idx, t["batch_size"], t["seed"], normalization, dtype, shard, pin)
+        if len(val_idx):
+            validation = _validation_batches(dataset, val_idx, t["batch_size"], normalization, dtype, t["seed"], shard,
+                                             pin)
+    loss_fn = load_entry_point(t["loss"], "[training] loss") if t["loss"] is not None else None
     # ---- everything checked: from here on files are written
     if restart:
         if comm.rank == 0:
@@ -145,7 +173,8 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
             _say(comm, f"--restart: moved the previous run aside to {moved}")
         comm.barrier()
     trainer = Trainer(
-        model, optimizer, loader, out_dir, t["steps"], strategy=strategy, device=device, precision=precision,
+        model, optimizer, loader, out_dir, t["steps"], loss_fn=loss_fn, strategy=strategy, device=device,
+        precision=precision,
         scheduler=scheduler, validation=validation, validate_every=t["validate_every"],
         drift_check_every=t["drift_check_every"], drift_warn_above=t["drift_warn_above"],
         drift_fail_above=t["drift_fail_above"], normalization=normalization, spec=spec, data_info=data_info,
