@@ -9,11 +9,13 @@ from .hint import HINTCoupling, hint_conditioner_count
 from .hyperbolic import HyperbolicLayer, TiedConvResidual
 from .irim import IRIMCoupling
 from .resampling import LearnableDownsample
+from .spline import SplineCoupling, rq_spline, spline_knots
 from .squeeze import HaarSqueeze, Squeeze, merge_channels, split_channels
 from .structural import ChannelSubset, Inverted
 
 __all__ = [
-    "ActNorm", "Conv1x1", "ChannelPermutation", "AffineCoupling", "AdditiveCoupling",
+    "ActNorm", "Conv1x1", "ChannelPermutation", "AffineCoupling", "AdditiveCoupling", "SplineCoupling",
+    "rq_spline", "spline_knots",
     "Squeeze", "HaarSqueeze", "split_channels", "merge_channels",
     "LeakyReLU", "Sigmoid", "Logit",
     "ConvConditioner", "MLPConditioner", "ZeroPad", "make_conditioner",
