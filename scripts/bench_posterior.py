@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -41,52 +42,35 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sbi_problems import NPE_C2ST, PROBLEMS, Problem  # noqa: E402
 
 import invnet  # noqa: E402
-from invnet.core.chain import Chain  # noqa: E402
 from invnet.core.checks import invertibility_error  # noqa: E402
 from invnet.layers import ActNorm, Conv1x1, SplineCoupling  # noqa: E402
-from invnet.networks import ConditionalGlow, ConditionalHINT  # noqa: E402
+from invnet.networks import ConditionalGlow, ConditionalHINT, MultiscaleFlow  # noqa: E402
 from invnet.networks.base import FlowNetwork  # noqa: E402
 
 OBSERVATION_SEED = 1_000_003  # the fixed observations of each problem
 TEST_PAIRS = 20_000  # fresh pairs for the test NLL
+MODELS = ("glow", "hint", "spline", "hint_spline")
 
 
 # ------------------------------------------------------------------------------------------------
 # models
-class SplineFlow(FlowNetwork):
-    r"""Conditional vector flow of ``depth`` steps (ActNorm, orthogonal 1x1 mixing, rational-
-    quadratic spline coupling whose conditioner reads the condition): the neural spline flow of
-    Durkan et al. (2019, arXiv:1906.04032) as NPE uses it.
+@dataclass(frozen=True)
+class SplineStep:
+    """Step factory of a neural spline flow (Durkan et al., 2019, arXiv:1906.04032), the
+    transform behind NPE: ActNorm, orthogonal 1x1 mixing and a rational-quadratic spline coupling
+    whose conditioner reads the condition. ``ConditionalGlow(coupling="spline")`` builds the same
+    steps with the default bins and tail bound; this factory sets them."""
 
-    TODO(nets): replace by ``ConditionalGlow(..., coupling="spline")`` once the networks' coupling
-    registry lands.
-    """
+    hidden: int
+    bins: int
+    tail_bound: float
+    clamp: float
+    residual_blocks: int
 
-    def __init__(self, dim: int, cond: int, hidden: int, depth: int, bins: int, tail_bound: float,
-                 residual_blocks: int = 1) -> None:
-        super().__init__()
-        self.channels, self.cond_channels, self.ndim = dim, cond, 0
-        steps = []
-        for k in range(depth):
-            steps += [ActNorm(dim, 0), Conv1x1(dim, ndim=0),
-                      SplineCoupling(dim, hidden, 0, cond_channels=cond, swap=bool(k % 2), bins=bins,
-                                     tail_bound=tail_bound, residual_blocks=residual_blocks)]
-        self.steps = Chain(*steps)
-
-    def _check_shape(self, shape, c_shape, inverse):
-        return self.steps.check_shape(shape, c_shape, inverse)
-
-    def _forward(self, x, c):
-        return self.steps._forward(x, c)
-
-    def _inverse(self, y, c):
-        return self.steps._inverse(y, c)
-
-    def _vjp(self, y, dy, dlogdet, c, grads):
-        return self.steps._vjp(y, dy, dlogdet, c, grads)
-
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads):
-        return self.steps._vjp_inverse(x, dx, dlogdet, c, grads)
+    def __call__(self, channels: int, cond_channels: int, ndim: int, scale: int, index: int) -> list:
+        return [ActNorm(channels, ndim), Conv1x1(channels, ndim=ndim),
+                SplineCoupling(channels, self.hidden, ndim, cond_channels, clamp=self.clamp, swap=bool(index % 2),
+                               bins=self.bins, tail_bound=self.tail_bound, residual_blocks=self.residual_blocks)]
 
 
 def build_model(name: str, dim: int, cond: int, a: argparse.Namespace) -> FlowNetwork:
@@ -96,9 +80,13 @@ def build_model(name: str, dim: int, cond: int, a: argparse.Namespace) -> FlowNe
     if name == "hint":
         return ConditionalHINT(dim, cond, hidden=a.hidden, depth=a.depth, ndim=0, clamp=a.clamp,
                                residual_blocks=a.residual_blocks)
+    if name == "hint_spline":  # HINT's recursive coupling with spline nodes (default bins and bound)
+        return ConditionalHINT(dim, cond, hidden=a.hidden, depth=a.depth, ndim=0, clamp=a.clamp,
+                               residual_blocks=a.residual_blocks, coupling="spline")
     if name == "spline":
-        return SplineFlow(dim, cond, a.hidden, a.depth, a.bins, a.tail_bound, a.residual_blocks)
-    raise ValueError(f"unknown model {name!r}; choose glow, hint or spline")
+        step = SplineStep(a.hidden, a.bins, a.tail_bound, a.spline_clamp, a.residual_blocks)
+        return MultiscaleFlow(step, dim, levels=1, depth=a.depth, ndim=0, squeeze=None, cond_channels=cond)
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,7 +286,7 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
         "train_seconds": train_log["train_seconds"], "best_val_nll_raw": train_log["best_val_nll_raw"],
         "final_train_nll_raw": train_log["final_train_nll_raw"], "float32_reconstruction_error": recon,
         "parameters": sum(p.numel() for p in net.parameters()),
-        "settings": {k: getattr(a, k) for k in ("hidden", "depth", "bins", "tail_bound", "clamp", "residual_blocks",
+        "settings": {k: getattr(a, k) for k in ("hidden", "depth", "bins", "tail_bound", "clamp", "spline_clamp", "residual_blocks",
                                                 "lr", "batch", "patience", "plateau", "clip", "validation")},
     }
     if hasattr(problem, "posterior_entropy"):  # exact: the test NLL's floor, and the KL gap itself
@@ -311,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", nargs="+", default=["gaussian_linear", "two_moons", "slcp"], choices=sorted(PROBLEMS))
     p.add_argument("--budgets", nargs="+", type=int, default=[1000, 10_000, 100_000])
-    p.add_argument("--models", nargs="+", default=["glow", "hint", "spline"], choices=["glow", "hint", "spline"])
+    p.add_argument("--models", nargs="+", default=["glow", "hint", "spline"], choices=MODELS)
     p.add_argument("--observations", type=int, default=10, help="observations per problem (the paper: 10)")
     p.add_argument("--samples", type=int, default=10_000, help="posterior and reference samples per observation")
     p.add_argument("--seed", type=int, default=0)
@@ -321,7 +309,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--residual-blocks", type=int, default=1)
     p.add_argument("--bins", type=int, default=10)
     p.add_argument("--tail-bound", type=float, default=3.0)
-    p.add_argument("--clamp", type=float, default=2.0)
+    p.add_argument("--clamp", type=float, default=2.0, help="bound of the affine log-scales (glow, hint)")
+    p.add_argument("--spline-clamp", type=float, default=3.0, help="bound of the spline knot log-slopes")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--patience", type=int, default=20, help="epochs without a better validation loss")

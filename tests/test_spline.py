@@ -9,7 +9,10 @@ import torch
 
 import invnet
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_, saved_bytes
-from invnet.layers import ActNorm, Conv1x1, HaarSqueeze, SplineCoupling, rq_spline, spline_knots
+from invnet.layers import (
+    ActNorm, AdditiveCoupling, AffineCoupling, Conv1x1, HaarSqueeze, SplineCoupling, rq_spline, spline_knots,
+)
+from invnet.networks import HINT, ConditionalCouplingFlow, ConditionalGlow, ConditionalHINT, Glow
 
 D = torch.float64
 EPS = torch.finfo(D).eps
@@ -170,3 +173,29 @@ def test_bad_arguments_and_inputs_are_rejected_with_clear_errors():
         block(torch.randn(2, 5, 4, 4), torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="finite"):
         block(torch.full((2, 4, 4, 4), float("nan")), torch.randn(2, 3, 4, 4))
+
+
+# (network with coupling="spline", x shape, c shape): the registry entry reaches every network
+SPLINE_NETWORKS = [
+    (lambda: Glow(2, hidden=6, levels=2, depth=2, ndim=1, coupling="spline"), (2, 2, 8), None),
+    (lambda: ConditionalGlow(3, 2, hidden=6, levels=1, depth=2, ndim=0, coupling="spline"), (3, 3), (3, 2)),
+    (lambda: ConditionalGlow(1, 2, hidden=6, levels=2, depth=1, ndim=2, coupling="spline"), (2, 1, 4, 4), (2, 2, 4, 4)),
+    (lambda: ConditionalCouplingFlow(1, 1, ndim=3, depth=2, hidden=6, coupling="spline"), (2, 1, 4, 4, 2), (2, 1, 4, 4, 2)),
+    (lambda: ConditionalHINT(3, 2, 6, depth=2, ndim=0, coupling="spline"), (2, 3), (2, 2)),
+    (lambda: HINT(5, 6, depth=1, ndim=1, cond_channels=1, coupling="spline"), (2, 5, 3), (2, 1, 3)),
+]
+
+
+@pytest.mark.parametrize("make,x_shape,c_shape", SPLINE_NETWORKS)
+def test_spline_coupling_in_every_network(make, x_shape, c_shape):
+    net = make()
+    couplings = [m for m in net.modules() if isinstance(m, (AffineCoupling, AdditiveCoupling, SplineCoupling))]
+    assert couplings and all(isinstance(m, SplineCoupling) for m in couplings)
+    net = randomize_parameters_(net.double(), 0.05)
+    x = torch.randn(*x_shape, dtype=D)
+    c = None if c_shape is None else torch.randn(*c_shape, dtype=D)
+    assert invertibility_error(net, x, c) <= 1e-12
+    assert gradient_error(net, x, c) <= 1e-10
+    assert gradient_error(net, x, c, inverse=True) <= 1e-10
+    if x[0].numel() <= 8:
+        assert logdet_error(net, x, c) <= 1e-10

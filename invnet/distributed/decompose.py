@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.module import GradStore, InvertibleModule
-from ..networks.density import StandardNormal
 from ..layers.conditioners import ZeroPad
-from ..layers.squeeze import HaarSqueeze, Squeeze, _SqueezeBase
+from ..layers.squeeze import Squeeze, SqueezeBase
 from ..networks.base import FlowNetwork
+from ..networks.density import StandardNormal
 from .data_parallel import allreduce_gradients, broadcast_parameters, use_global_statistics
 from .halo import HaloPad
 from .partition import Partition
@@ -44,7 +44,7 @@ def count_squeezes(network: nn.Module) -> int:
     >>> count_squeezes(invnet.Chain(invnet.layers.Squeeze(), invnet.layers.HaarSqueeze()))
     2
     """
-    return sum(1 for m in network.modules() if isinstance(m, _SqueezeBase))
+    return sum(1 for m in network.modules() if isinstance(m, SqueezeBase))
 
 
 def _check_decomposable(network: nn.Module, partition: Partition) -> None:
@@ -120,27 +120,33 @@ class DecomposedFlow(FlowNetwork):
         return self.network.check_shape(shape, c_shape, inverse)
 
     def _forward(self, x, c):
-        y, logdet = self.network._forward(x, c)
-        return y, sum_over_ranks(logdet, self.partition.spatial)
+        z, logdet = self.network._forward(x, c)
+        return z, sum_over_ranks(logdet, self.partition.spatial)
 
-    def _inverse(self, y, c):
-        x, logdet = self.network._inverse(y, c)
+    def _inverse(self, z, c):
+        x, logdet = self.network._inverse(z, c)
         return x, sum_over_ranks(logdet, self.partition.spatial)
 
     # The reduced logdet's cotangent is replicated over spatial ranks, and the sum's adjoint for a
     # replicated loss is the identity: the wrapped network's own backward is the right one.
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
-        return self.network._vjp(y, dy, dlogdet, c, grads)
+    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
+        return self.network._vjp(z, dz, dlogdet, c, grads)
 
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
         return self.network._vjp_inverse(x, dx, dlogdet, c, grads)
 
-    def _sample_data_shape(self, c: Optional[Tensor], shape: Optional[tuple[int, ...]]) -> tuple[int, ...]:
-        # sampling draws this rank's block of the latent: seed each rank differently
-        inner = getattr(self.network, "_sample_data_shape", None)
+    def sample_shape(self, c: Optional[Tensor] = None, shape: Optional[tuple[int, ...]] = None) -> tuple[int, ...]:
+        """Shape of this rank's block of one sample (the wrapped network's rule, on local data).
+
+        Sampling draws this rank's block of the latent from whatever generator the caller passes
+        to :meth:`sample` (the global RNG when none): nothing here seeds ranks differently. For
+        independent noise across the volume, give each spatial rank its own stream (for example
+        a generator seeded with the base seed plus the rank); ranks sharing a seed draw the same
+        block everywhere."""
+        inner = getattr(self.network, "sample_shape", None)
         if inner is not None:
             return inner(c, shape)
-        return super()._sample_data_shape(c, shape)
+        return super().sample_shape(c, shape)
 
     def log_prob(self, x: Tensor, c: Optional[Tensor] = None) -> Tensor:
         """Global :math:`\\log q(x|c)` per local sample (replicated over spatial ranks)."""

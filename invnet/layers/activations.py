@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule
-from ._shapes import sum_per_sample
+from ..core.shapes import sum_per_sample
 
 __all__ = ["LeakyReLU", "Sigmoid", "Logit"]
 

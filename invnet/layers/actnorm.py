@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.module import GradStore, InvertibleModule
-from ._shapes import broadcast_channel, reduce_dims, space_size
+from ..core.shapes import broadcast_channel, reduce_dims, space_size
 
 __all__ = ["ActNorm"]
 

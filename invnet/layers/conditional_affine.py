@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.module import GradStore, InvertibleModule, parameter_aliases
-from ._shapes import check_condition, sum_per_sample
-from .conditioners import PadFactory, expand_condition, make_conditioner
+from ..core.shapes import check_condition, sum_per_sample
+from .conditioners import expand_condition, make_conditioner
 
 __all__ = ["ConditionalAffine"]
 
@@ -36,7 +36,6 @@ class ConditionalAffine(InvertibleModule):
         ndim: space dimensions (0 to 3).
         clamp: bound :math:`\alpha` on the log-scale.
         conditioner: custom network ``cond_channels -> 2 * channels`` (space shape preserved).
-        pad: padding factory of the default convolutional conditioner.
         **conditioner_kwargs: passed to the default conditioner.
 
     >>> import torch
@@ -56,7 +55,6 @@ class ConditionalAffine(InvertibleModule):
         ndim: int = 2,
         clamp: float = 2.0,
         conditioner: Optional[nn.Module] = None,
-        pad: Optional[PadFactory] = None,
         **conditioner_kwargs,
     ) -> None:
         super().__init__()
@@ -73,7 +71,7 @@ class ConditionalAffine(InvertibleModule):
         self.ndim = ndim
         self.clamp = float(clamp)
         if conditioner is None:
-            conditioner = make_conditioner(cond_channels, 2 * channels, hidden, ndim, pad=pad, **conditioner_kwargs)
+            conditioner = make_conditioner(cond_channels, 2 * channels, hidden, ndim, **conditioner_kwargs)
         self.conditioner = conditioner
 
     def _check_shape(self, shape, c_shape, inverse):

@@ -1,27 +1,28 @@
 """Conditioners: the small, non-invertible networks inside coupling blocks.
 
-Convolutions here never pad by themselves: each 3x3 (or kxk) convolution is preceded by a padding
-module made by a ``pad`` factory ``(ndim, width) -> nn.Module``. The default pads with zeros; a
-domain-decomposed network passes a factory that exchanges halos with neighbouring ranks instead
-and zero-pads only at the global border, so the same conditioner code serves both.
+**The ZeroPad rule** (the one place it is written down; every block and network in invnet follows
+it): a convolution with spatial reach is built with ``padding=0`` and preceded by a
+:class:`ZeroPad` module of half its kernel width. Serially that is ordinary zero padding.
+:func:`invnet.distributed.decompose` finds every ``ZeroPad`` in a built network and swaps it for a
+:class:`~invnet.distributed.HaloPad` of the same width, which fills the border with the
+neighbouring ranks' cells and with zeros only at the global border, so the same network code runs
+serially and on a process grid. ``decompose`` refuses a network with a convolution that pads by
+itself. A block written outside invnet that follows the rule decomposes too.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ZeroPad", "ConvConditioner", "MLPConditioner", "make_conditioner", "PadFactory"]
-
-PadFactory = Callable[[int, int], nn.Module]
+__all__ = ["ZeroPad", "ConvConditioner", "MLPConditioner", "make_conditioner", "expand_condition"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class ZeroPad(nn.Module):
-    """Zero padding of ``width`` cells on both sides of every space dimension.
+    """Zero padding of ``width`` cells on both sides of every space dimension: the module that
+    precedes every convolution with reach (see the ZeroPad rule at the top of this module), and
+    that a domain decomposition replaces by a halo exchange.
 
     >>> import torch
     >>> ZeroPad(2, 1)(torch.ones(1, 1, 2, 2)).shape
@@ -66,7 +67,6 @@ class ConvConditioner(nn.Module):
         kernel_size: odd size of the first and last convolutions (their reach is
             ``kernel_size // 2`` cells each).
         residual_blocks: number of 1x1 residual stages (at least 1).
-        pad: padding factory ``(ndim, width) -> nn.Module`` (zero padding by default).
         zero_init: start the last convolution at zero.
 
     >>> import torch
@@ -83,7 +83,6 @@ class ConvConditioner(nn.Module):
         ndim: int,
         kernel_size: int = 3,
         residual_blocks: int = 1,
-        pad: PadFactory = ZeroPad,
         zero_init: bool = True,
     ) -> None:
         super().__init__()
@@ -95,13 +94,13 @@ class ConvConditioner(nn.Module):
         width = kernel_size // 2
         #: how far the conditioner reaches in cells (halo width a domain decomposition needs)
         self.reach = 2 * width
-        self.pad_in = pad(ndim, width)
+        self.pad_in = ZeroPad(ndim, width)
         self.conv_in = conv(in_channels, hidden, kernel_size)
         self.act = nn.ReLU()
         self.body = nn.Sequential(
             *[_ResidualPointwise(conv(hidden, hidden, 1), nn.ReLU()) for _ in range(max(1, residual_blocks))]
         )
-        self.pad_out = pad(ndim, width)
+        self.pad_out = ZeroPad(ndim, width)
         self.conv_out = conv(hidden, out_channels, kernel_size)
         if zero_init:
             nn.init.zeros_(self.conv_out.weight)
@@ -142,19 +141,28 @@ class MLPConditioner(nn.Module):
         return self.lin_out(self.body(self.act(self.lin_in(x))))
 
 
-def make_conditioner(
-    in_channels: int, out_channels: int, hidden: int, ndim: int, pad: Optional[PadFactory] = None, **kwargs
-) -> nn.Module:
-    """A :class:`ConvConditioner` for ``ndim >= 1``, an :class:`MLPConditioner` for ``ndim == 0``."""
+def make_conditioner(in_channels: int, out_channels: int, hidden: int, ndim: int, **kwargs) -> nn.Module:
+    """A :class:`ConvConditioner` for ``ndim >= 1``, an :class:`MLPConditioner` for ``ndim == 0``;
+    ``kwargs`` go to it (``kernel_size`` is dropped for vectors, which have no kernel).
+
+    >>> make_conditioner(3, 4, hidden=8, ndim=0).__class__.__name__
+    'MLPConditioner'
+    """
     if hidden < 1:
         raise ValueError(f"hidden must be a positive channel count, got {hidden}")
     if ndim == 0:
+        kwargs.pop("kernel_size", None)
         return MLPConditioner(in_channels, out_channels, hidden, **kwargs)
-    return ConvConditioner(in_channels, out_channels, hidden, ndim, pad=pad or ZeroPad, **kwargs)
+    return ConvConditioner(in_channels, out_channels, hidden, ndim, **kwargs)
 
 
 def expand_condition(c: Tensor, like: Tensor) -> Tensor:
-    """Broadcast a vector condition ``(N, C)`` over the space of ``like``; fields pass through."""
+    """Broadcast a vector condition ``(N, C)`` over the space of ``like``; fields pass through.
+
+    >>> import torch
+    >>> expand_condition(torch.zeros(2, 3), torch.zeros(2, 5, 4, 4)).shape
+    torch.Size([2, 3, 4, 4])
+    """
     if c.dim() == 2 and like.dim() > 2:
         return c.reshape(c.shape + (1,) * (like.dim() - 2)).expand(c.shape + tuple(like.shape[2:]))
     return c

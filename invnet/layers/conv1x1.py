@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.module import GradStore, InvertibleModule, parameter_aliases
-from ._shapes import space_size
+from ..core.shapes import space_size
 
 __all__ = ["Conv1x1", "ChannelPermutation"]
 

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.module import GradStore, InvertibleModule, parameter_aliases
-from ._shapes import check_condition, sum_per_sample
-from .conditioners import PadFactory, expand_condition, make_conditioner
+from ..core.shapes import check_condition, sum_per_sample
+from .conditioners import expand_condition, make_conditioner
 
 __all__ = ["AffineCoupling", "AdditiveCoupling", "CouplingBase"]
 
@@ -29,7 +29,6 @@ class CouplingBase(InvertibleModule):
         out_per_active: int,
         swap: bool,
         conditioner: Optional[nn.Module],
-        pad: Optional[PadFactory],
         conditioner_kwargs: dict,
     ) -> None:
         super().__init__()
@@ -47,8 +46,7 @@ class CouplingBase(InvertibleModule):
         self.n_active = channels - self.n_passive
         if conditioner is None:
             conditioner = make_conditioner(
-                self.n_passive + cond_channels, out_per_active * self.n_active, hidden, ndim, pad=pad,
-                **conditioner_kwargs,
+                self.n_passive + cond_channels, out_per_active * self.n_active, hidden, ndim, **conditioner_kwargs
             )
         self.conditioner = conditioner
 
@@ -105,7 +103,6 @@ class AffineCoupling(CouplingBase):
         swap: make the last half passive instead of the first.
         conditioner: a custom network mapping ``passive + cond_channels`` channels to
             ``2 * active`` channels (space shape preserved); default: residual conv net / MLP.
-        pad: padding factory for the default conv conditioner (halo exchange when distributed).
         **conditioner_kwargs: passed to the default conditioner (``kernel_size``, ``residual_blocks``).
 
     >>> import torch
@@ -126,12 +123,11 @@ class AffineCoupling(CouplingBase):
         clamp: float = 2.0,
         swap: bool = False,
         conditioner: Optional[nn.Module] = None,
-        pad: Optional[PadFactory] = None,
         **conditioner_kwargs,
     ) -> None:
         if not clamp > 0:
             raise ValueError(f"clamp must be positive, got {clamp}")
-        super().__init__(channels, hidden, ndim, cond_channels, 2, swap, conditioner, pad, conditioner_kwargs)
+        super().__init__(channels, hidden, ndim, cond_channels, 2, swap, conditioner, conditioner_kwargs)
         self.clamp = float(clamp)
 
     def extra_repr(self) -> str:
@@ -217,10 +213,9 @@ class AdditiveCoupling(CouplingBase):
         cond_channels: int = 0,
         swap: bool = False,
         conditioner: Optional[nn.Module] = None,
-        pad: Optional[PadFactory] = None,
         **conditioner_kwargs,
     ) -> None:
-        super().__init__(channels, hidden, ndim, cond_channels, 1, swap, conditioner, pad, conditioner_kwargs)
+        super().__init__(channels, hidden, ndim, cond_channels, 1, swap, conditioner, conditioner_kwargs)
 
     def _forward(self, x, c):
         x_p, x_a = self._split(x)

@@ -7,10 +7,9 @@ import torch
 from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule, add_optional
-from ._shapes import check_condition
-from .conditioners import PadFactory
+from ..core.shapes import check_condition
 from .conv1x1 import ChannelPermutation
-from .coupling import AffineCoupling
+from .coupling_kinds import make_coupling
 
 __all__ = ["HINTCoupling", "hint_conditioner_count"]
 
@@ -48,8 +47,10 @@ class HINTCoupling(InvertibleModule):
 
     where :math:`T_1, T_2` are HINT couplings over the halves (a half of one channel is left as
     is), each preceded by a fixed random channel permutation (``permute``). Every level is an
-    :class:`~invnet.layers.AffineCoupling` (soft-clamped scale :math:`s`), and the condition
-    :math:`c` enters every conditioner. Because :math:`T_1` never sees :math:`x_2`, the Jacobian is
+    :class:`~invnet.layers.AffineCoupling` (soft-clamped scale :math:`s`) by default, the paper's
+    form; ``coupling`` picks another transform of :data:`~invnet.layers.COUPLINGS` for every node
+    (``"additive"``: :math:`s = 0`, a volume-preserving HINT). The condition :math:`c` enters
+    every conditioner. Because :math:`T_1` never sees :math:`x_2`, the Jacobian is
     block lower-triangular at every level, so (channel-wise) it is a dense triangular matrix and
 
     .. math:: \log|\det J_T| = \textstyle\sum s + \log|\det J_{T_1}| + \log|\det J_{T_2}|
@@ -69,11 +70,12 @@ class HINTCoupling(InvertibleModule):
         cond_channels: channels of the optional condition ``c`` (a field of the same space shape
             as ``x``, or a vector ``(N, cond_channels)`` broadcast over space).
         clamp: bound on every log-scale (see :class:`~invnet.layers.AffineCoupling`).
+        coupling: the transform of every node, a key of :data:`~invnet.layers.COUPLINGS`
+            (``"affine"`` or ``"additive"``).
         leaf_channels: recursion stops at parts of this many channels or fewer (at least 2).
         permute: fixed random channel permutations at the input of every sub-level.
         permute_input: also permute this block's own input (sub-levels are built with it set).
         seed: seed of the fixed permutations (the tree's nodes derive their own from it).
-        pad: padding factory for the convolutional conditioners (halo exchange when distributed).
         **conditioner_kwargs: passed to every default conditioner (``kernel_size``,
             ``residual_blocks``).
 
@@ -97,7 +99,7 @@ class HINTCoupling(InvertibleModule):
         permute: bool = True,
         permute_input: bool = False,
         seed: int = 0,
-        pad: Optional[PadFactory] = None,
+        coupling: str = "affine",
         **conditioner_kwargs,
     ) -> None:
         super().__init__()
@@ -116,8 +118,8 @@ class HINTCoupling(InvertibleModule):
         self.permutation = (
             ChannelPermutation(channels, kind="random", seed=seed) if permute_input else None
         )
-        self.coupling = AffineCoupling(
-            channels, hidden, ndim, cond_channels, clamp=clamp, pad=pad, **conditioner_kwargs
+        self.coupling = make_coupling(
+            coupling, channels, hidden, ndim, cond_channels, clamp=clamp, **conditioner_kwargs
         )
         recurse = channels > leaf_channels
 
@@ -125,7 +127,7 @@ class HINTCoupling(InvertibleModule):
             if not recurse or n < 2:
                 return None  # a leaf, or a single channel left as is
             return HINTCoupling(
-                n, hidden, ndim, cond_channels, clamp, leaf_channels, permute, permute, child_seed, pad,
+                n, hidden, ndim, cond_channels, clamp, leaf_channels, permute, permute, child_seed, coupling,
                 **conditioner_kwargs,
             )
 

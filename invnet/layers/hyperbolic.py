@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.module import GradStore, InvertibleModule, parameter_aliases
-from .conditioners import PadFactory, ZeroPad
+from .conditioners import ZeroPad
 
 __all__ = ["HyperbolicLayer", "TiedConvResidual"]
 
@@ -32,7 +31,6 @@ class TiedConvResidual(nn.Module):
         ndim: space dimensions (0 to 3).
         kernel_size: odd kernel size (ignored for ``ndim == 0``).
         activation: ``"tanh"``, ``"relu"`` or ``"leaky_relu"`` (slope 0.2).
-        pad: padding factory (halo exchange when distributed).
 
     >>> import torch
     >>> TiedConvResidual(3, 8, ndim=2)(torch.randn(2, 3, 5, 5)).shape
@@ -46,7 +44,6 @@ class TiedConvResidual(nn.Module):
         ndim: int,
         kernel_size: int = 3,
         activation: str = "tanh",
-        pad: Optional[PadFactory] = None,
     ) -> None:
         super().__init__()
         if ndim not in (0, 1, 2, 3):
@@ -66,9 +63,8 @@ class TiedConvResidual(nn.Module):
         width = kernel_size // 2 if ndim else 0
         #: cells the residual reaches (halo width a domain decomposition needs)
         self.reach = 2 * width
-        pad = pad or ZeroPad
-        self.pad_in = pad(ndim, width) if ndim else nn.Identity()
-        self.pad_out = pad(ndim, width) if ndim else nn.Identity()
+        self.pad_in = ZeroPad(ndim, width) if ndim else nn.Identity()
+        self.pad_out = ZeroPad(ndim, width) if ndim else nn.Identity()
 
     def forward(self, u: Tensor) -> Tensor:
         act = _ACT[self.activation]
@@ -114,7 +110,7 @@ class HyperbolicLayer(InvertibleModule):
         hidden: channels of :math:`K u`.
         ndim: space dimensions (0 to 3).
         step: the time step :math:`h`.
-        kernel_size, activation, pad: see :class:`TiedConvResidual`.
+        kernel_size, activation: see :class:`TiedConvResidual`.
 
     >>> import torch
     >>> layer = HyperbolicLayer(4, hidden=8, ndim=3)
@@ -132,7 +128,6 @@ class HyperbolicLayer(InvertibleModule):
         step: float = 0.5,
         kernel_size: int = 3,
         activation: str = "tanh",
-        pad: Optional[PadFactory] = None,
     ) -> None:
         super().__init__()
         if channels < 2 or channels % 2:
@@ -142,7 +137,7 @@ class HyperbolicLayer(InvertibleModule):
         self.channels = channels
         self.ndim = ndim
         self.step = float(step)
-        self.residual = TiedConvResidual(channels // 2, hidden, ndim, kernel_size, activation, pad)
+        self.residual = TiedConvResidual(channels // 2, hidden, ndim, kernel_size, activation)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, step={self.step}"

@@ -2,15 +2,15 @@
 data-misfit gradient of a physical forward operator."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule, parameter_aliases
+from ..core.shapes import sum_per_sample
 from ..operators import ForwardOperator, as_operator, misfit_gradient
-from ._shapes import sum_per_sample
-from .conditioners import PadFactory, make_conditioner
+from .conditioners import make_conditioner
 
 __all__ = ["IRIMCoupling"]
 
@@ -53,7 +53,6 @@ class IRIMCoupling(InvertibleModule):
         channels: state channels (estimate plus memory; more than ``e``).
         hidden: hidden channels of both conditioners.
         clamp: bound :math:`\alpha` on the memory's log-scale.
-        pad: padding factory for the conv conditioners (halo exchange when distributed).
         **conditioner_kwargs: passed to the default conditioners (``kernel_size``, ``residual_blocks``).
 
     >>> import torch
@@ -73,7 +72,6 @@ class IRIMCoupling(InvertibleModule):
         channels: int,
         hidden: int = 32,
         clamp: float = 2.0,
-        pad: Optional[PadFactory] = None,
         **conditioner_kwargs,
     ) -> None:
         super().__init__()
@@ -92,8 +90,8 @@ class IRIMCoupling(InvertibleModule):
         self.n_mem = channels - est
         self.cond_channels = op.range_shape[0]
         self.clamp = float(clamp)
-        self.memory_net = make_conditioner(2 * est, 2 * self.n_mem, hidden, self.ndim, pad=pad, **conditioner_kwargs)
-        self.estimate_net = make_conditioner(self.n_mem, est, hidden, self.ndim, pad=pad, **conditioner_kwargs)
+        self.memory_net = make_conditioner(2 * est, 2 * self.n_mem, hidden, self.ndim, **conditioner_kwargs)
+        self.estimate_net = make_conditioner(self.n_mem, est, hidden, self.ndim, **conditioner_kwargs)
 
     def extra_repr(self) -> str:
         return f"operator={self.operator!r}, channels={self.channels}, clamp={self.clamp}"

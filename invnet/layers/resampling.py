@@ -1,17 +1,16 @@
 """Learnable invertible downsampling (orthogonal, initialised as the Haar wavelet squeeze)."""
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
 from ..core.module import GradStore
-from .squeeze import _SqueezeBase, _depth_to_space, _haar_matrix, _space_to_depth
+from .squeeze import SqueezeBase, depth_to_space, haar_matrix, space_to_depth
 
 __all__ = ["LearnableDownsample"]
 
 
-class LearnableDownsample(_SqueezeBase):
+class LearnableDownsample(SqueezeBase):
     r"""Learnable orthogonal downsampling: a space-to-depth followed by an orthogonal mixing of
     all resulting channels, initialised so that it equals :class:`~invnet.layers.HaarSqueeze`.
 
@@ -67,7 +66,7 @@ class LearnableDownsample(_SqueezeBase):
     def _haar(self, like: Tensor) -> Tensor:
         # built in the parameter's dtype each time: a stored float32 copy would not be orthogonal in float64
         eye = torch.eye(self.channels, dtype=like.dtype, device=like.device)
-        return torch.kron(eye, _haar_matrix(self.ndim, like.dtype, like.device))
+        return torch.kron(eye, haar_matrix(self.ndim, like.dtype, like.device))
 
     def matrix(self) -> Tensor:
         """The orthogonal mixing matrix :math:`W` (differentiable in the parameter)."""
@@ -78,11 +77,11 @@ class LearnableDownsample(_SqueezeBase):
         n, k = t.shape[:2]
         return torch.matmul(w, t.reshape(n, k, -1)).reshape(t.shape)
 
-    def _squeeze(self, x: Tensor) -> Tensor:
-        return self._mix(self.matrix(), _space_to_depth(x, "checkerboard"))
+    def squeeze(self, x: Tensor) -> Tensor:
+        return self._mix(self.matrix(), space_to_depth(x, "checkerboard"))
 
-    def _unsqueeze(self, y: Tensor) -> Tensor:
-        return _depth_to_space(self._mix(self.matrix().T, y), "checkerboard")
+    def unsqueeze(self, y: Tensor) -> Tensor:
+        return depth_to_space(self._mix(self.matrix().T, y), "checkerboard")
 
     def _matrix_grad(self, dw: Tensor, grads: GradStore) -> Tensor:
         """Hand ``dW`` back to the skew parameter; returns ``W``."""
@@ -102,12 +101,12 @@ class LearnableDownsample(_SqueezeBase):
         w = self.matrix().detach()
         t = self._mix(w.T, y)
         self._matrix_grad(self._outer(dy, t), grads)
-        return _depth_to_space(t, "checkerboard"), _depth_to_space(self._mix(w.T, dy), "checkerboard"), None
+        return depth_to_space(t, "checkerboard"), depth_to_space(self._mix(w.T, dy), "checkerboard"), None
 
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
         # inverse map y -> x = s2d^{-1}(W^T y): dy = W s2d(dx), dW = y s2d(dx)^T summed
         w = self.matrix().detach()
-        y = self._mix(w, _space_to_depth(x, "checkerboard"))
-        dt = _space_to_depth(dx, "checkerboard")
+        y = self._mix(w, space_to_depth(x, "checkerboard"))
+        dt = space_to_depth(dx, "checkerboard")
         self._matrix_grad(self._outer(y, dt), grads)
         return y, self._mix(w, dt), None

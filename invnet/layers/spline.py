@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.module import GradStore, parameter_aliases
-from ._shapes import sum_per_sample
-from .conditioners import PadFactory
+from ..core.shapes import sum_per_sample
 from .coupling import CouplingBase
 
 __all__ = ["SplineKnots", "spline_knots", "rq_spline", "SplineCoupling"]
@@ -166,7 +165,8 @@ class SplineCoupling(CouplingBase):
     soft-clamps the knot log-slopes as it does the affine coupling's log-scale, and minimum bin
     sizes bound the bin slopes (see :func:`spline_knots`). The conditioner's last layer starts at zero, so the block starts as the
     identity. Same constructor and contract as :class:`~invnet.layers.AffineCoupling` (odd channel
-    counts, ``swap``, field or vector condition, custom conditioner, ``pad``).
+    counts, ``swap``, field or vector condition, custom conditioner); ``coupling="spline"`` in
+    every network (:data:`~invnet.layers.COUPLINGS`).
 
     Backward (memory-free, one conditioner pass): from :math:`y` take :math:`x_p = y_p`, run the
     conditioner with a local graph, rebuild :math:`x_a = \mathrm{RQS}^{-1}_\theta(y_a)` without a
@@ -188,7 +188,6 @@ class SplineCoupling(CouplingBase):
         clamp: bound :math:`\alpha` on the knot log-slopes (:math:`e^{-\alpha} < \delta < e^{\alpha}`).
         swap: make the last half passive instead of the first.
         conditioner: custom network ``passive + cond_channels -> (3 bins - 1) * active`` channels.
-        pad: padding factory of the default conv conditioner.
         bins: number of spline pieces :math:`K` (2 or more).
         tail_bound: :math:`B`; the identity outside :math:`[-B, B]`.
         min_bin_width, min_bin_height: smallest bin size as a fraction of :math:`2B`.
@@ -216,7 +215,6 @@ class SplineCoupling(CouplingBase):
         clamp: float = 3.0,
         swap: bool = False,
         conditioner: Optional[nn.Module] = None,
-        pad: Optional[PadFactory] = None,
         bins: int = 8,
         tail_bound: float = 3.0,
         min_bin_width: float = 1e-3,
@@ -232,7 +230,7 @@ class SplineCoupling(CouplingBase):
         for name, v in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
             if not 0 <= v < 1 / bins:
                 raise ValueError(f"{name} must lie in [0, 1/bins) = [0, {1 / bins:g}), got {v}")
-        super().__init__(channels, hidden, ndim, cond_channels, 3 * int(bins) - 1, swap, conditioner, pad,
+        super().__init__(channels, hidden, ndim, cond_channels, 3 * int(bins) - 1, swap, conditioner,
                          conditioner_kwargs)
         self.clamp = float(clamp)
         self.bins = int(bins)

@@ -9,15 +9,25 @@ from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule
 
-__all__ = ["Squeeze", "HaarSqueeze", "split_channels", "merge_channels"]
+__all__ = [
+    "SqueezeBase", "Squeeze", "HaarSqueeze", "space_to_depth", "depth_to_space", "haar_matrix",
+    "split_channels", "merge_channels",
+]
 
 
-def _space_to_depth(x: Tensor, pattern: str) -> Tensor:
+def space_to_depth(x: Tensor, pattern: str = "checkerboard") -> Tensor:
     """``(N, C, *S)`` -> ``(N, C * 2^d, *S/2)``; output channel ``c * 2^d + k`` holds part ``k``.
 
     ``checkerboard``: part k = (k_1..k_d) in binary is the sub-grid ``x[..., k_1::2, ..., k_d::2]``
     (a polyphase split: every part spans the whole image).
     ``patch``: part k is the block ``[k_1 H/2:(k_1+1) H/2, ...]`` (contiguous quadrants/octants).
+    A permutation of entries; no checks (see :class:`Squeeze` for the validated block).
+
+    >>> import torch
+    >>> space_to_depth(torch.arange(4.).reshape(1, 1, 4), "checkerboard")[0].tolist()
+    [[0.0, 2.0], [1.0, 3.0]]
+    >>> space_to_depth(torch.arange(4.).reshape(1, 1, 4), "patch")[0].tolist()
+    [[0.0, 1.0], [2.0, 3.0]]
     """
     n, c = x.shape[:2]
     space = x.shape[2:]
@@ -34,8 +44,14 @@ def _space_to_depth(x: Tensor, pattern: str) -> Tensor:
     return t.permute(perm).reshape([n, c * 2**d] + half)
 
 
-def _depth_to_space(y: Tensor, pattern: str) -> Tensor:
-    """Inverse of :func:`_space_to_depth`."""
+def depth_to_space(y: Tensor, pattern: str = "checkerboard") -> Tensor:
+    """Inverse of :func:`space_to_depth`.
+
+    >>> import torch
+    >>> x = torch.randn(2, 3, 4, 6)
+    >>> bool(torch.equal(depth_to_space(space_to_depth(x, "patch"), "patch"), x))
+    True
+    """
     n, cd = y.shape[:2]
     half = list(y.shape[2:])
     d = len(half)
@@ -48,7 +64,25 @@ def _depth_to_space(y: Tensor, pattern: str) -> Tensor:
     return t.permute(perm).reshape([n, c] + [2 * h for h in half])
 
 
-class _SqueezeBase(InvertibleModule):
+class SqueezeBase(InvertibleModule):
+    r"""Base of the squeezes: orthogonal maps :math:`Q` from ``(N, C, *S)`` to
+    ``(N, C 2^d, *S/2)`` (even space sizes), so :math:`\log|\det J| = 0` and the backward is
+    :math:`\bar x = Q^T \bar y = Q^{-1} \bar y`.
+
+    Subclasses implement the two tensor maps :meth:`squeeze` and :meth:`unsqueeze` (no checks, no
+    logdet); the block contract, the shape checks and the backward come from here. Networks call
+    :meth:`squeeze`/:meth:`unsqueeze` directly on data and conditions (a multiscale level squeezes
+    both), and a domain decomposition finds every squeeze level by this type.
+
+    Args:
+        ndim: space dimensions the block expects (1 to 3), or ``None`` for any.
+
+    >>> import torch
+    >>> sq = Squeeze(ndim=1)
+    >>> isinstance(sq, SqueezeBase), sq.squeeze(torch.zeros(2, 3, 8)).shape
+    (True, torch.Size([2, 6, 4]))
+    """
+
     def __init__(self, ndim: Optional[int] = None) -> None:
         super().__init__()
         if ndim is not None and ndim not in (1, 2, 3):
@@ -75,21 +109,29 @@ class _SqueezeBase(InvertibleModule):
             )
         return (shape[0], shape[1] * 2**d) + tuple(s // 2 for s in shape[2:])
 
-    # Both squeezes are orthogonal maps Q: the inverse is the adjoint, so dx = Q^T dy = Q^{-1} dy.
+    def squeeze(self, x: Tensor) -> Tensor:
+        """The map :math:`Q x`: ``(N, C, *S)`` -> ``(N, C 2^d, *S/2)``."""
+        raise NotImplementedError
+
+    def unsqueeze(self, y: Tensor) -> Tensor:
+        """The inverse map :math:`Q^{-1} y = Q^T y`."""
+        raise NotImplementedError
+
+    # Q is orthogonal: the inverse is the adjoint, so dx = Q^T dy = Q^{-1} dy.
     def _forward(self, x, c):
-        return self._squeeze(x), x.new_zeros(x.shape[0])
+        return self.squeeze(x), x.new_zeros(x.shape[0])
 
     def _inverse(self, y, c):
-        return self._unsqueeze(y), y.new_zeros(y.shape[0])
+        return self.unsqueeze(y), y.new_zeros(y.shape[0])
 
     def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
-        return self._unsqueeze(y), self._unsqueeze(dy), None
+        return self.unsqueeze(y), self.unsqueeze(dy), None
 
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
-        return self._squeeze(x), self._squeeze(dx), None
+        return self.squeeze(x), self.squeeze(dx), None
 
 
-class Squeeze(_SqueezeBase):
+class Squeeze(SqueezeBase):
     r"""Space-to-depth: halves every space size and multiplies the channels by :math:`2^d`.
 
     A permutation of entries, so :math:`\log|\det J| = 0`. Patterns: ``"checkerboard"``
@@ -112,14 +154,23 @@ class Squeeze(_SqueezeBase):
     def extra_repr(self) -> str:
         return f"pattern={self.pattern!r}"
 
-    def _squeeze(self, x: Tensor) -> Tensor:
-        return _space_to_depth(x, self.pattern)
+    def squeeze(self, x: Tensor) -> Tensor:
+        return space_to_depth(x, self.pattern)
 
-    def _unsqueeze(self, y: Tensor) -> Tensor:
-        return _depth_to_space(y, self.pattern)
+    def unsqueeze(self, y: Tensor) -> Tensor:
+        return depth_to_space(y, self.pattern)
 
 
-def _haar_matrix(d: int, dtype, device) -> Tensor:
+def haar_matrix(d: int, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> Tensor:
+    r"""The orthonormal Haar matrix :math:`H_d = H_1^{\otimes d}` on the :math:`2^d` cells of a
+    block, :math:`H_1 = \tfrac{1}{\sqrt 2}\begin{pmatrix}1&1\\1&-1\end{pmatrix}`; symmetric and
+    orthogonal, so :math:`H_d^{-1} = H_d^T = H_d`.
+
+    >>> import torch
+    >>> h = haar_matrix(2, torch.float64)
+    >>> h.shape, bool(torch.allclose(h @ h, torch.eye(4, dtype=torch.float64)))
+    (torch.Size([4, 4]), True)
+    """
     h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=dtype, device=device) / math.sqrt(2.0)
     h = torch.ones(1, 1, dtype=dtype, device=device)
     for _ in range(d):
@@ -127,7 +178,7 @@ def _haar_matrix(d: int, dtype, device) -> Tensor:
     return h  # symmetric and orthogonal: H^{-1} = H^T = H
 
 
-class HaarSqueeze(_SqueezeBase):
+class HaarSqueeze(SqueezeBase):
     r"""Orthonormal Haar wavelet squeeze in 1D, 2D or 3D.
 
     Each :math:`2^d` cell block :math:`b` (the polyphase components of a checkerboard squeeze) is
@@ -144,18 +195,18 @@ class HaarSqueeze(_SqueezeBase):
     [2.0, 0.0, 0.0, 0.0]
     """
 
-    def _squeeze(self, x: Tensor) -> Tensor:
-        t = _space_to_depth(x, "checkerboard")
+    def squeeze(self, x: Tensor) -> Tensor:
+        t = space_to_depth(x, "checkerboard")
         return self._mix(t, x.dim() - 2)
 
-    def _unsqueeze(self, y: Tensor) -> Tensor:
-        return _depth_to_space(self._mix(y, y.dim() - 2), "checkerboard")
+    def unsqueeze(self, y: Tensor) -> Tensor:
+        return depth_to_space(self._mix(y, y.dim() - 2), "checkerboard")
 
     @staticmethod
     def _mix(t: Tensor, d: int) -> Tensor:
         n, cd = t.shape[:2]
         k = 2**d
-        h = _haar_matrix(d, t.dtype, t.device)
+        h = haar_matrix(d, t.dtype, t.device)
         blocks = t.reshape(n, cd // k, k, -1)
         return torch.matmul(h, blocks).reshape(t.shape)
 

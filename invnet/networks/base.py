@@ -69,7 +69,7 @@ class FlowNetwork(InvertibleModule):
                 c = c.expand((n,) + tuple(c.shape[1:]))
             elif c.shape[0] != n:
                 raise ValueError(f"c must hold one condition per sample ({n}) or a single row, got batch {c.shape[0]}")
-        shape = self._sample_data_shape(c, shape)
+        shape = self.sample_shape(c, shape)
         ref = next(iter(self.parameters()), None)
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
         device = ref.device if ref is not None else None
@@ -78,7 +78,15 @@ class FlowNetwork(InvertibleModule):
         x, _ = self.inverse(z, c)
         return x
 
-    def _sample_data_shape(self, c: Optional[Tensor], shape: Optional[tuple[int, ...]]) -> tuple[int, ...]:
+    def sample_shape(self, c: Optional[Tensor] = None, shape: Optional[tuple[int, ...]] = None) -> tuple[int, ...]:
+        """Shape ``(channels, *space)`` of one sample that :meth:`sample` draws: ``shape`` when
+        given, else ``self.data_shape`` when the network knows it, else ``(channels,)`` for
+        vectors, else the space shape of a field condition ``c``.
+
+        >>> from invnet.networks import HINT
+        >>> HINT(3, hidden=4, depth=1, ndim=0).sample_shape()
+        (3,)
+        """
         if shape is not None:
             return tuple(shape)
         known = getattr(self, "data_shape", None)

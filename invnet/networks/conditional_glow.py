@@ -35,7 +35,8 @@ class ConditionalGlow(Glow):
       take the *condition* ``c`` (the summary's output) and return ``dc``;
     * ``log_prob(x, y)``, ``bits_per_dim(x, y)``, ``sample(n, y, temperature)`` take the
       *observation* ``y`` when a summary network is set (``net.condition(y)`` is the condition),
-      else the condition itself. Gradients reach the summary's parameters through ``dc``.
+      else the condition itself. The summary runs before the memory-free engine is entered, so
+      its parameters get their gradients by ordinary autograd, through ``dc``.
 
     Args:
         channels: channels of ``x``.
@@ -43,7 +44,8 @@ class ConditionalGlow(Glow):
         hidden, levels, depth, ndim: as :class:`Glow`.
         summary: optional ``nn.Module`` mapping an observation to the condition.
         vector_condition: the condition is a vector ``(N, cond_channels)``.
-        **glow_kwargs: the other :class:`Glow` arguments (``squeeze``, ``clamp``, ``conv1x1``, ...).
+        **glow_kwargs: the other :class:`Glow` arguments (``squeeze``, ``clamp``, ``conv1x1``,
+            ``coupling``, ...).
 
     >>> import torch
     >>> from invnet.networks import ConditionalGlow, ImageSummary
@@ -81,8 +83,3 @@ class ConditionalGlow(Glow):
         if c is None:
             raise ValueError(f"{type(self).__name__} needs a condition (or an observation for its summary network)")
         return c if self.summary is None else self.summary(c)
-
-    def _grad_params(self):
-        # The summary runs outside the memory-free bridge (ordinary autograd through dc).
-        skip = set() if self.summary is None else {id(p) for p in self.summary.parameters()}
-        return tuple(p for p in self.parameters() if p.requires_grad and id(p) not in skip)

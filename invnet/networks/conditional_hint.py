@@ -1,7 +1,6 @@
-"""Conditional HINT: a joint flow over (x, y) with a y-lane and an x-lane conditioned on it."""
+"""Conditional HINT: a joint flow over (x, y) with an observation lane (y) and an x-lane
+conditioned on it."""
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -10,10 +9,10 @@ from ..core.chain import Chain
 from ..core.module import GradStore
 from ..layers.actnorm import ActNorm
 from ..layers.conditional_affine import ConditionalAffine
-from ..layers.conditioners import PadFactory
 from ..layers.hint import HINTCoupling
 from .base import FlowNetwork
-from .hint import _channel_mixing, _check_common, hint_step
+from .hint import HINTStep, channel_mixing, hint_step
+from .multiscale_flow import check_scales
 
 __all__ = ["ConditionalHINT", "conditional_x_step"]
 
@@ -26,14 +25,15 @@ def conditional_x_step(
     mixing: str = "householder",
     leaf_channels: int = 3,
     seed: int = 0,
+    coupling: str = "affine",
     **kwargs,
 ) -> Chain:
     r"""One x-lane step of a conditional HINT ("HINT", Kruse et al., 2021, arXiv:1905.10687):
     :math:`X(x; c) = T(L(W A x; c); c)` with ActNorm :math:`A`, mixing :math:`W`, the lane coupling
-    :math:`L(u; c) = u \odot e^{s(c)} + t(c)` (:class:`~invnet.layers.ConditionalAffine`) and a
-    :class:`~invnet.layers.HINTCoupling` :math:`T` whose every conditioner is fed ``c`` (the y-lane
-    state). Mixing and HINT coupling are left out for a single channel. ``kwargs``: ``clamp``,
-    ``pad`` and conditioner options.
+    :math:`L(u; c) = u \odot e^{s(c)} + t(c)` (:class:`~invnet.layers.ConditionalAffine`, always
+    affine) and a :class:`~invnet.layers.HINTCoupling` :math:`T` of the given ``coupling`` kind
+    whose every conditioner is fed ``c`` (the observation lane's state). Mixing and HINT coupling
+    are left out for a single channel. ``kwargs``: ``clamp`` and conditioner options.
 
     >>> import torch
     >>> step = conditional_x_step(3, 2, hidden=8, ndim=0)
@@ -42,10 +42,11 @@ def conditional_x_step(
     """
     blocks = [ActNorm(channels, ndim=ndim)]
     if channels >= 2:
-        blocks.append(_channel_mixing(channels, mixing, ndim, seed=seed))
+        blocks.append(channel_mixing(channels, mixing, ndim, seed=seed))
     blocks.append(ConditionalAffine(channels, cond_channels, hidden, ndim, **kwargs))
     if channels >= 2:
-        blocks.append(HINTCoupling(channels, hidden, ndim, cond_channels, leaf_channels=leaf_channels, seed=seed, **kwargs))
+        blocks.append(HINTCoupling(channels, hidden, ndim, cond_channels, leaf_channels=leaf_channels, seed=seed,
+                                   coupling=coupling, **kwargs))
     return Chain(*blocks)
 
 
@@ -72,7 +73,8 @@ class ConditionalHINT(FlowNetwork):
         \log q(x \mid y) = \log \mathcal N(z_x; 0, I) + \log|\det \partial z_x / \partial x|, \qquad
         \log q(x, y) = \log q(x \mid y) + \log \mathcal N(z_y; 0, I) + \log|\det \partial z_y / \partial y|.
 
-    As a block, ``forward(x, c=y)`` returns :math:`(z_x, \log|\det \partial z_x/\partial x|)`, so
+    As a block, ``forward(x, c=y)`` returns :math:`(z_x, \log|\det \partial z_x/\partial x|)`: the
+    observation is the flow's condition ``c`` (the glossary of ``docs/architecture.md``), so
     :meth:`log_prob` is the conditional density, gradients reach ``y`` through ``dc``, and
     ``sample(n, c=y)`` draws from the posterior by inverting the x-lane with the y-lane fixed.
     :meth:`forward_y` gives :math:`z_y`; :meth:`joint_log_prob` the joint density.
@@ -90,7 +92,10 @@ class ConditionalHINT(FlowNetwork):
         hidden: hidden channels of every conditioner.
         depth: number of steps :math:`K`.
         ndim: space dimensions 0 to 3.
-        mixing, clamp, leaf_channels, pad, **conditioner_kwargs: as :class:`~invnet.networks.HINT`.
+        mixing, clamp, leaf_channels, **conditioner_kwargs: as :class:`~invnet.networks.HINT`.
+        coupling: the node transform of every HINT coupling (both lanes), ``"affine"`` (default)
+            or ``"additive"``; the lane coupling :class:`~invnet.layers.ConditionalAffine` stays
+            affine (it is the paper's link between the lanes, not a split coupling).
 
     >>> import torch
     >>> from invnet.networks import ConditionalHINT
@@ -112,28 +117,33 @@ class ConditionalHINT(FlowNetwork):
         mixing: str = "householder",
         clamp: float = 2.0,
         leaf_channels: int = 3,
-        pad: Optional[PadFactory] = None,
+        coupling: str = "affine",
         **conditioner_kwargs,
     ) -> None:
         super().__init__()
-        _check_common(channels, hidden, depth, ndim, mixing, min_channels=1)
-        if cond_channels < 1:
-            raise ValueError(f"ConditionalHINT needs cond_channels >= 1 (the channels of y), got {cond_channels}")
+        check_scales(type(self).__name__, ndim, 1, depth)
+        HINTStep(hidden, mixing, clamp, leaf_channels, coupling)  # validates the step options
+        if channels < 1 or cond_channels < 1:
+            raise ValueError(
+                f"ConditionalHINT needs channels >= 1 and cond_channels >= 1 (the channels of x and y), got "
+                f"{channels} and {cond_channels}"
+            )
         self.channels = channels
         self.cond_channels = cond_channels
         self.ndim = ndim
         self.depth = depth
-        kw = dict(clamp=clamp, pad=pad, **conditioner_kwargs)
+        kw = dict(clamp=clamp, **conditioner_kwargs)
 
         def y_step(k: int) -> Chain:
             if cond_channels < 2:
                 return Chain(ActNorm(1, ndim=ndim))
-            return hint_step(cond_channels, hidden, ndim, 0, mixing, leaf_channels=leaf_channels, seed=k, **kw)
+            return hint_step(cond_channels, hidden, ndim, 0, mixing, leaf_channels=leaf_channels, seed=k,
+                             coupling=coupling, **kw)
 
         #: the observation lane alone: ``y_lane(y) -> (z_y, log|det dz_y/dy|)``
         self.y_lane = Chain(*[y_step(k) for k in range(depth)])
         self.x_steps = torch.nn.ModuleList(
-            [conditional_x_step(channels, cond_channels, hidden, ndim, mixing, leaf_channels, 1000 + k, **kw)
+            [conditional_x_step(channels, cond_channels, hidden, ndim, mixing, leaf_channels, 1000 + k, coupling, **kw)
              for k in range(depth)]
         )
         if ndim == 0:
@@ -151,46 +161,45 @@ class ConditionalHINT(FlowNetwork):
             )
         return shape
 
-    # -- y-lane helpers ---------------------------------------------------------------------------
-    def _y_before_last_step(self, y: Tensor) -> Tensor:
-        # y_{K-1}: the y-lane state that conditions the last x-step
+    # -- the observation lane: its states c_k (c_0 = c = y) condition the x-steps ---------------
+    def _lane_before_last_step(self, c: Tensor) -> Tensor:
+        # c_{K-1}: the lane state that conditions the last x-step
         for step in self.y_lane.blocks[: self.depth - 1]:
-            y, _ = step._forward(y, None)
-        return y
+            c, _ = step._forward(c, None)
+        return c
 
     # -- contract ---------------------------------------------------------------------------------
     def _forward(self, x, c):
         logdet = x.new_zeros(x.shape[0])
-        y = c
         for k, step in enumerate(self.x_steps):
-            x, ld = step._forward(x, y)
+            x, ld = step._forward(x, c)
             logdet = logdet + ld
             if k < self.depth - 1:
-                y, _ = self.y_lane.blocks[k]._forward(y, None)
+                c, _ = self.y_lane.blocks[k]._forward(c, None)
         return x, logdet
 
     def _inverse(self, z, c):
-        y = self._y_before_last_step(c)
+        c = self._lane_before_last_step(c)
         logdet = z.new_zeros(z.shape[0])
         x = z
         for k in reversed(range(self.depth)):
-            x, ld = self.x_steps[k]._inverse(x, y)
+            x, ld = self.x_steps[k]._inverse(x, c)
             logdet = logdet + ld
             if k > 0:
-                y, _ = self.y_lane.blocks[k - 1]._inverse(y, None)
+                c, _ = self.y_lane.blocks[k - 1]._inverse(c, None)
         return x, logdet
 
     def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
-        y = self._y_before_last_step(c)
-        dy = torch.zeros_like(y)
-        no_logdet = torch.zeros_like(dlogdet)  # the y-lane's logdet is not part of log q(x|y)
+        c = self._lane_before_last_step(c)
+        dc = torch.zeros_like(c)
+        no_logdet = torch.zeros_like(dlogdet)  # the lane's own logdet is not part of log q(x|y)
         x, dx = z, dz
         for k in reversed(range(self.depth)):
-            x, dx, dc = self.x_steps[k]._vjp(x, dx, dlogdet, y, grads)
-            dy = dy + dc
+            x, dx, dc_step = self.x_steps[k]._vjp(x, dx, dlogdet, c, grads)
+            dc = dc + dc_step
             if k > 0:
-                y, dy, _ = self.y_lane.blocks[k - 1]._vjp(y, dy, no_logdet, None, grads)
-        return x, dx, dy
+                c, dc, _ = self.y_lane.blocks[k - 1]._vjp(c, dc, no_logdet, None, grads)
+        return x, dx, dc
 
     # -- the y-lane and the joint density ---------------------------------------------------------
     def forward_y(self, y: Tensor) -> Tensor:

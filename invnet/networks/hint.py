@@ -1,45 +1,36 @@
-"""HINT: a stack of (ActNorm, channel mixing, recursive HINT coupling) steps at one scale."""
+"""HINT: the step (ActNorm, channel mixing, recursive HINT coupling), its factory, and the
+single-scale network."""
 from __future__ import annotations
 
-from typing import Optional
-
-from torch import Tensor
+from dataclasses import dataclass, field
 
 from ..core.chain import Chain
-from ..core.module import GradStore, InvertibleModule
-from ..layers._shapes import check_condition
+from ..core.module import InvertibleModule
 from ..layers.actnorm import ActNorm
-from ..layers.conditioners import PadFactory
 from ..layers.conv1x1 import ChannelPermutation, Conv1x1
+from ..layers.coupling_kinds import check_coupling
 from ..layers.hint import HINTCoupling
-from .base import FlowNetwork
+from .multiscale_flow import MultiscaleFlow
 
-__all__ = ["HINT", "hint_step", "MIXINGS"]
+__all__ = ["HINT", "HINTStep", "hint_step", "channel_mixing", "MIXINGS"]
 
 #: channel mixings between steps: learned 1x1 convolutions, or a fixed random permutation
 MIXINGS = ("householder", "lu", "permutation")
 
 
-def _channel_mixing(channels: int, mixing: str, ndim: int, seed: int) -> InvertibleModule:
-    """The mixing block between steps: ``Conv1x1`` (``"householder"`` or ``"lu"``) or a fixed
-    random ``ChannelPermutation`` (``"permutation"``)."""
+def channel_mixing(channels: int, mixing: str, ndim: int, seed: int) -> InvertibleModule:
+    """The mixing block between HINT steps: :class:`~invnet.layers.Conv1x1` (``"householder"``
+    or ``"lu"``) or a fixed random :class:`~invnet.layers.ChannelPermutation` seeded with
+    ``seed`` (``"permutation"``).
+
+    >>> type(channel_mixing(4, "permutation", ndim=1, seed=3)).__name__
+    'ChannelPermutation'
+    """
+    if mixing not in MIXINGS:
+        raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
     if mixing == "permutation":
         return ChannelPermutation(channels, kind="random", seed=seed, ndim=ndim)
     return Conv1x1(channels, parametrization=mixing, ndim=ndim)
-
-
-def _check_common(channels: int, hidden: int, depth: int, ndim: int, mixing: str, min_channels: int = 2) -> None:
-    """Argument checks shared by the HINT networks (raise ``ValueError``)."""
-    if channels < min_channels:
-        raise ValueError(f"this HINT network needs at least {min_channels} channel(s), got {channels}")
-    if hidden < 1:
-        raise ValueError(f"hidden must be a positive channel count, got {hidden}")
-    if depth < 1:
-        raise ValueError(f"depth must be at least 1, got {depth}")
-    if ndim not in (0, 1, 2, 3):
-        raise ValueError(f"ndim must be 0, 1, 2 or 3, got {ndim}")
-    if mixing not in MIXINGS:
-        raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
 
 
 def hint_step(
@@ -51,7 +42,7 @@ def hint_step(
     clamp: float = 2.0,
     leaf_channels: int = 3,
     seed: int = 0,
-    pad: Optional[PadFactory] = None,
+    coupling: str = "affine",
     **conditioner_kwargs,
 ) -> Chain:
     r"""One HINT step, :math:`T \circ W \circ A`: ``Chain(ActNorm, mixing, HINTCoupling)`` (see
@@ -65,17 +56,63 @@ def hint_step(
     """
     return Chain(
         ActNorm(channels, ndim=ndim),
-        _channel_mixing(channels, mixing, ndim, seed),
+        channel_mixing(channels, mixing, ndim, seed),
         HINTCoupling(
-            channels, hidden, ndim, cond_channels, clamp=clamp, leaf_channels=leaf_channels, seed=seed, pad=pad,
-            **conditioner_kwargs,
+            channels, hidden, ndim, cond_channels, clamp=clamp, leaf_channels=leaf_channels, seed=seed,
+            coupling=coupling, **conditioner_kwargs,
         ),
     )
 
 
-class HINT(FlowNetwork):
+@dataclass(frozen=True)
+class HINTStep:
+    r"""Step factory of the HINT networks: step ``index`` of scale ``scale`` is one
+    :func:`hint_step` (ActNorm, channel mixing, recursive :class:`~invnet.layers.HINTCoupling`)
+    whose fixed permutations are seeded with ``100 * scale + index``. Give it to
+    :class:`~invnet.networks.MultiscaleFlow` (see :class:`~invnet.networks.StepFactory`).
+
+    Args:
+        hidden: hidden channels of every conditioner.
+        mixing: one of :data:`MIXINGS`.
+        clamp: bound on the log-scales of all sub-couplings.
+        leaf_channels: channel count at which the HINT recursion stops.
+        coupling: the transform of every node of the recursion, a key of
+            :data:`~invnet.layers.COUPLINGS` (``"affine"``, the paper's, or ``"additive"``).
+        conditioner_kwargs: passed to every conditioner (``kernel_size``, ``residual_blocks``).
+
+    >>> blocks = HINTStep(hidden=8)(channels=4, cond_channels=0, ndim=0, scale=1, index=2)
+    >>> [type(b).__name__ for b in blocks[0]]
+    ['ActNorm', 'Conv1x1', 'HINTCoupling']
+    """
+
+    hidden: int = 64
+    mixing: str = "householder"
+    clamp: float = 2.0
+    leaf_channels: int = 3
+    coupling: str = "affine"
+    conditioner_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be a positive channel count, got {self.hidden}")
+        if self.mixing not in MIXINGS:
+            raise ValueError(f"mixing must be one of {MIXINGS}, got {self.mixing!r}")
+        if not self.clamp > 0:
+            raise ValueError(f"clamp must be positive, got {self.clamp}")
+        if self.leaf_channels < 2:
+            raise ValueError(f"leaf_channels must be at least 2, got {self.leaf_channels}")
+        check_coupling(self.coupling)
+
+    def __call__(self, channels: int, cond_channels: int, ndim: int, scale: int, index: int) -> list[InvertibleModule]:
+        # each step stays one Chain: its parameter names (steps.blocks.k.blocks.i) predate the builder
+        return [hint_step(channels, self.hidden, ndim, cond_channels, self.mixing, self.clamp, self.leaf_channels,
+                          100 * scale + index, self.coupling, **self.conditioner_kwargs)]
+
+
+class HINT(MultiscaleFlow):
     r"""HINT network at one scale: ``depth`` steps of ActNorm, channel mixing and a recursive
-    :class:`~invnet.layers.HINTCoupling`, with a standard normal latent of the shape of ``x``.
+    :class:`~invnet.layers.HINTCoupling`, with a standard normal latent of the shape of ``x``:
+    :class:`~invnet.networks.MultiscaleFlow` with :class:`HINTStep`, one level, no squeeze.
 
     From "HINT: Hierarchical Invertible Neural Transport for Density Estimation and Bayesian
     Inference" (Kruse, Detommaso, Köthe, Scheichl, 2021, arXiv:1905.10687); ActNorm and 1x1
@@ -96,7 +133,10 @@ class HINT(FlowNetwork):
             ``"permutation"`` (fixed random :class:`~invnet.layers.ChannelPermutation`).
         clamp: bound on the log-scales of all couplings.
         leaf_channels: channel count at which the HINT recursion stops.
-        pad: padding factory for the convolutional conditioners.
+        vector_condition: the condition is a vector (informational at one scale: both forms are
+            accepted; set by a job from the data).
+        coupling: the transform of every node of the recursion: ``"affine"`` (the paper's,
+            default) or ``"additive"`` (volume preserving); see :data:`~invnet.layers.COUPLINGS`.
         **conditioner_kwargs: passed to every conditioner.
 
     Latent: ``z`` has the shape of ``x``. The backward is memory-free: steps rebuild their input
@@ -110,6 +150,9 @@ class HINT(FlowNetwork):
     (torch.Size([8]), torch.Size([5, 3]))
     """
 
+    #: parameter names before the multiscale builder: the steps were ``flow.blocks.k``
+    legacy_prefixes = (("flow.", "body.steps."),)
+
     def __init__(
         self,
         channels: int,
@@ -120,41 +163,10 @@ class HINT(FlowNetwork):
         mixing: str = "householder",
         clamp: float = 2.0,
         leaf_channels: int = 3,
-        pad: Optional[PadFactory] = None,
+        vector_condition: bool = False,
+        coupling: str = "affine",
         **conditioner_kwargs,
     ) -> None:
-        super().__init__()
-        _check_common(channels, hidden, depth, ndim, mixing)
-        if cond_channels < 0:
-            raise ValueError(f"cond_channels must be >= 0, got {cond_channels}")
-        self.channels = channels
-        self.ndim = ndim
-        self.cond_channels = cond_channels
-        self.flow = Chain(
-            *[
-                hint_step(channels, hidden, ndim, cond_channels, mixing, clamp, leaf_channels, k, pad,
-                          **conditioner_kwargs)
-                for k in range(depth)
-            ]
-        )
-        if ndim == 0:
-            self.data_shape = (channels,)
-
-    def _check_shape(self, shape, c_shape, inverse):
-        shape = super()._check_shape(shape, c_shape, inverse)
-        check_condition(type(self).__name__, shape, c_shape, self.cond_channels)
-        return shape
-
-    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        return self.flow._forward(x, c)
-
-    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        return self.flow._inverse(y, c)
-
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
-        return self.flow._vjp(y, dy, dlogdet, c, grads)
-
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
-        return self.flow._vjp_inverse(x, dx, dlogdet, c, grads)
-
-
+        step = HINTStep(hidden, mixing, clamp, leaf_channels, coupling, conditioner_kwargs)
+        super().__init__(step, channels, levels=1, depth=depth, ndim=ndim, squeeze=None,
+                         cond_channels=cond_channels, vector_condition=vector_condition)

@@ -1,14 +1,11 @@
 """Fully hyperbolic network: stages of leapfrog layers with Haar squeezes between them."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from ..core.chain import Chain
 from ..core.module import InvertibleModule
-from ..layers.conditioners import PadFactory
 from ..layers.hyperbolic import HyperbolicLayer
 from ..layers.squeeze import HaarSqueeze
 
@@ -38,7 +35,7 @@ class Hyperbolic(Chain):
             ``2^(stages - 1)``).
         hidden: channels of :math:`K u` in the first stage, doubled at each later stage.
         step: the time step :math:`h`.
-        kernel_size, activation, pad: see :class:`~invnet.layers.HyperbolicLayer`.
+        kernel_size, activation: see :class:`~invnet.layers.HyperbolicLayer`.
 
     >>> import torch
     >>> net = Hyperbolic(channels=2, ndim=2, layers=2, stages=2, hidden=4)
@@ -58,7 +55,6 @@ class Hyperbolic(Chain):
         step: float = 0.5,
         kernel_size: int = 3,
         activation: str = "tanh",
-        pad: Optional[PadFactory] = None,
     ) -> None:
         if layers < 1 or stages < 1:
             raise ValueError(f"layers and stages must be positive counts, got {layers} and {stages}")
@@ -71,7 +67,7 @@ class Hyperbolic(Chain):
                 blocks.append(HaarSqueeze(ndim=ndim))
                 c *= 2**ndim
             for _ in range(layers):
-                blocks.append(HyperbolicLayer(c, hidden * 2**s, ndim, step, kernel_size, activation, pad))
+                blocks.append(HyperbolicLayer(c, hidden * 2**s, ndim, step, kernel_size, activation))
         super().__init__(*blocks)
         self.channels = channels
         self.ndim = ndim

@@ -1,13 +1,10 @@
 """A fully invertible U-Net (iUNet)."""
 from __future__ import annotations
 
-from typing import Optional
-
 from ..core.chain import Chain
 from ..core.module import InvertibleModule
-from ..layers.conditioners import PadFactory
 from ..layers.conv1x1 import Conv1x1
-from ..layers.coupling import AdditiveCoupling, AffineCoupling
+from ..layers.coupling_kinds import check_coupling, make_coupling
 from ..layers.resampling import LearnableDownsample
 from ..layers.structural import ChannelSubset, Inverted
 
@@ -47,8 +44,8 @@ class InvertibleUNet(Chain):
         levels: resolution levels (1 = no downsampling).
         blocks: (1x1 convolution, coupling) pairs on each side of each level.
         hidden: hidden channels of the couplings' conditioners at level 0, doubled per level.
-        coupling: ``"additive"`` (default, volume preserving) or ``"affine"``.
-        pad: padding factory for the conditioners (halo exchange when distributed).
+        coupling: a key of :data:`~invnet.layers.COUPLINGS`: ``"additive"`` (default, volume
+            preserving) or ``"affine"``.
 
     >>> import torch
     >>> net = InvertibleUNet(2, ndim=2, levels=3, blocks=1, hidden=4)
@@ -66,7 +63,6 @@ class InvertibleUNet(Chain):
         blocks: int = 2,
         hidden: int = 32,
         coupling: str = "additive",
-        pad: Optional[PadFactory] = None,
     ) -> None:
         if channels < 2:
             raise ValueError(f"InvertibleUNet needs at least 2 channels (couplings split them), got {channels}")
@@ -74,25 +70,23 @@ class InvertibleUNet(Chain):
             raise ValueError(f"InvertibleUNet needs 1, 2 or 3 space dimensions, got {ndim}")
         if levels < 1 or blocks < 1:
             raise ValueError(f"levels and blocks must be positive counts, got {levels} and {blocks}")
-        if coupling not in ("additive", "affine"):
-            raise ValueError(f"coupling must be 'additive' or 'affine', got {coupling!r}")
-        self._coupling = AdditiveCoupling if coupling == "additive" else AffineCoupling
-        self._spec = (ndim, levels, blocks, hidden, pad)
+        self._coupling = check_coupling(coupling)
+        self._spec = (ndim, levels, blocks, hidden)
         super().__init__(*self._level(0, channels).blocks)
         self.channels = channels
         self.ndim = ndim
         self.levels = levels
 
     def _side(self, c: int, hidden: int) -> list[InvertibleModule]:
-        ndim, _, blocks, _, pad = self._spec
+        ndim, _, blocks, _ = self._spec
         out: list[InvertibleModule] = []
         for i in range(blocks):
             out.append(Conv1x1(c, ndim=ndim))
-            out.append(self._coupling(c, hidden=hidden, ndim=ndim, swap=bool(i % 2), pad=pad))
+            out.append(make_coupling(self._coupling, c, hidden, ndim, swap=bool(i % 2)))
         return out
 
     def _level(self, level: int, c: int) -> Chain:
-        ndim, levels, _, hidden, _ = self._spec
+        ndim, levels, _, hidden = self._spec
         h = hidden * 2**level
         if level == levels - 1:
             return Chain(*self._side(c, h))

@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from ..core.chain import Chain
-from ..layers.conditioners import PadFactory
 from ..layers.irim import IRIMCoupling
 from ..operators import as_operator
 
@@ -36,7 +35,7 @@ class LearnedLoop(Chain):
         hidden: hidden channels of the conditioners.
         share_weights: use one step's weights for every iteration (a recurrent machine) instead
             of separate weights per iteration.
-        clamp, pad, **conditioner_kwargs: passed to :class:`~invnet.layers.IRIMCoupling`.
+        clamp, **conditioner_kwargs: passed to :class:`~invnet.layers.IRIMCoupling`.
 
     >>> import torch
     >>> from invnet.operators import as_operator
@@ -55,7 +54,6 @@ class LearnedLoop(Chain):
         hidden: int = 32,
         share_weights: bool = False,
         clamp: float = 2.0,
-        pad: Optional[PadFactory] = None,
         **conditioner_kwargs,
     ) -> None:
         if iterations < 1:
@@ -63,7 +61,7 @@ class LearnedLoop(Chain):
         op = as_operator(operator)
 
         def step() -> IRIMCoupling:
-            return IRIMCoupling(op, channels, hidden=hidden, clamp=clamp, pad=pad, **conditioner_kwargs)
+            return IRIMCoupling(op, channels, hidden=hidden, clamp=clamp, **conditioner_kwargs)
 
         if share_weights:
             one = step()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule, add_optional
-from ..layers.squeeze import _SqueezeBase
+from ..layers.squeeze import SqueezeBase
 
 __all__ = ["MultiscaleLevel"]
 
@@ -39,6 +39,10 @@ class MultiscaleLevel(InvertibleModule):
     cotangent) with its own backward, then :math:`F`, and unsqueezes: only tensors the size of
     ``x`` are alive, and the condition's cotangent is the unsqueezed sum of both.
 
+    :meth:`down`, :meth:`up`, :meth:`down_condition` and :meth:`split` are public so that a
+    network with its own recursion over the levels (a two-lane conditional HINT) squeezes and
+    splits exactly as the level does. :class:`~invnet.networks.MultiscaleFlow` builds the nest.
+
     Args:
         steps: the flow steps :math:`F` (an invertible block on the squeezed tensor).
         squeeze: the squeeze :math:`S` (``None``: identity, for vectors).
@@ -59,7 +63,7 @@ class MultiscaleLevel(InvertibleModule):
     def __init__(
         self,
         steps: InvertibleModule,
-        squeeze: Optional[_SqueezeBase] = None,
+        squeeze: Optional[SqueezeBase] = None,
         inner: Optional["MultiscaleLevel"] = None,
         keep: Optional[int] = None,
     ) -> None:
@@ -73,23 +77,28 @@ class MultiscaleLevel(InvertibleModule):
         self.cond_channels = steps.cond_channels
 
     # -- squeezing data and condition ---------------------------------------------------------
-    def _down(self, t: Tensor) -> Tensor:
-        return t if self.squeeze is None else self.squeeze._squeeze(t)
+    def down(self, t: Tensor) -> Tensor:
+        """:math:`S t`: a tensor at this level's input scale to the scale of its steps."""
+        return t if self.squeeze is None else self.squeeze.squeeze(t)
 
-    def _up(self, t: Tensor) -> Tensor:
-        return t if self.squeeze is None else self.squeeze._unsqueeze(t)
+    def up(self, t: Tensor) -> Tensor:
+        """:math:`S^{-1} t`, the inverse of :meth:`down`."""
+        return t if self.squeeze is None else self.squeeze.unsqueeze(t)
 
-    def _down_c(self, c: Optional[Tensor]) -> Optional[Tensor]:
+    def down_condition(self, c: Optional[Tensor]) -> Optional[Tensor]:
+        """The condition at the scale of the steps: a field is squeezed, a vector passes."""
         if c is None or self.squeeze is None or c.dim() == 2:
             return c
-        return self.squeeze._squeeze(c)
+        return self.squeeze.squeeze(c)
 
-    def _up_c(self, dc: Optional[Tensor], c: Optional[Tensor]) -> Optional[Tensor]:
+    def up_condition(self, dc: Optional[Tensor], c: Optional[Tensor]) -> Optional[Tensor]:
+        """The adjoint of :meth:`down_condition` applied to a condition cotangent ``dc``."""
         if dc is None or self.squeeze is None or c is None or c.dim() == 2:
             return dc
-        return self.squeeze._unsqueeze(dc)
+        return self.squeeze.unsqueeze(dc)
 
-    def _split(self, h: Tensor) -> tuple[Tensor, Tensor]:
+    def split(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a, b)``: the ``keep`` channels for the inner level and the factored-out rest."""
         return h[:, : self.keep], h[:, self.keep :]
 
     def squeezed_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -114,28 +123,28 @@ class MultiscaleLevel(InvertibleModule):
         return tuple(shape)
 
     def _forward(self, x, c):
-        c_s = self._down_c(c)
-        h, logdet = self.steps._forward(self._down(x), c_s)
+        c_s = self.down_condition(c)
+        h, logdet = self.steps._forward(self.down(x), c_s)
         if self.inner is not None:
-            a, b = self._split(h)
+            a, b = self.split(h)
             a, ld = self.inner._forward(a, c_s)
             h, logdet = torch.cat([a, b], 1), logdet + ld
-        return self._up(h), logdet
+        return self.up(h), logdet
 
     def _inverse(self, y, c):
-        c_s = self._down_c(c)
-        h = self._down(y)
+        c_s = self.down_condition(c)
+        h = self.down(y)
         logdet = y.new_zeros(y.shape[0])
         if self.inner is not None:
-            a, b = self._split(h)
+            a, b = self.split(h)
             a, logdet = self.inner._inverse(a, c_s)
             h = torch.cat([a, b], 1)
         s, ld = self.steps._inverse(h, c_s)
-        return self._up(s), logdet + ld
+        return self.up(s), logdet + ld
 
     def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
-        c_s = self._down_c(c)
-        h, dh = self._down(y), self._down(dy)
+        c_s = self.down_condition(c)
+        h, dh = self.down(y), self.down(dy)
         dc = None
         if self.inner is not None:
             # a squeeze may return a view of the caller's tensor (identity squeeze, 1D patch
@@ -157,27 +166,27 @@ class MultiscaleLevel(InvertibleModule):
         handoff = [h, dh]
         del h, dh
         s, ds, dc_steps = self.steps._vjp(handoff.pop(0), handoff.pop(0), dlogdet, c_s, grads)
-        return self._up(s), self._up(ds), self._up_c(add_optional(dc, dc_steps), c)
+        return self.up(s), self.up(ds), self.up_condition(add_optional(dc, dc_steps), c)
 
     def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
-        c_s = self._down_c(c)
-        h, dh, dc = self.steps._vjp_inverse(self._down(x), self._down(dx), dlogdet, c_s, grads)
+        c_s = self.down_condition(c)
+        h, dh, dc = self.steps._vjp_inverse(self.down(x), self.down(dx), dlogdet, c_s, grads)
         if self.inner is not None:
-            (a, b), (da, db) = self._split(h), self._split(dh)
+            (a, b), (da, db) = self.split(h), self.split(dh)
             a, da, dc_inner = self.inner._vjp_inverse(a, da, dlogdet, c_s, grads)
             h, dh = torch.cat([a, b], 1), torch.cat([da, db], 1)
             dc = add_optional(dc, dc_inner)
-        return self._up(h), self._up(dh), self._up_c(dc, c)
+        return self.up(h), self.up(dh), self.up_condition(dc, c)
 
     # -- latent structure ---------------------------------------------------------------------
     def split_latent(self, z: Tensor) -> list[Tensor]:
         """Cut a latent of this level's input shape into per-scale parts, finest first: the
         channels factored out here (squeezed layout), then those of the inner levels; the last
         entry is the coarsest scale's full output."""
-        h = self._down(z)
+        h = self.down(z)
         if self.inner is None:
             return [h]
-        a, b = self._split(h)
+        a, b = self.split(h)
         return [b] + self.inner.split_latent(a)
 
     def merge_latent(self, parts: list[Tensor]) -> Tensor:
@@ -185,8 +194,8 @@ class MultiscaleLevel(InvertibleModule):
         if self.inner is None:
             if len(parts) != 1:
                 raise ValueError(f"expected 1 latent part at the coarsest scale, got {len(parts)}")
-            return self._up(parts[0])
+            return self.up(parts[0])
         if len(parts) < 2:
             raise ValueError("too few latent parts for the number of scales")
         a = self.inner.merge_latent(list(parts[1:]))
-        return self._up(torch.cat([a, parts[0]], 1))
+        return self.up(torch.cat([a, parts[0]], 1))

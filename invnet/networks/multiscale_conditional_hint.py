@@ -7,10 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.module import GradStore
-from ..layers.conditioners import PadFactory
 from .base import FlowNetwork
 from .conditional_hint import conditional_x_step
 from .multiscale import MultiscaleLevel
+from .multiscale_flow import scale_widths
 from .multiscale_hint import MultiscaleHINT
 
 __all__ = ["MultiscaleConditionalHINT"]
@@ -48,7 +48,8 @@ class MultiscaleConditionalHINT(FlowNetwork):
         depth: lane steps per scale.
         ndim: space dimensions 1 to 3 (0: vectors, channel splits without squeezes).
         squeeze: ``"haar"``, ``"checkerboard"`` or ``"patch"``.
-        mixing, clamp, leaf_channels, pad, **conditioner_kwargs: as :class:`~invnet.networks.HINT`.
+        mixing, clamp, leaf_channels, **conditioner_kwargs: as :class:`~invnet.networks.HINT`.
+        coupling: node transform of every HINT coupling, as :class:`~invnet.networks.ConditionalHINT`.
 
     >>> import torch
     >>> from invnet.networks import MultiscaleConditionalHINT
@@ -66,33 +67,23 @@ class MultiscaleConditionalHINT(FlowNetwork):
         levels: int = 3,
         depth: int = 4,
         ndim: int = 2,
-        squeeze: str = "haar",
+        squeeze: Optional[str] = "haar",
         mixing: str = "householder",
         clamp: float = 2.0,
         leaf_channels: int = 3,
-        pad: Optional[PadFactory] = None,
+        coupling: str = "affine",
         **conditioner_kwargs,
     ) -> None:
         super().__init__()
-        kw = dict(clamp=clamp, pad=pad, **conditioner_kwargs)
+        kw = dict(clamp=clamp, **conditioner_kwargs)
         # the y-lane alone: also validates levels, squeeze, mixing and the y channel counts
         self.y_lane = MultiscaleHINT(
-            cond_channels, hidden, levels, depth, ndim, squeeze, mixing=mixing, leaf_channels=leaf_channels, **kw
+            cond_channels, hidden, levels, depth, ndim, squeeze, mixing=mixing, leaf_channels=leaf_channels,
+            coupling=coupling, **kw,
         )
-        # the x-lane sizes at every scale (a single channel is allowed: lane coupling only)
-        factor = 2**ndim
-        widths, keeps = [], []
-        c_in = channels
-        for k in range(levels):
-            w = c_in * factor
-            if w < 1 or (k < levels - 1 and w < 2):
-                raise ValueError(
-                    f"MultiscaleConditionalHINT with {channels} x-channels and ndim={ndim} cannot be halved "
-                    f"{levels - 1} time(s): scale {k} would have {w} channel(s); use fewer levels or more channels"
-                )
-            widths.append(w)
-            keeps.append(w // 2)
-            c_in = w // 2
+        # the x-lane sizes at every scale (a single channel is allowed at the last: lane coupling only)
+        factor = 2**ndim if self.y_lane.squeeze_kind is not None else 1
+        widths, keeps = scale_widths(type(self).__name__, channels, levels, factor, min_last=1)
         self.channels = channels
         self.cond_channels = cond_channels
         self.ndim = ndim
@@ -105,7 +96,7 @@ class MultiscaleConditionalHINT(FlowNetwork):
                 nn.ModuleList(
                     [
                         conditional_x_step(widths[k], self.y_lane.widths[k], hidden, ndim, mixing, leaf_channels,
-                                           1000 + 100 * k + j, **kw)
+                                           1000 + 100 * k + j, coupling, **kw)
                         for j in range(depth)
                     ]
                 )
@@ -127,7 +118,7 @@ class MultiscaleConditionalHINT(FlowNetwork):
         return shape
 
     def _y_level(self, k: int) -> MultiscaleLevel:
-        level = self.y_lane.flow
+        level = self.y_lane.body
         for _ in range(k):
             level = level.inner
         return level
@@ -139,65 +130,65 @@ class MultiscaleConditionalHINT(FlowNetwork):
         # and inverse from cancelling in round-off)
         return len(yl.steps) if yl.inner is not None else len(yl.steps) - 1
 
-    def _y_top(self, yl: MultiscaleLevel, y: Tensor) -> Tensor:
+    def _y_top(self, yl: MultiscaleLevel, c: Tensor) -> Tensor:
         for step in yl.steps.blocks[: self._y_used(yl)]:
-            y, _ = step._forward(y, None)
-        return y
+            c, _ = step._forward(c, None)
+        return c
 
-    # -- recursion over scales ----------------------------------------------------------------------
-    def _fwd(self, k: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    # -- recursion over scales (x: the x-lane, c: the observation lane, both at scale k) ----------------------------------------------------------------------
+    def _fwd(self, k: int, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         yl = self._y_level(k)
-        X, Y = yl._down(x), yl._down(y)
+        X, C = yl.down(x), yl.down(c)
         logdet = x.new_zeros(x.shape[0])
         used = self._y_used(yl)
         for j, (step_x, step_y) in enumerate(zip(self.x_levels[k], yl.steps.blocks)):
-            X, ld = step_x._forward(X, Y)
+            X, ld = step_x._forward(X, C)
             logdet = logdet + ld
             if j < used:
-                Y, _ = step_y._forward(Y, None)
+                C, _ = step_y._forward(C, None)
         if yl.inner is not None:
             kx = self.x_keeps[k]
-            a, ld = self._fwd(k + 1, X[:, :kx], Y[:, : yl.keep])
+            a, ld = self._fwd(k + 1, X[:, :kx], C[:, : yl.keep])
             X = torch.cat([a, X[:, kx:]], dim=1)
             logdet = logdet + ld
-        return yl._up(X), logdet
+        return yl.up(X), logdet
 
-    def _inv(self, k: int, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _inv(self, k: int, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         yl = self._y_level(k)
-        X = yl._down(z)
-        Y = self._y_top(yl, yl._down(y))
+        X = yl.down(z)
+        C = self._y_top(yl, yl.down(c))
         logdet = z.new_zeros(z.shape[0])
         if yl.inner is not None:
             kx = self.x_keeps[k]
-            a, logdet = self._inv(k + 1, X[:, :kx], Y[:, : yl.keep])
+            a, logdet = self._inv(k + 1, X[:, :kx], C[:, : yl.keep])
             X = torch.cat([a, X[:, kx:]], dim=1)
         used = self._y_used(yl)
         for j in reversed(range(self.depth)):
             if j < used:
-                Y, _ = yl.steps[j]._inverse(Y, None)
-            X, ld = self.x_levels[k][j]._inverse(X, Y)
+                C, _ = yl.steps[j]._inverse(C, None)
+            X, ld = self.x_levels[k][j]._inverse(X, C)
             logdet = logdet + ld
-        return yl._up(X), logdet
+        return yl.up(X), logdet
 
-    def _back(self, k: int, z, dz, dlogdet, y, grads: GradStore):
+    def _back(self, k: int, z, dz, dlogdet, c, grads: GradStore):
         yl = self._y_level(k)
-        X, dX = yl._down(z), yl._down(dz)
-        Y = self._y_top(yl, yl._down(y))
-        dY = torch.zeros_like(Y)
+        X, dX = yl.down(z), yl.down(dz)
+        C = self._y_top(yl, yl.down(c))
+        dC = torch.zeros_like(C)
         if yl.inner is not None:
             kx = self.x_keeps[k]
-            a, da, dya = self._back(k + 1, X[:, :kx], dX[:, :kx], dlogdet, Y[:, : yl.keep], grads)
+            a, da, dca = self._back(k + 1, X[:, :kx], dX[:, :kx], dlogdet, C[:, : yl.keep], grads)
             X = torch.cat([a, X[:, kx:]], dim=1)
             dX = torch.cat([da, dX[:, kx:]], dim=1)
-            dY = torch.cat([dya, dY[:, yl.keep :]], dim=1)
+            dC = torch.cat([dca, dC[:, yl.keep :]], dim=1)
         no_logdet = torch.zeros_like(dlogdet)  # the y-lane's logdet is not part of log q(x|y)
         used = self._y_used(yl)
         for j in reversed(range(self.depth)):
             if j < used:
-                Y, dY, _ = yl.steps[j]._vjp(Y, dY, no_logdet, None, grads)
-            X, dX, dc = self.x_levels[k][j]._vjp(X, dX, dlogdet, Y, grads)
-            dY = dY + dc
-        return yl._up(X), yl._up(dX), yl._up(dY)
+                C, dC, _ = yl.steps[j]._vjp(C, dC, no_logdet, None, grads)
+            X, dX, dc_step = self.x_levels[k][j]._vjp(X, dX, dlogdet, C, grads)
+            dC = dC + dc_step
+        return yl.up(X), yl.up(dX), yl.up(dC)
 
     # -- contract -------------------------------------------------------------------------------------
     def _forward(self, x, c):
@@ -222,7 +213,7 @@ class MultiscaleConditionalHINT(FlowNetwork):
         parts = []
         h = z
         for k in range(self.levels):
-            h = self._y_level(k)._down(h)
+            h = self._y_level(k).down(h)
             if k == self.levels - 1:
                 parts.append(h)
             else:

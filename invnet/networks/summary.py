@@ -8,7 +8,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.conditioners import PadFactory, ZeroPad
+from ..layers.conditioners import ZeroPad
 
 __all__ = ["ImageSummary", "VectorSummary"]
 
@@ -25,8 +25,8 @@ class ImageSummary(nn.Module):
 
     The observation may have any space size (a low-resolution image, a shot record of another
     shape); it must have ``in_channels`` channels and ``len(out_size)`` space dimensions. Every
-    convolution with reach is preceded by a padding module (``pad`` factory, zero padding by
-    default), and there is no global pooling, so the map stays local. Conditioning by learned
+    convolution with reach is preceded by a :class:`~invnet.layers.ZeroPad` (the ZeroPad rule of
+    :mod:`invnet.layers.conditioners`), and there is no global pooling, so the map stays local. Conditioning by learned
     features follows "Conditional Invertible Neural Networks for Diverse Image-to-Image
     Translation" (Ardizzone et al., 2021, arXiv:2105.02104). The resampling is a pointwise
     interpolation of the *whole* observation: in a domain-decomposed run, give each rank the
@@ -40,7 +40,6 @@ class ImageSummary(nn.Module):
         layers: number of convolutions (at least 1).
         kernel_size: odd kernel size.
         mode: ``"linear"`` (linear/bilinear/trilinear by dimension) or ``"nearest"`` resampling.
-        pad: padding factory ``(ndim, width) -> nn.Module``.
 
     >>> import torch
     >>> net = ImageSummary(1, 2, out_size=(16, 16), hidden=8)
@@ -57,7 +56,6 @@ class ImageSummary(nn.Module):
         layers: int = 2,
         kernel_size: int = 3,
         mode: str = "linear",
-        pad: PadFactory = ZeroPad,
     ) -> None:
         super().__init__()
         out_size = tuple(int(s) for s in out_size)
@@ -81,7 +79,7 @@ class ImageSummary(nn.Module):
         c = in_channels
         for i in range(layers):
             last = i == layers - 1
-            mods += [pad(ndim, width), conv(c, out_channels if last else hidden, kernel_size)]
+            mods += [ZeroPad(ndim, width), conv(c, out_channels if last else hidden, kernel_size)]
             if not last:
                 mods.append(nn.ReLU())
             c = hidden
