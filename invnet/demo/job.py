@@ -60,6 +60,7 @@ def run_demo(out_dir: str = "invnet_demo", steps: int | None = None, seed: int =
     Returns the calibration report (also in ``out_dir/report.json`` and ``report.md``)."""
     from ..data import train_validation_split
     from ..inference import sample_job
+    from ..inference.diagnostics import diagnostics_summary
     from ..training import load_config, train_from_config
 
     if size not in DEMO_SIZES:
@@ -107,9 +108,11 @@ def run_demo(out_dir: str = "invnet_demo", steps: int | None = None, seed: int =
         "- coverage of central intervals (sample quantiles): " + ", ".join(
             f"{float(k):.0%}: {cov[k]['empirical']:.3f}" for k in ("0.5", "0.9", "0.95")),
         f"- E|sample - x|^2 / E|mean - x|^2 = {report['ratio_sample_to_mean_sq_error']:.3f} (2 if calibrated)",
+        f"- {diagnostics_summary(report)}",
         "",
         "Files: data.h5 (pairs), config.toml, run/ (checkpoints, metrics.jsonl, metrics.png), posterior.zarr "
-        "(mean, std, samples, index), plots/ (posterior_*.png, error_vs_std.png, coverage.png), report.json.",
+        "(mean, std, samples, index), plots/ (posterior_*.png, error_vs_std.png, coverage.png, sbc_ranks.png, tarp.png), "
+        "report.json.",
     ]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

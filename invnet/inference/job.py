@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from ..data import ZarrResultWriter, chunk_aligned_range, open_array
-from ..plotting import plot_coverage, plot_error_vs_std, plot_posterior
+from ..plotting import plot_coverage, plot_error_vs_std, plot_posterior, plot_rank_histograms, plot_tarp
 from ..training.comm import Comm, SerialComm
 from .calibration import Calibration
+from .diagnostics import PosteriorDiagnostics
 from .sampler import PosteriorSampler, summarize_posterior
 
 __all__ = ["sample_job", "report_path"]
@@ -81,25 +82,28 @@ def sample_job(
     lo, hi = chunk_aligned_range(m, 1, comm.rank, comm.size)
     gen = torch.Generator().manual_seed(seed * 1000003 + comm.rank)
     cal = Calibration() if xs is not None else None
+    diag = PosteriorDiagnostics.for_sampler(sampler, x_shape, seed=seed) if xs is not None else None  # SBC, TARP
     if plots and comm.rank == 0:
         os.makedirs(plots, exist_ok=True)
     for k in range(lo, hi):
         i = int(rows[k])
         y = torch.from_numpy(ys.read((slice(i, i + 1),))[0].astype(np.float64))
         truth = None if xs is None else torch.from_numpy(xs.read((slice(i, i + 1),))[0].astype(np.float64))
-        s = summarize_posterior(sampler, y, n_samples, batch_size, temperature, keep, truth, gen)
+        watched = sampler if diag is None else diag.watch(sampler, truth)
+        s = summarize_posterior(watched, y, n_samples, batch_size, temperature, keep, truth, gen)
         writer.write("mean", k, s.mean[None].numpy())
         writer.write("std", k, s.std[None].numpy())
         writer.write("samples", k, s.samples[None].numpy())
         writer.write("index", k, np.array([i]))
         if cal is not None:
             cal.add(s, truth)
+            diag.add(s)
         if plots and k - lo < n_plots:
             plot_posterior(os.path.join(plots, f"posterior_{i:05d}.png"), truth, y, s.mean, s.std, s.samples,
                            f"observation {i}: {n_samples} samples, T={temperature}")
     report: dict = {}
     if cal is not None:
-        report = cal.report()
+        report = {**cal.report(), **diag.report()}
         if comm.rank == 0 and comm.size == 1:
             writer.group.attrs["calibration"] = report
             with open(report_path(out), "w") as f:
@@ -107,4 +111,6 @@ def sample_job(
             if plots:
                 plot_error_vs_std(os.path.join(plots, "error_vs_std.png"), cal)
                 plot_coverage(os.path.join(plots, "coverage.png"), report)
+                plot_rank_histograms(os.path.join(plots, "sbc_ranks.png"), report["sbc"])
+                plot_tarp(os.path.join(plots, "tarp.png"), report["tarp"])
     return report
