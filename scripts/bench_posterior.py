@@ -112,7 +112,7 @@ def train_flow(net: FlowNetwork, theta: np.ndarray, y: np.ndarray, a: argparse.N
     tt = torch.tensor((theta - stats["theta_mean"]) / stats["theta_std"], dtype=torch.float32)
     yy = torch.tensor((y - stats["y_mean"]) / stats["y_std"], dtype=torch.float32)
     t_tr, y_tr, t_val, y_val = tt[tr], yy[tr], tt[val], yy[val]
-    opt = torch.optim.Adam(net.parameters(), lr=a.lr)
+    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=a.plateau) if a.plateau else None
     best, best_state, best_epoch, bad, history = math.inf, None, 0, 0, []
     batch = min(a.batch, len(tr))
@@ -287,7 +287,7 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
         "final_train_nll_raw": train_log["final_train_nll_raw"], "float32_reconstruction_error": recon,
         "parameters": sum(p.numel() for p in net.parameters()),
         "settings": {k: getattr(a, k) for k in ("hidden", "depth", "bins", "tail_bound", "clamp", "spline_clamp", "residual_blocks",
-                                                "lr", "batch", "patience", "plateau", "clip", "validation")},
+                                                "lr", "batch", "weight_decay", "patience", "plateau", "clip", "validation")},
     }
     if hasattr(problem, "posterior_entropy"):  # exact: the test NLL's floor, and the KL gap itself
         record["posterior_entropy"] = problem.posterior_entropy()
@@ -313,6 +313,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--spline-clamp", type=float, default=3.0, help="bound of the spline knot log-slopes")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     p.add_argument("--patience", type=int, default=20, help="epochs without a better validation loss")
     p.add_argument("--plateau", type=int, default=0, help="halve the learning rate after this many bad epochs (0: off)")
     p.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0: off)")
