@@ -43,23 +43,59 @@ from sbi_problems import NPE_C2ST, PROBLEMS, Problem  # noqa: E402
 
 import invnet  # noqa: E402
 from invnet.core.checks import invertibility_error  # noqa: E402
-from invnet.layers import ActNorm, Conv1x1, SplineCoupling  # noqa: E402
+from invnet.layers import ActNorm, AffineCoupling, Conv1x1, MLPConditioner, SplineCoupling  # noqa: E402
 from invnet.networks import ConditionalGlow, ConditionalHINT, MultiscaleFlow  # noqa: E402
 from invnet.networks.base import FlowNetwork  # noqa: E402
 
 OBSERVATION_SEED = 1_000_003  # the fixed observations of each problem
 TEST_PAIRS = 20_000  # fresh pairs for the test NLL
-MODELS = ("glow", "hint", "spline", "hint_spline")
+MODELS = ("glow", "hint", "spline", "hybrid", "hint_spline")
 
 
 # ------------------------------------------------------------------------------------------------
 # models
+class SkipMLP(torch.nn.Module):
+    """Conditioner ``out = W x + MLP(x)`` (both zero at the start): a linear path beside the
+    residual MLP, so that conditional shifts and scales that are linear in the condition, as in
+    every location-scale family, need no fit of a ReLU network to a straight line."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int, residual_blocks: int = 1) -> None:
+        super().__init__()
+        self.reach = 0
+        self.mlp = MLPConditioner(in_channels, out_channels, hidden, residual_blocks)
+        self.linear = torch.nn.Linear(in_channels, out_channels)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return self.linear(x) + self.mlp(x)
+
+
+@dataclass(frozen=True)
+class AffineStep:
+    """Glow's step (ActNorm, orthogonal 1x1 mixing, affine coupling) for vectors with a
+    :class:`SkipMLP` conditioner; otherwise as :class:`~invnet.networks.GlowStep`."""
+
+    hidden: int
+    clamp: float
+    residual_blocks: int
+
+    def __call__(self, channels: int, cond_channels: int, ndim: int, scale: int, index: int) -> list:
+        n_p = channels // 2
+        cond = SkipMLP(n_p + cond_channels, 2 * (channels - n_p), self.hidden, self.residual_blocks)
+        return [ActNorm(channels, ndim), Conv1x1(channels, ndim=ndim),
+                AffineCoupling(channels, self.hidden, ndim, cond_channels, clamp=self.clamp, swap=bool(index % 2),
+                               conditioner=cond)]
+
+
 @dataclass(frozen=True)
 class SplineStep:
     """Step factory of a neural spline flow (Durkan et al., 2019, arXiv:1906.04032), the
     transform behind NPE: ActNorm, orthogonal 1x1 mixing and a rational-quadratic spline coupling
     whose conditioner reads the condition. ``ConditionalGlow(coupling="spline")`` builds the same
-    steps with the default bins and tail bound; this factory sets them."""
+    steps with the default bins and tail bound; this factory sets them. ``affine_clamp > 0``
+    (model "hybrid") puts an affine coupling on the other half before each spline: the affine
+    part moves and scales with the condition, which a spline fixed at +-B does badly."""
 
     hidden: int
     bins: int
@@ -67,13 +103,32 @@ class SplineStep:
     clamp: float
     residual_blocks: int
 
+    affine_clamp: float = 0.0  # > 0: an affine coupling on the other half before each spline (hybrid)
+    linear_skip: bool = False  # SkipMLP conditioners
+
+    def _conditioner(self, channels, cond_channels, swap, per_active):
+        if not self.linear_skip:
+            return None  # the coupling's default residual MLP
+        n_p = channels // 2
+        return SkipMLP(n_p + cond_channels, per_active * (channels - n_p), self.hidden, self.residual_blocks)
+
     def __call__(self, channels: int, cond_channels: int, ndim: int, scale: int, index: int) -> list:
-        return [ActNorm(channels, ndim), Conv1x1(channels, ndim=ndim),
-                SplineCoupling(channels, self.hidden, ndim, cond_channels, clamp=self.clamp, swap=bool(index % 2),
-                               bins=self.bins, tail_bound=self.tail_bound, residual_blocks=self.residual_blocks)]
+        blocks = [ActNorm(channels, ndim), Conv1x1(channels, ndim=ndim)]
+        if self.affine_clamp:  # location and scale from an affine coupling, shape from the spline
+            blocks.append(AffineCoupling(channels, self.hidden, ndim, cond_channels, clamp=self.affine_clamp,
+                                         swap=not index % 2, residual_blocks=self.residual_blocks,
+                                         conditioner=self._conditioner(channels, cond_channels, not index % 2, 2)))
+        blocks.append(SplineCoupling(channels, self.hidden, ndim, cond_channels, clamp=self.clamp, swap=bool(index % 2),
+                                     bins=self.bins, tail_bound=self.tail_bound, residual_blocks=self.residual_blocks,
+                                     conditioner=self._conditioner(channels, cond_channels, bool(index % 2),
+                                                                   3 * self.bins - 1)))
+        return blocks
 
 
 def build_model(name: str, dim: int, cond: int, a: argparse.Namespace) -> FlowNetwork:
+    if name == "glow" and a.linear_skip:
+        return MultiscaleFlow(AffineStep(a.hidden, a.clamp, a.residual_blocks), dim, levels=1, depth=a.depth, ndim=0,
+                              squeeze=None, cond_channels=cond)
     if name == "glow":
         return ConditionalGlow(dim, cond, hidden=a.hidden, levels=1, depth=a.depth, ndim=0, clamp=a.clamp,
                                residual_blocks=a.residual_blocks)
@@ -83,8 +138,9 @@ def build_model(name: str, dim: int, cond: int, a: argparse.Namespace) -> FlowNe
     if name == "hint_spline":  # HINT's recursive coupling with spline nodes (default bins and bound)
         return ConditionalHINT(dim, cond, hidden=a.hidden, depth=a.depth, ndim=0, clamp=a.clamp,
                                residual_blocks=a.residual_blocks, coupling="spline")
-    if name == "spline":
-        step = SplineStep(a.hidden, a.bins, a.tail_bound, a.spline_clamp, a.residual_blocks)
+    if name in ("spline", "hybrid"):
+        step = SplineStep(a.hidden, a.bins, a.tail_bound, a.spline_clamp, a.residual_blocks,
+                          a.clamp if name == "hybrid" else 0.0, a.linear_skip)
         return MultiscaleFlow(step, dim, levels=1, depth=a.depth, ndim=0, squeeze=None, cond_channels=cond)
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
@@ -119,6 +175,11 @@ def train_flow(net: FlowNetwork, theta: np.ndarray, y: np.ndarray, a: argparse.N
     t0 = time.time()
     with invnet.memory_saving(a.memory_saving):
         net(t_tr[:min(len(tr), 1024)], y_tr[:min(len(tr), 1024)])  # ActNorm's data-dependent init
+        # optional exponential moving average of the weights (Polyak averaging), made after the
+        # initialisation: validation, early stopping and the kept weights then use the average,
+        # which has less variance than the iterate
+        ema = torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(a.ema)) if a.ema else None
         for epoch in range(1, a.max_epochs + 1):
             net.train()
             order = torch.randperm(len(tr), generator=gen)
@@ -131,14 +192,17 @@ def train_flow(net: FlowNetwork, theta: np.ndarray, y: np.ndarray, a: argparse.N
                 if a.clip:
                     torch.nn.utils.clip_grad_norm_(net.parameters(), a.clip)
                 opt.step()
+                if ema is not None:
+                    ema.update_parameters(net)
                 total += float(loss.detach()) * len(idx)
             net.eval()
-            v = _nll(net, t_val, y_val, 4096)
+            judged = net if ema is None else ema.module
+            v = _nll(judged, t_val, y_val, 4096)
             history.append((epoch, total / (len(tr) // batch * batch), v, opt.param_groups[0]["lr"]))
             if sched is not None:
                 sched.step(v)
             if v < best:
-                best, best_state, best_epoch, bad = v, copy.deepcopy(net.state_dict()), epoch, 0
+                best, best_state, best_epoch, bad = v, copy.deepcopy(judged.state_dict()), epoch, 0
             else:
                 bad += 1
             if bad >= a.patience or not math.isfinite(v) or time.time() - t0 > a.max_minutes * 60:
@@ -190,6 +254,34 @@ def c2st(reference: np.ndarray, samples: np.ndarray, seed: int = 1, folds: int =
                         random_state=seed)
     cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
     return float(np.mean(cross_val_score(clf, data, target, cv=cv, scoring="accuracy")))
+
+
+def _c2st_task(task):
+    j, ref, samples, inside = task
+    t0 = time.time()
+    return j, c2st(ref, samples), time.time() - t0, inside
+
+
+class _Serial:
+    """``multiprocessing.Pool``'s ``imap_unordered`` in this process (``--jobs 1``)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap_unordered(fn, items):
+        return map(fn, items)
+
+
+def _pool(jobs: int):
+    if jobs <= 1:
+        return _Serial()
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn").Pool(jobs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,15 +348,19 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
           f"{train_log['train_seconds']:.0f} s, val NLL {train_log['best_val_nll_raw']:.3f}", flush=True)
     theta_obs, y_obs = observations(problem, a.observations)
     scores = _read_json(os.path.join(folder, "c2st.json"), {})
+    todo = []
     for j in range(a.observations):
         if str(j) in scores:
             continue
         ref = reference_samples(problem, y_obs[j], j, a.samples, a.work)
         samples, inside = sample_posterior(net, problem, y_obs[j], train_log["stats"], a.samples, a.seed * 31 + j)
-        t0 = time.time()
-        scores[str(j)] = {"c2st": c2st(ref, samples), "inside_support": inside, "c2st_seconds": time.time() - t0}
-        _write_json(os.path.join(folder, "c2st.json"), scores)
-        print(f"[{key}] observation {j}: C2ST {scores[str(j)]['c2st']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+        todo.append((j, ref, samples, inside))
+    # the classifier is the costly part (minutes per observation in 10-D): --jobs runs it in parallel
+    with _pool(a.jobs) as pool:
+        for j, score, seconds, inside in pool.imap_unordered(_c2st_task, todo):
+            scores[str(j)] = {"c2st": score, "inside_support": inside, "c2st_seconds": seconds}
+            _write_json(os.path.join(folder, "c2st.json"), scores)
+            print(f"[{key}] observation {j}: C2ST {score:.3f} ({seconds:.0f} s)", flush=True)
     # on fresh prior pairs: the test NLL, E[-log q(theta|y)] = E_y KL(p(.|y) || q(.|y)) + H(theta|y),
     # so differences between models are differences of their expected KL (a cheap proxy of C2ST),
     # and the float32 reconstruction error of the trained network (standardised units)
@@ -286,8 +382,8 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
         "train_seconds": train_log["train_seconds"], "best_val_nll_raw": train_log["best_val_nll_raw"],
         "final_train_nll_raw": train_log["final_train_nll_raw"], "float32_reconstruction_error": recon,
         "parameters": sum(p.numel() for p in net.parameters()),
-        "settings": {k: getattr(a, k) for k in ("hidden", "depth", "bins", "tail_bound", "clamp", "spline_clamp", "residual_blocks",
-                                                "lr", "batch", "weight_decay", "patience", "plateau", "clip", "validation")},
+        "settings": {k: getattr(a, k) for k in ("hidden", "depth", "bins", "tail_bound", "clamp", "spline_clamp", "residual_blocks", "linear_skip",
+                                                "lr", "batch", "weight_decay", "ema", "patience", "plateau", "clip", "validation")},
     }
     if hasattr(problem, "posterior_entropy"):  # exact: the test NLL's floor, and the KL gap itself
         record["posterior_entropy"] = problem.posterior_entropy()
@@ -307,6 +403,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--depth", type=int, default=5)
     p.add_argument("--residual-blocks", type=int, default=1)
+    p.add_argument("--linear-skip", action="store_true", help="conditioners with a linear path (glow, spline, hybrid)")
     p.add_argument("--bins", type=int, default=10)
     p.add_argument("--tail-bound", type=float, default=3.0)
     p.add_argument("--clamp", type=float, default=2.0, help="bound of the affine log-scales (glow, hint)")
@@ -314,6 +411,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    p.add_argument("--ema", type=float, default=0.0, help="decay of an exponential moving average of the weights (0: off)")
     p.add_argument("--patience", type=int, default=20, help="epochs without a better validation loss")
     p.add_argument("--plateau", type=int, default=0, help="halve the learning rate after this many bad epochs (0: off)")
     p.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0: off)")
@@ -323,6 +421,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--memory-saving", action="store_true",
                    help="train with the memory-free backward (same gradients; slower, and memory is no issue here)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="C2ST classifiers run in parallel (one thread each)")
     p.add_argument("--out", default="docs/benchmarks/posterior_accuracy.json")
     p.add_argument("--work", default="bench_posterior_work", help="folder for weights, samples and partial scores")
     a = p.parse_args(argv)
