@@ -26,6 +26,7 @@ the run from a config and drop ``train_flow``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -325,6 +326,23 @@ def config_key(problem: str, budget: int, model: str, seed: int, tag: str) -> st
     return f"{problem}_n{budget}_{model}_s{seed}" + (f"_{tag}" if tag else "")
 
 
+def _key_of(record: dict) -> str:
+    return config_key(record["problem"], record["budget"], record["model"], record["seed"], record.get("tag", ""))
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock beside ``path`` (several runs may share one results file)."""
+    import fcntl
+
+    with open(path + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace) -> dict:
     key = config_key(problem.name, budget, model, a.seed, a.tag)
     folder = os.path.join(a.work, key)
@@ -435,20 +453,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.makedirs(a.work, exist_ok=True)
     if os.path.dirname(a.out):
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    results = _read_json(a.out, {"results": []})
     for name in a.problems:
         problem = PROBLEMS[name]()
         for budget in a.budgets:
             for model in a.models:
                 key = config_key(name, budget, model, a.seed, a.tag)
-                done = [r for r in results["results"] if config_key(r["problem"], r["budget"], r["model"], r["seed"],
-                                                                    r.get("tag", "")) == key]
+                done = [r for r in _read_json(a.out, {"results": []})["results"] if _key_of(r) == key]
                 if done and done[0]["observations"] >= a.observations:
                     print(f"[{key}] done: C2ST {done[0]['c2st_mean']}", flush=True)
                     continue
                 record = run_config(problem, budget, model, a)
-                results["results"] = [r for r in results["results"] if r not in done] + [record]
-                _write_json(a.out, results)
+                with _locked(a.out):  # another run may have added its records meanwhile: re-read
+                    results = _read_json(a.out, {"results": []})
+                    results["results"] = [r for r in results["results"] if _key_of(r) != key] + [record]
+                    _write_json(a.out, results)
                 npe = record["npe_published"]
                 gap = f", KL gap {record['kl_gap']:.4f}" if "kl_gap" in record else ""
                 c2 = (f"C2ST {record['c2st_mean']:.3f} +- {record['c2st_std']:.3f} over {a.observations} observations"
