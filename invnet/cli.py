@@ -1,54 +1,74 @@
 """The ``invnet`` command. Subcommands register themselves in ``_build_parser``.
 
-Exit codes: 0 success; 2 bad command line, configuration or data (nothing trained); 65 the loss
-became NaN/Inf (last good checkpoint kept); 75 stopped by SIGTERM/SIGUSR1 after writing a
-checkpoint (rerun the same command to resume). See :mod:`invnet.training.signals`.
+Exit codes: 0 success; 2 bad command line, configuration, data or checkpoint (nothing written);
+65 the loss became NaN/Inf (last good checkpoint kept); 74 an input/output error (disk full, ...;
+files are written atomically, so nothing is half-written); 75 stopped by SIGTERM/SIGUSR1 after
+writing a checkpoint (rerun the same command to resume); 130 Ctrl-C (training writes a checkpoint
+first; a second Ctrl-C stops at once). See :mod:`invnet.training.signals`. Errors are one line on
+stderr, ``invnet COMMAND: error: ...``; warnings ``invnet COMMAND: warning: ...``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from typing import Callable, Optional
 
 __all__ = ["main"]
 
+#: an input/output error other than a missing or misnamed path (EX_IOERR of sysexits.h)
+EXIT_IO = 74
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .training.signals import PreemptionFlag, exit_code_for_signal
 
-    run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size)
-    return 0
+    with PreemptionFlag(raise_on_signal=True):  # a signal outside training stops at once (training checkpoints first)
+        report = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size, threads=args.threads)
+    return 0 if report.get("status") == "finished" else exit_code_for_signal(report.get("signal") or "")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import EXIT_OK, EXIT_PREEMPTED, load_config, train_from_config
-
     from .distributed import default_comm
+    from .training import EXIT_OK, load_config, train_from_config
+    from .training.signals import exit_code_for_signal
 
     cfg = load_config(args.config)
     comm = default_comm()  # MPI under `mpiexec ... python -m mpi4py -m invnet train`, serial otherwise
-    result = train_from_config(cfg, comm=comm, resume=not args.restart)
+    result = train_from_config(cfg, comm=comm, resume=not args.restart, config_path=args.config)
     if comm.rank == 0:
         print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}")
-    return EXIT_PREEMPTED if result.status == "preempted" else EXIT_OK
+    return EXIT_OK if result.status == "finished" else exit_code_for_signal(result.signal or "")
 
 
 def _parse_indices(text: Optional[str]):
+    """``'a:b'`` or ``'i,j,k'`` as row indices.
+
+    >>> list(_parse_indices("2:5")), _parse_indices("1, 4")
+    ([2, 3, 4], [1, 4])
+    """
     if text is None:
         return None
-    if ":" in text:
-        a, b = text.split(":", 1)
-        return range(int(a or 0), int(b))
-    return [int(v) for v in text.split(",") if v.strip()]
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            return range(int(a or 0), int(b))
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--indices must be 'a:b' or 'i,j,k' with integers, got {text!r}") from None
 
 
 def _sample(args: argparse.Namespace) -> int:
     from .inference import report_path, sample_job
+    from .training.signals import PreemptionFlag
 
-    report = sample_job(args.checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
-                        temperature=args.temperature, keep=args.keep, indices=_parse_indices(args.indices),
-                        x_name=args.x, y_name=args.y, plots=args.plots, seed=args.seed, overwrite=args.overwrite)
+    with PreemptionFlag(raise_on_signal=True):  # SIGTERM/SIGUSR1/Ctrl-C: stop now, the partial store is removed
+        report = sample_job(args.checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
+                            temperature=args.temperature, keep=args.keep, indices=_parse_indices(args.indices),
+                            x_name=args.x, y_name=args.y, plots=args.plots, seed=args.seed, overwrite=args.overwrite,
+                            progress=not args.no_progress)
     print(f"posterior mean, std and samples: {args.out}")
     if report:
         cov = report["coverage"]
@@ -74,58 +94,116 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except an unset one (None) or an off switch (False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="invnet", description="Memory-efficient invertible networks.",
-                                     epilog="exit codes: 0 ok, 2 bad input, 65 non-finite loss, 75 preempted (resume by rerunning)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a conditional flow on a built-in posterior problem; plots, Zarr, report")
-    demo.add_argument("--out", default="invnet_demo", help="output folder (default: ./invnet_demo)")
+    from . import __version__
+
+    fmt = _HelpWithDefaults
+    parser = argparse.ArgumentParser(
+        prog="invnet", description="Memory-efficient invertible networks: train conditional flows, sample posteriors.",
+        epilog="exit codes: 0 ok, 2 bad input (nothing written), 65 non-finite loss, 74 I/O error, "
+               "75 preempted (rerun to resume), 130 Ctrl-C", formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"invnet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", formatter_class=fmt,
+                          help="train a conditional flow on a built-in posterior problem; plots, Zarr, report",
+                          description="Simulate a deblurring problem, train a conditional flow, sample held-out "
+                                      "posteriors and report calibration. The default size takes about a minute on "
+                                      "2 idle CPU cores.")
+    demo.add_argument("--out", default="invnet_demo_output", help="output folder (created; the demo's own)")
+    demo.add_argument("--size", choices=["tiny", "small", "large"], default="small",
+                      help="tiny: seconds (tests); small: about a minute; large: a deeper flow, ~2.5x longer")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the size's own)")
-    demo.add_argument("--size", choices=["default", "tiny"], default="default", help="'tiny' runs in seconds")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data, weights and samples")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (the demo's tensors are small; on a busy machine more threads wait "
+                           "for each other and the demo takes many times longer)")
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", help="train a conditional flow from a TOML config (docs/config.md)")
-    train.add_argument("config")
-    train.add_argument("--restart", action="store_true", help="ignore existing checkpoints in out_dir")
+    train = sub.add_parser("train", formatter_class=fmt, help="train a conditional flow from a TOML config (docs/config.md)",
+                           description="Train, or resume the run in out_dir (rerun the same command after a stop).")
+    train.add_argument("config", help="TOML configuration (docs/config.md)")
+    train.add_argument("--restart", action="store_true",
+                       help="start over: a previous run in out_dir is moved aside to OUT_DIR.previous-DATE-TIME")
     train.set_defaults(func=_train)
 
-    sample = sub.add_parser("sample", help="posterior samples, mean and std for observations, into Zarr")
+    sample = sub.add_parser("sample", formatter_class=fmt, help="posterior samples, mean and std for observations, into Zarr",
+                            description="Posterior mean, std and samples per observation into a new Zarr store "
+                                        "(layout: docs/config.md); calibration when the file holds the truth.")
     sample.add_argument("checkpoint", help="a checkpoint folder or a run folder (latest checkpoint)")
     sample.add_argument("--data", required=True, help="HDF5 file or Zarr store with the observations")
     sample.add_argument("--out", required=True, help="Zarr store to create (e.g. results.zarr)")
     sample.add_argument("--n", type=int, default=100, help="samples per observation")
-    sample.add_argument("--batch-size", type=int, default=50)
-    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--batch-size", type=int, default=50, help="samples drawn at once")
+    sample.add_argument("--temperature", type=float, default=1.0, help="latent scale (1: the learned posterior)")
     sample.add_argument("--keep", type=int, default=4, help="samples stored per observation")
-    sample.add_argument("--indices", default=None, help="rows to use: 'a:b' or 'i,j,k' (default all)")
+    sample.add_argument("--indices", default=None, help="rows to use: 'a:b' or 'i,j,k' (default: all)")
     sample.add_argument("--y", default="y", help="observation array name")
     sample.add_argument("--x", default="x", help="truth array name (calibration when present)")
     sample.add_argument("--plots", default=None, help="folder for figures")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--overwrite", action="store_true")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the latent draws")
+    sample.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it is a store invnet sample wrote (never anything else)")
+    sample.add_argument("--no-progress", action="store_true", help="no progress bar")
     sample.set_defaults(func=_sample)
 
-    info = sub.add_parser("info", help="describe a checkpoint")
-    info.add_argument("checkpoint")
+    info = sub.add_parser("info", formatter_class=fmt, help="describe a checkpoint")
+    info.add_argument("checkpoint", help="a checkpoint folder or a run folder (latest checkpoint)")
     info.set_defaults(func=_info)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the ``invnet`` command; returns the exit code (see the module docstring)."""
-    from .training.signals import EXIT_NONFINITE, EXIT_USAGE, NonFiniteLossError
+    from .training.signals import (
+        EXIT_INTERRUPTED,
+        EXIT_NONFINITE,
+        EXIT_USAGE,
+        NonFiniteLossError,
+        PreemptedError,
+        exit_code_for_signal,
+    )
 
     args = _build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    name = f"invnet {args.command}"
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{name}: warning: {message}", file=sys.stderr)
+
+    previous = warnings.showwarning
+    warnings.showwarning = one_line_warning
     try:
         return func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"invnet {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as err:
-        print(f"invnet {args.command}: {err}", file=sys.stderr)
+        print(f"{name}: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+    except OSError as err:
+        print(f"{name}: error: {err} (files are written atomically: nothing was left half-written)", file=sys.stderr)
+        return EXIT_IO
+    except PreemptedError as err:  # a signal where nothing can be saved (sample; the demo outside training)
+        print(f"{name}: stopped by {err.signal}; nothing was left half-written (rerun the same command)",
+              file=sys.stderr)
+        return exit_code_for_signal(err.signal)
+    except KeyboardInterrupt:
+        resume = " (a rerun resumes from the last checkpoint)" if args.command == "train" else ""
+        print(f"{name}: interrupted (Ctrl-C) at once; every file is written atomically, so nothing is "
+              f"half-written{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ crash never leaves half an image."""
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .data.atomic import atomic_path
 
 if TYPE_CHECKING:  # imported for annotations only; plotting must not pull in the sampling job
     from .inference.calibration import Calibration
@@ -27,9 +28,8 @@ def _plt():
 
 
 def _savefig(fig, path: str) -> None:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp:  # a figure is cheap to redraw: no fsync
+        fig.savefig(tmp, dpi=110)
 
 
 def _field(t: Tensor) -> np.ndarray:

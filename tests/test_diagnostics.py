@@ -181,3 +181,43 @@ def test_misuse_is_rejected_with_clear_errors():
         rank_uniformity(torch.tensor([0, 6]), n_samples=5)
     with pytest.raises(ValueError, match="reference_std"):
         PosteriorDiagnostics((2,), reference_std=0.0)
+
+
+def test_observations_split_over_ranks_report_as_one():
+    """Two ranks (threads with a summing allreduce), each with its block of observations: after
+    sum_over_ranks both report exactly what one process that saw all of them reports."""
+    import threading
+
+    shape, prior, noise, mean_fn, cov = vector_problem()
+    sampler = GaussianPosterior(mean_fn, cov, scale=1.5)
+    gen = torch.Generator().manual_seed(3)
+    single = PosteriorDiagnostics(shape, seed=1)
+    ranks = [PosteriorDiagnostics(shape, seed=1), PosteriorDiagnostics(shape, seed=1)]
+    for k in range(40):
+        x = torch.randn(shape, generator=gen, dtype=D)
+        y = x + noise * torch.randn(shape, generator=gen, dtype=D)
+        if k == 20:  # rank 1's references continue where rank 0's end, as the single process's do
+            ranks[1].gen.set_state(single.gen.get_state())
+        for diag in (single, ranks[k // 20]):
+            g = torch.Generator().manual_seed(100 + k)  # the same samples in both
+            diag.add(summarize_posterior(diag.watch(sampler, x), y, 30, truth=x, generator=g))
+    slots, barrier = [None, None], threading.Barrier(2)
+
+    class Comm:
+        def __init__(self, r):
+            self.r = r
+
+        def allreduce(self, t):
+            slots[self.r] = t
+            barrier.wait()
+            out = slots[0] + slots[1]
+            barrier.wait()
+            return out
+
+    threads = [threading.Thread(target=ranks[r].sum_over_ranks, args=(Comm(r), 20 * r, 40)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    one, r0, r1 = single.report(), ranks[0].report(), ranks[1].report()
+    assert r0 == r1 and one == r0 and one["sbc"]["observations"] == 40

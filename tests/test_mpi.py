@@ -103,3 +103,20 @@ def test_invnet_train_under_mpiexec_logs_once_and_resumes(tmp_path):
         assert proc.stdout.count(f"finished at step {steps}") == 1, proc.stdout
     steps_logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.timeout(240)
+def test_sample_job_split_over_ranks(tmp_path):
+    """`invnet sample`'s job with a communicator: rank blocks of observations, one store renamed into
+    place by rank 0 when every rank's part is in; rank 0's block equals the serial job's."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_failure_paths import make_pairs, write_config
+
+    from invnet.cli import main
+    from invnet.inference import sample_job
+
+    make_pairs(tmp_path / "data.h5")
+    assert main(["train", write_config(tmp_path, steps=2)]) == 0
+    run, data = str(tmp_path / "run"), str(tmp_path / "data.h5")
+    sample_job(run, data, str(tmp_path / "serial.zarr"), n_samples=6, keep=2, indices=range(5), seed=3)
+    assert_ok(launch("sample.py", 3, "--run", run, "--data", data, "--tmp", str(tmp_path))[0])

@@ -135,6 +135,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert read_checkpoint(latest_checkpoint(trainer.checkpoint_dir)).step == 3
 
 
+def train_then_signal(cfg_path, metrics, sig):
+    """`invnet train CFG` in a subprocess; once two metrics lines are written, send `sig`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "invnet", "train", cfg_path], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc, out, err
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_with_the_documented_code(tmp_path):
     cfg_path = tmp_path / "train.toml"
     make_data(str(tmp_path / "data.h5"))
@@ -152,15 +165,8 @@ batch_size = 8
 log_every = 1
 progress = false
 """)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "invnet", "train", str(cfg_path)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    proc, out, err = train_then_signal(str(cfg_path), metrics, signal.SIGTERM)
     assert proc.returncode == EXIT_PREEMPTED, err
     ck = read_checkpoint(str(tmp_path / "run"))
     assert 2 <= ck.step < 100000
@@ -204,11 +210,12 @@ def test_config_errors_name_the_allowed_keys(tmp_path):
         validate_config(dict(base, model={"type": "Nope"}))
     with pytest.raises(ValueError, match="wrong type"):
         validate_config({"data": {"path": "d.h5"}, "training": {"out_dir": "r", "steps": "2"}})
-    cfg = validate_config(dict(base, model={"type": "ConditionalCouplingFlow", "depthh": 2}), str(tmp_path))
-    make_data(cfg["data"]["path"])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['depthh'\].*accepts"):
-        trainer_from_config(cfg)
-    assert not os.path.exists(cfg["training"]["out_dir"])  # nothing written before the error
+    make_data(str(tmp_path / "d.h5"))
+    # the network's keys are checked with the config now, before the data are opened
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['depthh'\].*allowed"):
+        trainer_from_config(validate_config(dict(base, model={"type": "ConditionalCouplingFlow", "depthh": 2}),
+                                            str(tmp_path)))
+    assert not os.path.exists(str(tmp_path / "r"))  # nothing written before the error
 
 
 def test_checkpoint_rebuilds_a_network_with_a_summary_network(tmp_path):

@@ -77,10 +77,10 @@ def main(argv=None) -> dict:
     t1 = time.time()
     result = train_from_config(cfg)
     t_train = time.time() - t1
-    if result.status == "preempted":  # a checkpoint was written; rerunning resumes
-        from invnet.training import EXIT_PREEMPTED
+    if result.status != "finished":  # SIGTERM/SIGUSR1 or Ctrl-C: a checkpoint was written; rerunning resumes
+        from invnet.training.signals import exit_code_for_signal
 
-        raise SystemExit(EXIT_PREEMPTED)
+        raise SystemExit(exit_code_for_signal(result.signal or ""))
     figures = os.path.join(out, f"figures_{args.dims}d")
     store = os.path.join(out, f"results_{args.dims}d.zarr")
     t2 = time.time()

@@ -3,10 +3,12 @@ from .arrays import ArraySource, open_array, storage_format
 from .loader import BatchLoader
 from .normalization import Normalization, compute_normalization
 from .pairs import PairDataset, open_pairs
+from .quality import DataWarning, warn_about_data
 from .split import train_validation_split
 from .writer import ZarrResultWriter, chunk_aligned_range
 
 __all__ = [
     "ArraySource", "open_array", "storage_format", "PairDataset", "open_pairs", "Normalization",
-    "compute_normalization", "train_validation_split", "BatchLoader", "ZarrResultWriter", "chunk_aligned_range",
+    "compute_normalization", "DataWarning", "warn_about_data", "train_validation_split", "BatchLoader",
+    "ZarrResultWriter", "chunk_aligned_range",
 ]

@@ -8,12 +8,13 @@ narrow inside layers: a good first look at uncertainty.
 from __future__ import annotations
 
 import math
-import os
 
 import h5py
 import torch
 
-__all__ = ["layered_images", "blur", "make_demo_data", "NOISE"]
+from ..data.atomic import atomic_path
+
+__all__ = ["layered_images", "blur", "make_demo_data", "demo_data_matches", "NOISE"]
 
 #: standard deviation of the observation noise
 NOISE = 0.1
@@ -53,10 +54,11 @@ def blur(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
 
 
 def make_demo_data(path: str, n: int, size: int, seed: int = 0, chunk: int = 64) -> None:
-    """Write ``n`` pairs ``x`` (truth) and ``y`` (observation) to an HDF5 file, chunk by chunk."""
+    """Write ``n`` pairs ``x`` (truth) and ``y`` (observation) to an HDF5 file, chunk by chunk
+    (atomically: the file appears complete or not at all). The attributes ``n``, ``size`` and
+    ``seed`` let :func:`demo_data_matches` recognise it."""
     gen = torch.Generator().manual_seed(seed)
-    tmp = path + ".tmp"
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         dx = f.create_dataset("x", (n, 1, size, size), "f4", chunks=(min(chunk, n), 1, size, size))
         dy = f.create_dataset("y", (n, 1, size, size), "f4", chunks=(min(chunk, n), 1, size, size))
         for a in range(0, n, chunk):
@@ -65,4 +67,19 @@ def make_demo_data(path: str, n: int, size: int, seed: int = 0, chunk: int = 64)
             dx[a:b] = x.numpy()
             dy[a:b] = (blur(x) + NOISE * torch.randn(x.shape, generator=gen, dtype=x.dtype)).numpy()
         f.attrs["problem"] = f"deblurring: y = gaussian_blur(x, sigma=1.5) + {NOISE} * noise"
-    os.replace(tmp, path)
+        f.attrs.update({"n": n, "size": size, "seed": seed})
+
+
+def demo_data_matches(path: str, n: int, size: int, seed: int) -> bool:
+    """Whether ``path`` holds the pairs :func:`make_demo_data` writes for these arguments.
+
+    >>> import os, tempfile
+    >>> p = os.path.join(tempfile.mkdtemp(), "d.h5"); make_demo_data(p, 4, 8, seed=1)
+    >>> demo_data_matches(p, 4, 8, 1), demo_data_matches(p, 4, 8, 2)
+    (True, False)
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            return all(f.attrs.get(k) == v for k, v in (("n", n), ("size", size), ("seed", seed)))
+    except (OSError, ValueError):
+        return False

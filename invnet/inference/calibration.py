@@ -100,6 +100,32 @@ class Calibration:
             del self.pairs[self.max_pairs:]
         self.per_obs.append((math.sqrt(float((err * err).mean())), float(summary.std.mean())))
 
+    def sum_over_ranks(self, comm) -> None:
+        """Sum the counts and sums over the ranks of ``comm`` (each rank calibrated its own
+        observations), so that :meth:`report` describes all of them on every rank. The (|error|,
+        std) pairs for the plots stay this rank's. ``comm``: anything with ``allreduce`` of a tensor.
+
+        >>> class TwoRanks:  # as if a second rank had seen the same observations
+        ...     def allreduce(self, t): return 2 * t
+        >>> cal = Calibration()
+        >>> s = PosteriorSummary(torch.zeros(4), torch.ones(4), torch.zeros(0, 4), 10, torch.tensor([5, 5, 0, 10]), 2.0)
+        >>> cal.add(s, torch.zeros(4)); cal.sum_over_ranks(TwoRanks()); cal.report()["observations"]
+        2
+        """
+        keys = [str(p) for p in self.levels]
+        values = [self.n_obs, self.n_elements, self.z_sum, self.z_sq, self.sq_err_mean, self.sq_err_samples,
+                  self.var_sum, float(self.n_obs > 0), float(self.n_samples), float(bool(self.inside_emp)),
+                  *[float(self.inside_emp.get(k, 0)) for k in keys], *[float(self.inside_gauss.get(k, 0)) for k in keys]]
+        total = comm.allreduce(torch.tensor(values, dtype=torch.float64)).tolist()
+        self.n_obs, self.n_elements = int(round(total[0])), int(round(total[1]))
+        self.z_sum, self.z_sq, self.sq_err_mean, self.sq_err_samples, self.var_sum = total[2:7]
+        ranks_with_obs, n_samples, ranks_with_truth_ranks = total[7:10]
+        self.n_samples = int(round(n_samples / ranks_with_obs)) if ranks_with_obs else 0  # the same on every rank
+        counts = [int(round(v)) for v in total[10:]]
+        if ranks_with_truth_ranks > 0:  # the truth's rank among the samples was counted: empirical coverage
+            self.inside_emp = dict(zip(keys, counts[:len(keys)]))
+        self.inside_gauss = dict(zip(keys, counts[len(keys):]))
+
     def report(self) -> dict:
         """The calibration numbers as a JSON-able dict."""
         if self.n_obs == 0:

@@ -311,6 +311,38 @@ class PosteriorDiagnostics:
         self.tarp_counts.append(cur["closer"])
         self._current = None
 
+    def sum_over_ranks(self, comm, offset: int, total: int) -> None:
+        """Gather the observations of every rank of ``comm`` (this rank added observations
+        ``offset, offset + 1, ...`` of ``total``, in order), so that :meth:`report` covers all of
+        them on every rank, in the same order as one process would. ``comm``: anything with
+        ``allreduce`` (a sum) of a tensor.
+
+        >>> class OneRank:
+        ...     def allreduce(self, t): return t
+        >>> d = PosteriorDiagnostics((2,))
+        >>> d.sum_over_ranks(OneRank(), 0, 0); d.tarp_counts
+        []
+        """
+        if self._current is not None:
+            raise ValueError("the last observation was not closed with add()")
+        k = self.directions.shape[1]
+        width = 2 + k + (self.size if self.per_parameter else 0)  # present, TARP count, summaries, parameters
+        table = torch.zeros(total, width, dtype=torch.float64)
+        for j, (closer, summ) in enumerate(zip(self.tarp_counts, self.summary_ranks)):
+            params = self.parameter_ranks[j] if self.per_parameter else []
+            table[offset + j] = torch.tensor([1.0, closer, *summ, *params], dtype=torch.float64)
+        pooled = self.pooled_counts if self.pooled_counts is not None else torch.zeros(self.pooled_bins, dtype=torch.float64)
+        extra = torch.cat([pooled, torch.tensor([float(self.n_samples or 0), float(self.n_samples is not None)],
+                                                dtype=torch.float64)])
+        table, extra = comm.allreduce(table), comm.allreduce(extra)
+        rows = table[table[:, 0] > 0.5].round().to(torch.int64)
+        self.tarp_counts = rows[:, 1].tolist()
+        self.summary_ranks = rows[:, 2:2 + k].tolist()
+        self.parameter_ranks = rows[:, 2 + k:].tolist() if self.per_parameter else []
+        self.pooled_counts = extra[: self.pooled_bins]
+        ranks_with_obs = float(extra[-1])
+        self.n_samples = int(round(float(extra[-2]) / ranks_with_obs)) if ranks_with_obs else None
+
     # report ------------------------------------------------------------------------------------
     def report(self) -> dict:
         """``{"sbc": ..., "tarp": ...}`` as JSON-able dicts (see the module docstring)."""

@@ -7,6 +7,7 @@ samples below it (the truth's rank), from which calibration follows without keep
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
@@ -53,17 +54,22 @@ class PosteriorSampler:
     def from_checkpoint(cls, path: str) -> "PosteriorSampler":
         """Rebuild the network from a checkpoint's spec and weights (no code is unpickled)."""
         from ..training.checkpoint import read_checkpoint
+        from ..training.config import torch_dtype
         from ..training.network_spec import build_network
 
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path)  # a damaged file: CheckpointError naming it
         if not ckpt.meta.get("spec"):
             raise ValueError(f"checkpoint {ckpt.path} holds no network spec; it was not written by invnet train")
-        model = build_network(ckpt.meta["spec"])
-        dtype = {"float32": torch.float32, "float64": torch.float64}[ckpt.meta.get("data", {}).get("dtype", "float32")]
-        model = model.to(dtype)
-        model.load_state_dict(ckpt.weights)
+        data = ckpt.meta.get("data") or {}
+        model = build_network(ckpt.meta["spec"]).to(torch_dtype(data.get("dtype", "float32")))
+        try:
+            model.load_state_dict(ckpt.weights)
+        except RuntimeError as err:  # weights of another shape than the spec says
+            reason = (str(err).strip().splitlines() or ["mismatch"])[0][:300]
+            raise ValueError(f"{os.path.join(ckpt.path, 'model.safetensors')} does not fit the network in its "
+                             f"meta.json: {reason}") from None
         norm = ckpt.meta.get("normalization")
-        return cls(model, Normalization.from_dict(norm) if norm else None, ckpt.meta.get("data", {}).get("x_shape"))
+        return cls(model, Normalization.from_dict(norm) if norm else None, data.get("x_shape"))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,9 +82,10 @@ class PosteriorSampler:
         c = torch.as_tensor(y).to(self.dtype)[None]
         if self.normalization is not None:
             c = self.normalization.y_to_normal(c)
-        shape = None
-        if self.x_shape is not None and tuple(c.shape[2:]) != self.x_shape[1:]:
-            shape = self.x_shape  # the observation's grid differs (summary network): say what x looks like
+        shape = None  # a fully convolutional network trained on patches samples on the observation's grid ...
+        if self.x_shape is not None and (tuple(c.shape[2:]) != self.x_shape[1:]
+                                         or getattr(self.model, "summary", None) is not None):
+            shape = self.x_shape  # ... unless the condition cannot tell the grid (a summary network's output)
         x = self.model.sample(n, c, temperature=temperature, shape=shape, generator=generator)
         if self.normalization is not None:
             x = self.normalization.x_to_raw(x)

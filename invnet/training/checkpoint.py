@@ -7,10 +7,12 @@ Layout of ``<run>/checkpoints/step-00000120/``:
   ``torch.load(weights_only=True)``, which unpickles only tensors and plain containers);
 * ``meta.json``: step, network spec, normalisation, timestamps (human-readable).
 
-The directory is assembled under a hidden temporary name and renamed into place with
-``os.replace``, so a checkpoint directory either exists complete or not at all: a crash or kill
-while writing leaves the previous checkpoints untouched (and a ``.tmp-*`` directory that the
-next save removes).
+The directory is assembled under a hidden temporary name and renamed into place
+(:func:`invnet.data.atomic.atomic_dir`), so a checkpoint directory either exists complete or not
+at all: a crash or kill while writing leaves the previous checkpoints untouched (and a hidden
+``.step-*.tmp-*`` directory that the next save removes). A checkpoint damaged afterwards (a
+truncated copy, a full disk) is reported by :func:`read_checkpoint` as a :class:`CheckpointError`
+naming the file; :func:`latest_readable_checkpoint` skips such checkpoints.
 """
 from __future__ import annotations
 
@@ -19,18 +21,19 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.atomic import atomic_dir, move_aside, remove_leftovers
+
 __all__ = [
-    "Checkpoint", "save_checkpoint", "read_checkpoint", "list_checkpoints", "latest_checkpoint",
-    "resolve_checkpoint", "capture_rng", "restore_rng",
+    "Checkpoint", "CheckpointError", "save_checkpoint", "read_checkpoint", "list_checkpoints", "latest_checkpoint",
+    "latest_readable_checkpoint", "set_aside", "resolve_checkpoint", "capture_rng", "restore_rng",
 ]
 
 _NAME = re.compile(r"^step-(\d{8,})$")
@@ -80,12 +83,8 @@ class Checkpoint:
         return int(self.meta["step"])
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or corrupt (the message names the file)."""
 
 
 def _write_files(tmp: str, weights: dict, state: dict, meta: dict) -> None:
@@ -93,8 +92,6 @@ def _write_files(tmp: str, weights: dict, state: dict, meta: dict) -> None:
     torch.save(state, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    for name in ("model.safetensors", "state.pt", "meta.json"):
-        _fsync(os.path.join(tmp, name))
 
 
 def list_checkpoints(directory: str) -> list[str]:
@@ -141,38 +138,73 @@ def save_checkpoint(
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     os.makedirs(directory, exist_ok=True)
-    for stale in os.listdir(directory):  # leftovers of a write that was killed
-        if stale.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(directory, stale), ignore_errors=True)
+    remove_leftovers(directory)  # of a write that was killed
     meta = dict(meta, step=int(step), saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     weights = {k: v.detach().to("cpu").clone().contiguous() for k, v in weights.items()}
     final = os.path.join(directory, f"step-{int(step):08d}")
-    tmp = tempfile.mkdtemp(prefix=f".tmp-step-{int(step):08d}-", dir=directory)
-    try:
+    with atomic_dir(final, replace=True) as tmp:  # the same step saved again after a resume is swapped
         _write_files(tmp, weights, state, meta)
-        if os.path.exists(final):  # the same step saved again after a resume: swap it out
-            old = final + f".old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep_last is not None:
         for old in list_checkpoints(directory)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _load(folder: str, name: str, loader: Callable[[str], Any]) -> Any:
+    file = os.path.join(folder, name)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+    try:
+        return loader(file)
+    except Exception as err:  # safetensors, pickle, zip and JSON readers raise many types for a bad file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"{file} is unreadable (truncated or corrupt?): {reason}") from None
+
+
+def _load_meta(file: str) -> dict:
+    with open(file) as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise ValueError("expected a JSON object with an integer 'step'")
+    return meta
+
+
 def read_checkpoint(path: str) -> Checkpoint:
     """Load a checkpoint (see :func:`resolve_checkpoint` for accepted paths) without running any
-    pickled code: safetensors for the weights, ``torch.load(weights_only=True)`` for the rest."""
+    pickled code: safetensors for the weights, ``torch.load(weights_only=True)`` for the rest.
+    Raises :class:`CheckpointError` (a ``ValueError``) naming a missing or damaged file."""
     path = resolve_checkpoint(path)
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    meta = _load(path, "meta.json", _load_meta)
+    weights = _load(path, "model.safetensors", load_file)
+    state = _load(path, "state.pt", lambda f: torch.load(f, weights_only=True))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{os.path.join(path, 'state.pt')} holds {type(state).__name__}, not a dict")
     return Checkpoint(path, meta, weights, state)
+
+
+def latest_readable_checkpoint(directory: str) -> tuple[Optional[Checkpoint], list[tuple[str, str]]]:
+    """The newest checkpoint under ``directory`` that reads completely (``None`` if none does),
+    and the newer ones that did not, as ``(path, reason)`` pairs, newest first.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> for s in (1, 2):
+    ...     _ = save_checkpoint(d, s, {"w": torch.ones(1)}, {}, {})
+    >>> _ = open(os.path.join(d, "step-00000002", "state.pt"), "wb").write(b"truncat")
+    >>> ckpt, skipped = latest_readable_checkpoint(d)
+    >>> ckpt.step, [os.path.basename(p) for p, _ in skipped]
+    (1, ['step-00000002'])
+    """
+    skipped = []
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return read_checkpoint(path), skipped
+        except CheckpointError as err:
+            skipped.append((path, str(err)))
+    return None, skipped
+
+
+def set_aside(path: str) -> str:
+    """Rename an unreadable checkpoint to ``step-NNNNNNNN.unreadable-DATE`` (kept for inspection,
+    no longer listed, so it is neither resumed from nor counted by ``keep_last``); returns the new path."""
+    return move_aside(path, tag="unreadable")

@@ -1,52 +1,152 @@
-"""``invnet train`` configuration: TOML, validated key by key (see docs/config.md)."""
+"""``invnet train`` configuration: TOML, validated key by key (see docs/config.md).
+
+Every section is described once, typed: the fixed sections in :data:`SECTIONS` (one
+:class:`~invnet.training.schema.Key` per line), the sections that name a class in
+:data:`OPEN_SECTIONS` (their keys are checked against the class's signature by
+:func:`~invnet.training.schema.check_keywords`). The same descriptions decide which keys may
+change when a run is resumed (:func:`resume_differences`).
+"""
 from __future__ import annotations
 
-import inspect
 import os
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
+
+from .schema import (REQUIRED, Key, check_keywords, check_section, constructor_parameters, fraction, nonempty, one_of,
+                     positive, positive_integers)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["load_config", "validate_config", "DEFAULTS"]
+__all__ = ["load_config", "validate_config", "resume_differences", "SECTIONS", "OPEN_SECTIONS", "DTYPES",
+           "torch_dtype"]
 
-#: every fixed section, its keys and defaults (``None``: optional, no default; ``...``: required)
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "data": {"path": ..., "x": "x", "y": "y", "validation_fraction": 0.1, "patch": None, "seed": 0,
-             "max_read_mb": None},
-    "training": {"out_dir": ..., "steps": ..., "batch_size": 16, "seed": 0, "clip_grad_norm": None,
-                 "validate_every": None, "log_every": 10, "checkpoint_every_steps": None,
-                 "checkpoint_every_minutes": None, "keep_last": 3, "progress": True, "dtype": "float32"},
+#: the ``dtype`` names a run may use and their torch types
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+#: the fixed sections, one line per key: Key(type, default (REQUIRED / None: unset), check, resume=may change)
+SECTIONS: dict[str, dict[str, Key]] = {
+    "data": {
+        "path": Key(str, REQUIRED, nonempty, resume=True),  # the file may move; its shapes are checked on resume
+        "x": Key(str, "x", nonempty),
+        "y": Key(str, "y", nonempty),
+        "validation_fraction": Key(float, 0.1, fraction),
+        "patch": Key(list[int], None, positive_integers),
+        "seed": Key(int, 0),
+        "max_read_mb": Key(float, None, positive, resume=True),
+    },
+    "training": {
+        "out_dir": Key(str, REQUIRED, nonempty, resume=True),
+        "steps": Key(int, REQUIRED, positive, resume=True),
+        "batch_size": Key(int, 16, positive),
+        "seed": Key(int, 0),
+        "clip_grad_norm": Key(float, None, positive),
+        "validate_every": Key(int, None, positive, resume=True),
+        "log_every": Key(int, 10, positive, resume=True),
+        "checkpoint_every_steps": Key(int, None, positive, resume=True),
+        "checkpoint_every_minutes": Key(float, None, positive, resume=True),
+        "keep_last": Key(int, 3, positive, resume=True),
+        "progress": Key(bool, True, resume=True),
+        "dtype": Key(str, "float32", one_of(*DTYPES)),
+    },
 }
-#: sections whose extra keys are passed to a class (checked against its signature)
-OPEN_SECTIONS = {"model": "type", "optimizer": "name", "scheduler": "name"}
-_TYPES = {
-    ("data", "path"): str, ("data", "x"): str, ("data", "y"): str, ("data", "validation_fraction"): (int, float),
-    ("data", "patch"): list, ("data", "seed"): int, ("data", "max_read_mb"): (int, float),
-    ("training", "out_dir"): str, ("training", "steps"): int, ("training", "batch_size"): int,
-    ("training", "seed"): int, ("training", "clip_grad_norm"): (int, float), ("training", "validate_every"): int,
-    ("training", "log_every"): int, ("training", "checkpoint_every_steps"): int,
-    ("training", "checkpoint_every_minutes"): (int, float), ("training", "keep_last"): int,
-    ("training", "progress"): bool, ("training", "dtype"): str,
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's ``dtype`` name.
+
+    >>> torch_dtype("float64")
+    torch.float64
+    """
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _optimizer_class(name: str) -> type:
+    cls = getattr(torch.optim, name, None)
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
+        return cls
+    names = sorted(n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+                   and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer")
+    raise ValueError(f"[optimizer] unknown name {name!r}; any torch.optim optimizer: {names}")
+
+
+def _scheduler_class(name: str) -> type:
+    cls = getattr(torch.optim.lr_scheduler, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler)):
+        raise ValueError(f"[scheduler] unknown name {name!r}; use a class of torch.optim.lr_scheduler "
+                         "(e.g. CosineAnnealingLR, StepLR, ExponentialLR, OneCycleLR)")
+    if name in ("LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler", "ReduceLROnPlateau"):
+        raise ValueError(f"[scheduler] {name} needs Python objects or a metric; not usable from a config")
+    return cls
+
+
+def _network_class(name: str) -> type:
+    from .. import networks
+    from .network_spec import available_networks
+
+    if name not in available_networks():
+        raise ValueError(f"[model] unknown type {name!r}; available: {available_networks()}")
+    return getattr(networks, name)
+
+
+@dataclass(frozen=True)
+class OpenSection:
+    """A section naming a class (key ``field``) whose other keys are its constructor's arguments.
+    ``supplied``: arguments the job passes itself; ``require``: check required arguments now (the
+    network's are partly inferred from the data later, see :func:`~.network_spec.resolve_network_spec`);
+    ``default``: the table used when the section is absent (``None``: the section is optional)."""
+
+    field: str
+    resolve: Callable[[str], type]
+    supplied: tuple[str, ...] = ()
+    require: bool = True
+    default: Optional[dict] = None
+
+
+#: sections that name a class; their keys are checked against its signature
+OPEN_SECTIONS: dict[str, OpenSection] = {
+    "model": OpenSection("type", _network_class, require=False,
+                         default={"type": "ConditionalCouplingFlow"}),
+    "optimizer": OpenSection("name", _optimizer_class, ("params",), default={"name": "Adam", "lr": 1e-3}),
+    "scheduler": OpenSection("name", _scheduler_class, ("optimizer",)),
 }
 
 
-def _class_kwargs(section: str, cls: type, kwargs: dict, skip: int) -> None:
-    params = list(inspect.signature(cls.__init__).parameters.values())[1 + skip:]
-    names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    unknown = sorted(set(kwargs) - set(names))
-    if unknown:
-        raise ValueError(f"[{section}]: unknown key(s) {unknown} for {cls.__name__}; allowed: {names}")
+def _check_open(section: str, spec: OpenSection, given: Any) -> Optional[dict]:
+    if given is None:
+        if spec.default is None:
+            return None
+        given = spec.default
+    if not isinstance(given, dict):
+        raise ValueError(f"[{section}] must be a table (a [{section}] header followed by key = value lines), "
+                         f"got {type(given).__name__} {given!r}")
+    table = dict(given)
+    if spec.default is not None:
+        table.setdefault(spec.field, spec.default[spec.field])
+    name = table.get(spec.field)
+    if not isinstance(name, str):
+        raise ValueError(f"[{section}] needs {spec.field} = \"ClassName\" (a string), got {name!r}")
+    cls = spec.resolve(name)
+    if section == "model" and table.get("summary") is not None:  # the summary network: a table of its own
+        from .network_spec import check_summary
+
+        check_summary(table["summary"], require=False)
+    check_keywords(f"[{section}]", cls, {k: v for k, v in table.items() if k != spec.field}, spec.supplied,
+                   spec.require)
+    return table
 
 
 def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     """Check a parsed configuration and fill in defaults; relative paths are taken from
-    ``base_dir`` (the config file's folder). Raises ``ValueError`` naming the allowed keys.
+    ``base_dir`` (the config file's folder). Raises ``ValueError`` naming the allowed keys, the
+    expected type or the missing argument; nothing is read or written.
 
     >>> cfg = validate_config({"data": {"path": "d.h5"}, "training": {"out_dir": "run", "steps": 10},
     ...                        "model": {"type": "ConditionalCouplingFlow"}, "optimizer": {"name": "Adam", "lr": 1e-3}})
@@ -57,85 +157,73 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     ...
     ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'x', 'y', 'validation_fraction', 'patch', 'seed', 'max_read_mb']
     """
-    allowed = list(DEFAULTS) + list(OPEN_SECTIONS)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a configuration is a table of sections, got {type(cfg).__name__}")
+    allowed = list(SECTIONS) + list(OPEN_SECTIONS)
     unknown = sorted(set(cfg) - set(allowed))
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; allowed sections: {allowed}")
-    out: dict[str, Any] = {}
-    for section, defaults in DEFAULTS.items():
-        given = cfg.get(section, {})
-        if not isinstance(given, dict):
-            raise ValueError(f"[{section}] must be a table")
-        bad = [k for k in given if k not in defaults]
-        if bad:
-            raise ValueError(f"[{section}]: unknown key(s) {sorted(bad)}; allowed: {list(defaults)}")
-        merged = {}
-        for key, default in defaults.items():
-            if key not in given:
-                if default is ...:
-                    raise ValueError(f"[{section}] needs the key {key!r}")
-                merged[key] = default
-                continue
-            value, want = given[key], _TYPES[(section, key)]
-            if isinstance(value, bool) and want is not bool:
-                raise ValueError(f"[{section}] {key} must be {want}, got a boolean")
-            if not isinstance(value, want):
-                raise ValueError(f"[{section}] {key} has the wrong type {type(value).__name__}; expected {want}")
-            merged[key] = value
-        out[section] = merged
+    out: dict[str, Any] = {name: check_section(name, cfg.get(name, {}), keys) for name, keys in SECTIONS.items()}
+    for name, spec in OPEN_SECTIONS.items():
+        out[name] = _check_open(name, spec, cfg.get(name))
     d, t = out["data"], out["training"]
-    for key in ("path",):
-        d[key] = os.path.normpath(os.path.join(base_dir, d[key]))
+    d["path"] = os.path.normpath(os.path.join(base_dir, d["path"]))
     t["out_dir"] = os.path.normpath(os.path.join(base_dir, t["out_dir"]))
-    if not 0 <= d["validation_fraction"] < 1:
-        raise ValueError(f"[data] validation_fraction must lie in [0, 1), got {d['validation_fraction']}")
-    if d["patch"] is not None and not all(isinstance(p, int) and p > 0 for p in d["patch"]):
-        raise ValueError(f"[data] patch must be a list of positive integers, got {d['patch']}")
-    for key in ("steps", "batch_size", "log_every", "keep_last", "validate_every", "checkpoint_every_steps"):
-        if t[key] is not None and t[key] < 1:
-            raise ValueError(f"[training] {key} must be a positive integer, got {t[key]}")
-    if t["dtype"] not in ("float32", "float64"):
-        raise ValueError(f"[training] dtype must be 'float32' or 'float64', got {t['dtype']!r}")
-    # open sections: a class name and its keyword arguments
-    from .network_spec import available_networks
-
-    model = dict(cfg.get("model", {"type": "ConditionalCouplingFlow"}))
-    model.setdefault("type", "ConditionalCouplingFlow")
-    if model["type"] not in available_networks():
-        raise ValueError(f"[model] unknown type {model['type']!r}; available: {available_networks()}")
-    out["model"] = model  # its keys are checked against the class once data shapes are known
-    opt = dict(cfg.get("optimizer", {"name": "Adam", "lr": 1e-3}))
-    opt.setdefault("name", "Adam")
-    opt_cls = getattr(torch.optim, opt["name"], None)
-    if not (isinstance(opt_cls, type) and issubclass(opt_cls, torch.optim.Optimizer)):
-        names = sorted(n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
-                       and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer")
-        raise ValueError(f"[optimizer] unknown name {opt['name']!r}; any torch.optim optimizer: {names}")
-    _class_kwargs("optimizer", opt_cls, {k: v for k, v in opt.items() if k != "name"}, skip=1)
-    out["optimizer"] = opt
-    sched = cfg.get("scheduler")
-    if sched is not None:
-        sched = dict(sched)
-        if "name" not in sched:
-            raise ValueError("[scheduler] needs a 'name' (a class of torch.optim.lr_scheduler)")
-        sched_cls = getattr(torch.optim.lr_scheduler, sched["name"], None)
-        if not (isinstance(sched_cls, type) and issubclass(sched_cls, torch.optim.lr_scheduler.LRScheduler)):
-            raise ValueError(f"[scheduler] unknown name {sched['name']!r}; use a class of torch.optim.lr_scheduler "
-                             "(e.g. CosineAnnealingLR, StepLR, ExponentialLR, OneCycleLR)")
-        if sched["name"] in ("LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler", "ReduceLROnPlateau"):
-            raise ValueError(f"[scheduler] {sched['name']} needs Python objects or a metric; not usable from a config")
-        _class_kwargs("scheduler", sched_cls, {k: v for k, v in sched.items() if k != "name"}, skip=1)
-    out["scheduler"] = sched
     return out
+
+
+def resume_differences(stored: dict, new: dict) -> list[str]:
+    """The settings in which ``new`` differs from the ``stored`` configuration of the run it would
+    resume, as ``"[section] key: old -> new"`` lines, ignoring keys marked ``resume=True`` (how
+    long, how often, where the files are, how to read). Both are validated configurations; a key the stored one lacks
+    (an older invnet) counts as its default.
+
+    >>> a = validate_config({"data": {"path": "d.h5"}, "training": {"out_dir": "r", "steps": 10}})
+    >>> b = validate_config({"data": {"path": "d.h5"}, "training": {"out_dir": "r", "steps": 20, "batch_size": 8},
+    ...                      "model": {"type": "ConditionalCouplingFlow", "depth": 2}})
+    >>> resume_differences(a, b)  # (depth was the default 4)
+    ['[training] batch_size: 16 -> 8', '[model] depth: 4 -> 2']
+    """
+    unset = "(unset)"
+    lines = []
+
+    def compare(section: str, old: dict, now: dict, defaults: dict) -> None:
+        for key in list(dict.fromkeys(list(old) + list(now))):
+            was, becomes = old.get(key, defaults.get(key, unset)), now.get(key, defaults.get(key, unset))
+            if was != becomes:
+                lines.append(f"[{section}] {key}: {was!r} -> {becomes!r}".replace("'(unset)'", unset))
+
+    for section, keys in SECTIONS.items():
+        fixed = [k for k, key in keys.items() if not key.resume]
+        compare(section, {k: v for k, v in (stored.get(section) or {}).items() if k in fixed},
+                {k: v for k, v in new[section].items() if k in fixed},
+                {k: key.default for k, key in keys.items() if key.default is not REQUIRED})
+    for section, spec in OPEN_SECTIONS.items():
+        old, now = stored.get(section), new.get(section)
+        if (old is None) != (now is None):
+            lines.append(f"[{section}]: {'(none)' if old is None else 'present'} -> {'(none)' if now is None else 'present'}")
+        elif old is not None:
+            defaults = {}
+            if old.get(spec.field) == now.get(spec.field):  # the same class: an argument given as its default is no change
+                try:
+                    defaults = {p.name: p.default for p in constructor_parameters(spec.resolve(now[spec.field]))
+                                if p.default is not p.empty}
+                except ValueError:  # a class this invnet no longer has: compare as written
+                    pass
+            compare(section, old, now, defaults)
+    return lines
 
 
 def load_config(path: str) -> dict:
     """Read and validate a TOML config file (paths in it are relative to the file)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+        raise FileNotFoundError(f"config file {path!r} does not exist" if not os.path.exists(path)
+                                else f"config {path!r} is not a file")
     with open(path, "rb") as f:
         try:
             cfg = tomllib.load(f)
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: not valid TOML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not a text (UTF-8) file: {err}") from None
     return validate_config(cfg, os.path.dirname(os.path.abspath(path)))

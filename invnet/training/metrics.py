@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+
 import torch
+
+from ..data.atomic import atomic_file
 
 __all__ = ["MetricsLog", "peak_memory_mb"]
 
@@ -17,7 +20,8 @@ def peak_memory_mb() -> float:
 
 
 class MetricsLog:
-    """Append-only JSON-lines file of metric records (one dict per line).
+    """Append-only JSON-lines file of metric records (one dict per line). A last line cut short by
+    a kill while appending is ignored when reading (and dropped by the next :meth:`truncate_after`).
 
     >>> import tempfile, os
     >>> log = MetricsLog(os.path.join(tempfile.mkdtemp(), "m.jsonl"))
@@ -37,13 +41,20 @@ class MetricsLog:
         if not os.path.exists(self.path):
             return []
         with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        records = []
+        for k, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if k == len(lines) - 1 and not line.endswith("\n"):  # an append cut short
+                    break
+                raise ValueError(f"{self.path}, line {k + 1}: not a JSON record: {line[:80]!r}") from None
+        return records
 
     def truncate_after(self, step: int) -> None:
         """Drop records after ``step`` (written after the checkpoint a run resumes from),
         rewriting the file atomically."""
         keep = [r for r in self.read() if r.get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_file(self.path) as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, self.path)

@@ -1,7 +1,6 @@
 """Networks described by a small JSON-able spec, so checkpoints can rebuild them without pickles."""
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Sequence
 
@@ -9,14 +8,32 @@ from torch import nn
 
 from .. import networks
 from ..networks.base import FlowNetwork
+from .schema import accepted_keywords, check_keywords
 
-__all__ = ["build_network", "resolve_network_spec", "available_networks", "available_summaries"]
+__all__ = ["build_network", "resolve_network_spec", "available_networks", "available_summaries", "check_summary"]
+
+
+#: constructor arguments a spec need not give: they are taken from the data
+INFERRED = ("channels", "in_channels", "cond_channels", "ndim", "vector_condition")
+
+
+def _configurable(cls: type) -> bool:
+    """Buildable from a spec: every required argument is a plain value or taken from the data (the
+    builder :class:`~invnet.networks.MultiscaleFlow`, which needs a step factory object, is not)."""
+    from .schema import constructor_parameters
+
+    return all(p.default is not p.empty or p.name in INFERRED for p in constructor_parameters(cls))
 
 
 def available_networks() -> list[str]:
-    """Names of the :class:`FlowNetwork` classes in :mod:`invnet.networks` a spec may name."""
+    """Names of the :class:`FlowNetwork` classes in :mod:`invnet.networks` a spec may name.
+
+    >>> "ConditionalGlow" in available_networks(), "MultiscaleFlow" in available_networks()
+    (True, False)
+    """
     return sorted(n for n in dir(networks) if isinstance(getattr(networks, n), type)
-                  and issubclass(getattr(networks, n), FlowNetwork) and getattr(networks, n) is not FlowNetwork)
+                  and issubclass(getattr(networks, n), FlowNetwork) and getattr(networks, n) is not FlowNetwork
+                  and _configurable(getattr(networks, n)))
 
 
 def available_summaries() -> list[str]:
@@ -25,26 +42,13 @@ def available_summaries() -> list[str]:
                   and issubclass(getattr(networks, n), nn.Module))
 
 
-def _accepted(cls: type) -> list[str]:
-    """Keyword arguments of ``cls``, following ``**kwargs`` up the class hierarchy."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass) or klass in (nn.Module, object):
-            continue
-        params = inspect.signature(klass.__init__).parameters.values()
-        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                  and p.name not in names]
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return names
-
-
-def _check_keys(what: str, cls: type, kwargs: dict) -> list[str]:
-    accepted = _accepted(cls)
-    unknown = sorted(k for k in kwargs if k not in accepted)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} for {what} {cls.__name__!r}; it accepts {accepted}")
-    return accepted
+def check_summary(summary: object, require: bool = True) -> type:
+    """Check a summary-network table ``{"type": "ImageSummary", **kwargs}``; returns its class."""
+    if not isinstance(summary, dict) or summary.get("type") not in available_summaries():
+        raise ValueError(f"[model] summary must be a table with type one of {available_summaries()}, got {summary!r}")
+    cls = getattr(networks, summary["type"])
+    check_keywords("[model] summary", cls, {k: v for k, v in summary.items() if k != "type"}, require=require)
+    return cls
 
 
 def resolve_network_spec(spec: dict, x_shape: Sequence[int], y_shape: Sequence[int]) -> dict:
@@ -52,8 +56,9 @@ def resolve_network_spec(spec: dict, x_shape: Sequence[int], y_shape: Sequence[i
     ``cond_channels``, ``ndim`` and ``vector_condition`` (when the class takes them and the spec
     does not set them). An optional ``summary = {"type": "ImageSummary", ...}`` table describes a
     summary network (its ``in_channels``/``in_features``, ``out_size`` are filled in; its
-    ``out_channels`` defaults to 8 and sets the flow's ``cond_channels``). Unknown keys raise
-    ``ValueError`` naming the accepted ones.
+    ``out_channels`` defaults to 8 and sets the flow's ``cond_channels``). Unknown keys, values of
+    the wrong type and missing arguments raise ``ValueError``
+    (:func:`~invnet.training.schema.check_keywords`).
 
     >>> resolve_network_spec({"type": "ConditionalCouplingFlow", "depth": 2}, (1, 8, 8), (2, 8, 8))["cond_channels"]
     2
@@ -65,28 +70,28 @@ def resolve_network_spec(spec: dict, x_shape: Sequence[int], y_shape: Sequence[i
         raise ValueError(f"unknown network type {name!r}; available: {available_networks()}")
     cls = getattr(networks, name)
     kwargs = {k: v for k, v in spec.items() if k != "type"}
-    accepted = _check_keys("network", cls, kwargs)
+    accepted = accepted_keywords(cls)
     inferred = {"channels": int(x_shape[0]), "in_channels": int(x_shape[0]), "cond_channels": int(y_shape[0]),
                 "ndim": len(x_shape) - 1, "vector_condition": len(y_shape) == 1 and len(x_shape) > 1}
     summary = kwargs.get("summary")
     if summary is not None:
-        if not isinstance(summary, dict) or summary.get("type") not in available_summaries():
-            raise ValueError(f"summary must be a table with type one of {available_summaries()}, got {summary!r}")
+        s_cls = check_summary(summary, require=False)
         s = {k: v for k, v in summary.items() if k != "type"}
-        s_cls = getattr(networks, summary["type"])
-        s_accepted = _check_keys("summary network", s_cls, s)
+        s_accepted = accepted_keywords(s_cls)
         s.setdefault("out_channels", kwargs.get("cond_channels", 8))
         s_inferred = {"in_channels": int(y_shape[0]), "in_features": int(math.prod(y_shape)),
                       "out_size": [int(v) for v in x_shape[1:]]}
         for key, value in s_inferred.items():
             if key in s_accepted and key not in s:
                 s[key] = value
+        check_keywords("[model] summary", s_cls, s)
         kwargs["summary"] = {"type": summary["type"], **s}
         inferred["cond_channels"] = int(s["out_channels"])
         inferred["vector_condition"] = "out_size" not in s_accepted and len(x_shape) > 1
     for key, value in inferred.items():
         if key in accepted and key not in kwargs:
             kwargs[key] = value
+    check_keywords("[model]", cls, kwargs)
     return {"type": name, **kwargs}
 
 

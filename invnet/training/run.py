@@ -9,9 +9,13 @@ import numpy as np
 import torch
 
 from ..data import BatchLoader, Normalization, compute_normalization, open_pairs, train_validation_split
-from .checkpoint import latest_checkpoint, read_checkpoint
+from ..data.atomic import atomic_file, move_aside
+from ..data.quality import warn_about_data
+from .checkpoint import latest_readable_checkpoint, set_aside
 from .comm import Comm, SerialComm
+from .config import torch_dtype
 from .network_spec import build_network, resolve_network_spec
+from .run_folder import check_out_dir, check_restart, check_resume, check_same_data, holds_run
 from .signals import PreemptedError, PreemptionFlag
 from .trainer import Trainer, TrainResult
 
@@ -35,25 +39,54 @@ def _validation_batches(dataset, indices, batch_size, normalization, dtype, seed
     return batches
 
 
-def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = True) -> Trainer:
+def _say(comm: Comm, message: str) -> None:
+    if comm.rank == 0:
+        print(message, flush=True)
+
+
+def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = True,
+                        config_path: Optional[str] = None) -> Trainer:
     """Build the :class:`Trainer` a validated config describes (see
-    :func:`~invnet.training.config.validate_config`). Data are checked (names, shapes, dtypes,
-    finite values) and normalisation statistics computed before anything is written; on resume
-    the stored normalisation is reused, not recomputed."""
+    :func:`~invnet.training.config.validate_config`).
+
+    Everything is checked before anything is written: ``out_dir``; on resume, that the config
+    agrees with the run's stored ``config.json`` (:func:`~invnet.training.config.resume_differences`)
+    and that a readable checkpoint exists (newer unreadable ones are skipped, said, and set aside
+    as ``step-*.unreadable-*``); the data (names, shapes, dtypes, finite values) and the
+    normalisation statistics (on resume the stored ones are reused); the network against the data.
+
+    ``resume=False`` (``--restart``) starts over: a previous run in ``out_dir`` is first moved aside
+    as a whole to ``OUT_DIR.previous-DATE-TIME`` (one atomic rename, so two runs never mix; refused
+    when ``out_dir`` also holds the data, ``config_path`` or the current folder)."""
     comm = comm or SerialComm()
     d, t = cfg["data"], cfg["training"]
+    out_dir = t["out_dir"]
+    check_out_dir(out_dir)
+    ckpt, unreadable = None, []
+    if resume:
+        ckpt, unreadable = latest_readable_checkpoint(os.path.join(out_dir, "checkpoints"))
+        if ckpt is None and unreadable:
+            raise ValueError(f"no readable checkpoint in {os.path.join(out_dir, 'checkpoints')}: "
+                             + "; ".join(reason for _, reason in unreadable)
+                             + ". Start over with --restart (the previous run is moved aside)")
+        if ckpt is not None:
+            check_resume(cfg, out_dir)
+    restart = not resume and holds_run(out_dir)
+    if restart:
+        check_restart(cfg, config_path)
     max_bytes = None if d["max_read_mb"] is None else int(d["max_read_mb"] * 2**20)
     dataset = open_pairs(d["path"], d["x"], d["y"], d["patch"], max_bytes)
     train_idx, val_idx = train_validation_split(len(dataset), d["validation_fraction"], d["seed"])
-    ckpt_path = latest_checkpoint(os.path.join(t["out_dir"], "checkpoints")) if resume else None
-    if ckpt_path is not None:
-        meta = read_checkpoint(ckpt_path).meta
-        normalization = Normalization.from_dict(meta["normalization"])
+    if ckpt is not None:
+        check_same_data(ckpt, dataset, train_idx, val_idx, d["path"])
+        normalization = Normalization.from_dict(ckpt.meta["normalization"])
     else:
         normalization = compute_normalization(dataset, train_idx)  # also rejects NaN/Inf
         if len(val_idx):
             compute_normalization(dataset, val_idx)  # finite-value check of the validation part
-    dtype = {"float32": torch.float32, "float64": torch.float64}[t["dtype"]]
+    if comm.rank == 0:
+        warn_about_data(dataset, normalization)
+    dtype = torch_dtype(t["dtype"])
     torch.manual_seed(t["seed"])
     spec = resolve_network_spec(cfg["model"], dataset.x_shape, dataset.y_shape)
     model = build_network(spec).to(dtype)
@@ -80,35 +113,50 @@ def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = T
                  "y_shape": list(dataset.y_shape), "n_train": int(len(train_idx)), "n_validation": int(len(val_idx)),
                  "validation_fraction": d["validation_fraction"], "split_seed": d["seed"], "patch": d["patch"],
                  "dtype": t["dtype"]}
+    # ---- everything checked: from here on files are written
+    if restart:
+        if comm.rank == 0:
+            moved = move_aside(out_dir)
+            _say(comm, f"--restart: moved the previous run aside to {moved}")
+        comm.barrier()
     trainer = Trainer(
-        model, optimizer, loader, t["out_dir"], t["steps"], scheduler=scheduler, validation=validation,
+        model, optimizer, loader, out_dir, t["steps"], scheduler=scheduler, validation=validation,
         normalization=normalization, spec=spec, data_info=data_info, clip_grad_norm=t["clip_grad_norm"],
         validate_every=t["validate_every"], log_every=t["log_every"],
         checkpoint_every_steps=t["checkpoint_every_steps"], checkpoint_every_minutes=t["checkpoint_every_minutes"],
         keep_last=t["keep_last"], progress=t["progress"], comm=comm,
     )
-    if comm.rank == 0:  # atomically: a signal or crash never leaves half a file
-        path = os.path.join(t["out_dir"], "config.json")
-        with open(path + ".tmp", "w") as f:
+    if ckpt is not None:
+        trainer.resume(ckpt)  # loads first (a misfit raises before anything is written), then trims the metrics
+    if comm.rank == 0:
+        for path, reason in unreadable:
+            _say(comm, f"skipping an unreadable checkpoint: {reason}; set aside as {set_aside(path)}")
+        with atomic_file(os.path.join(out_dir, "config.json")) as f:
             json.dump(cfg, f, indent=1)
-        os.replace(path + ".tmp", path)
-    if ckpt_path is not None:
-        trainer.resume(ckpt_path)
+        if ckpt is None and os.path.exists(trainer.metrics.path):
+            trainer.metrics.truncate_after(0)  # records of an attempt that never wrote a checkpoint
+    if ckpt is not None:
+        _say(comm, f"resuming from step {trainer.step} (checkpoint {ckpt.path})"
+             + (", the newest readable one" if unreadable else ""))
     return trainer
 
 
-def train_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = True) -> TrainResult:
+def train_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = True,
+                      config_path: Optional[str] = None) -> TrainResult:
     """Build the trainer (resuming from the run's latest checkpoint when there is one) and fit.
 
-    A SIGTERM/SIGUSR1 during the setup (checking the data and computing the normalisation can take
-    minutes on a large file) stops it at once: status ``"preempted"``, nothing new written, and
-    rerunning the command starts (or resumes) as if the interrupted attempt had not happened."""
+    A SIGTERM/SIGUSR1/SIGINT during the setup (checking the data and computing the normalisation
+    can take minutes on a large file) stops it at once: status ``"preempted"`` (``"interrupted"``
+    for SIGINT), nothing new written, and rerunning the command starts (or resumes) as if the
+    interrupted attempt had not happened."""
+    comm = comm or SerialComm()
     try:
         with PreemptionFlag(raise_on_signal=True):
-            trainer = trainer_from_config(cfg, comm, resume)
-    except PreemptedError:
-        previous = latest_checkpoint(os.path.join(cfg["training"]["out_dir"], "checkpoints")) if resume else None
-        step = read_checkpoint(previous).step if previous else 0
-        return TrainResult("preempted", step, previous, os.path.join(cfg["training"]["out_dir"], "metrics.jsonl"),
-                           None, None)
+            trainer = trainer_from_config(cfg, comm, resume, config_path)
+    except PreemptedError as err:
+        previous = latest_readable_checkpoint(os.path.join(cfg["training"]["out_dir"], "checkpoints"))[0] \
+            if resume else None
+        status = "interrupted" if err.signal == "SIGINT" else "preempted"
+        return TrainResult(status, previous.step if previous else 0, previous.path if previous else None,
+                           os.path.join(cfg["training"]["out_dir"], "metrics.jsonl"), None, None, err.signal)
     return trainer.fit()

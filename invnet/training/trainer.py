@@ -13,9 +13,9 @@ from torch import Tensor
 from ..data.loader import BatchLoader
 from ..data.normalization import Normalization
 from ..networks.base import FlowNetwork
-from .checkpoint import capture_rng, latest_checkpoint, read_checkpoint, restore_rng, save_checkpoint
-from .comm import Comm, SerialComm, average_gradients
 from ..plotting import plot_metrics
+from .checkpoint import Checkpoint, capture_rng, latest_checkpoint, read_checkpoint, restore_rng, save_checkpoint
+from .comm import Comm, SerialComm, average_gradients
 from .metrics import MetricsLog, peak_memory_mb
 from .signals import NonFiniteLossError, PreemptionFlag
 
@@ -24,7 +24,8 @@ __all__ = ["Trainer", "TrainResult"]
 
 @dataclass
 class TrainResult:
-    """Outcome of :meth:`Trainer.fit`: ``status`` is ``"finished"`` or ``"preempted"``."""
+    """Outcome of :meth:`Trainer.fit`: ``status`` is ``"finished"``, ``"preempted"`` (SIGTERM or
+    SIGUSR1) or ``"interrupted"`` (Ctrl-C); ``signal`` names the signal that stopped the run."""
 
     status: str
     step: int
@@ -32,6 +33,7 @@ class TrainResult:
     metrics_path: str
     last_train_bpd: Optional[float]
     last_val_bpd: Optional[float]
+    signal: Optional[str] = None
 
 
 class Trainer:
@@ -51,6 +53,7 @@ class Trainer:
       equals one never stopped (bitwise on CPU);
     * SIGTERM/SIGUSR1: a checkpoint is written after the current step and ``fit`` returns status
       ``"preempted"`` (the command exits with :data:`~invnet.training.signals.EXIT_PREEMPTED`);
+      SIGINT (Ctrl-C) likewise with status ``"interrupted"`` (exit 130), and a second one stops at once;
     * a NaN/Inf loss or gradient norm raises :class:`NonFiniteLossError` before the optimizer
       step; no checkpoint is written then, so the last good one stays the latest.
 
@@ -157,21 +160,27 @@ class Trainer:
                                                self.keep_last)
         return self.last_checkpoint
 
-    def resume(self, path: Optional[str] = None) -> bool:
-        """Restore the latest checkpoint of this run (or ``path``). Returns False when there is none."""
-        path = path or latest_checkpoint(self.checkpoint_dir)
-        if path is None:
-            return False
-        ckpt = read_checkpoint(path)
-        missing, unexpected = self.model.load_state_dict(ckpt.weights, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not fit this network: missing {missing}, unexpected {unexpected}")
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
-        if self.scheduler is not None and ckpt.state["scheduler"] is not None:
-            self.scheduler.load_state_dict(ckpt.state["scheduler"])
-        restore_rng(ckpt.state["rng"], self.generators)
-        self.loader.load_state_dict(ckpt.state["loader"])
-        self.step = int(ckpt.state["step"])
+    def resume(self, checkpoint: "Optional[str | Checkpoint]" = None) -> bool:
+        """Restore the latest checkpoint of this run (or ``checkpoint``, a path or one already
+        read). Returns False when there is none; raises ``ValueError`` when it does not fit."""
+        if checkpoint is None:
+            checkpoint = latest_checkpoint(self.checkpoint_dir)
+            if checkpoint is None:
+                return False
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+        try:
+            missing, unexpected = self.model.load_state_dict(ckpt.weights, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"missing {missing}, unexpected {unexpected}")
+            self.optimizer.load_state_dict(ckpt.state["optimizer"])
+            if self.scheduler is not None and ckpt.state["scheduler"] is not None:
+                self.scheduler.load_state_dict(ckpt.state["scheduler"])
+            restore_rng(ckpt.state["rng"], self.generators)
+            self.loader.load_state_dict(ckpt.state["loader"])
+            self.step = int(ckpt.state["step"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:  # a network or optimizer of another shape
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise ValueError(f"checkpoint {ckpt.path} does not fit this network/optimizer: {reason}") from None
         self.last_train_bpd, self.last_val_bpd = ckpt.meta.get("last_train_bpd"), ckpt.meta.get("last_val_bpd")
         self.last_checkpoint = ckpt.path
         if self.is_root:
@@ -234,7 +243,7 @@ class Trainer:
         """Train up to ``steps`` (continuing from the current step after :meth:`resume`)."""
         from tqdm import tqdm
 
-        status = "finished"
+        status, at_once = "finished", False
         last_save = time.monotonic()
         bar = tqdm(total=self.steps, initial=self.step, disable=not (self.progress and self.is_root),
                    desc="train", dynamic_ncols=True)
@@ -258,18 +267,22 @@ class Trainer:
                         self.save()
                         last_save = time.monotonic()
                     if stop:
-                        status = "preempted"
+                        status = "interrupted" if flag.received == "SIGINT" else "preempted"
                         if self.is_root:
-                            bar.write(f"received {flag.received}: wrote checkpoint {self.last_checkpoint} at step {self.step}")
+                            bar.write(f"received {flag.received}: wrote checkpoint {self.last_checkpoint} at step "
+                                      f"{self.step}; rerun the same command to resume")
                         break
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without drawing the plot
+            at_once = True
+            raise
         finally:
             bar.close()
-            if self.is_root:
+            if self.is_root and not at_once:  # also after a non-finite loss: the plot shows how it came
                 records = self.metrics.read()
                 if records:
                     plot_metrics(records, os.path.join(self.out_dir, "metrics.png"))
         return TrainResult(status, self.step, self.last_checkpoint, self.metrics.path, self.last_train_bpd,
-                           self.last_val_bpd)
+                           self.last_val_bpd, flag.received if status != "finished" else None)
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if it is true on any (a decision all ranks must take together)."""
