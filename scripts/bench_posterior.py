@@ -50,6 +50,7 @@ from invnet.networks.base import FlowNetwork  # noqa: E402
 
 OBSERVATION_SEED = 1_000_003  # the fixed observations of each problem
 TEST_PAIRS = 20_000  # fresh pairs for the test NLL
+MAX_OBSERVATIONS = 100  # the pool the observations are taken from, in order
 MODELS = ("glow", "hint", "spline", "hybrid", "hint_spline")
 
 
@@ -288,24 +289,30 @@ def _pool(jobs: int):
 # ------------------------------------------------------------------------------------------------
 # the resumable run
 def observations(problem: Problem, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` of a fixed pool of observations: observation ``j`` is the same whatever
+    ``count`` is (a run extended to more observations keeps the ones it has)."""
+    if count > MAX_OBSERVATIONS:
+        raise ValueError(f"at most {MAX_OBSERVATIONS} observations, got {count}")
     rng = np.random.default_rng(OBSERVATION_SEED + sum(map(ord, problem.name)))
-    return problem.joint(count, rng)
+    theta, y = problem.joint(MAX_OBSERVATIONS, rng)
+    return theta[:count], y[:count]
 
 
 def reference_samples(problem: Problem, y_obs: np.ndarray, index: int, n: int, work: str) -> np.ndarray:
-    path = os.path.join(work, f"reference_{problem.name}_{index}_{n}.npy")
+    """Reference posterior samples of observation ``index``, cached in ``work`` with the
+    observation they belong to (a cached file made for another observation is refused)."""
+    path = os.path.join(work, f"reference_{problem.name}_{index}_{n}.npz")
     if os.path.exists(path):
-        return np.load(path)
+        with np.load(path) as f:
+            if not np.array_equal(f["y"], y_obs):
+                raise ValueError(f"{path} holds the reference of another observation; delete it")
+            return f["samples"]
     rng = np.random.default_rng(7919 * (index + 1) + sum(map(ord, problem.name)))
     ref = problem.reference_posterior(y_obs, n, rng)
-    _save_npy(path, ref)
-    return ref
-
-
-def _save_npy(path: str, arr: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    np.save(tmp, arr)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, samples=ref, y=y_obs)
     os.replace(tmp, path)
+    return ref
 
 
 def _write_json(path: str, obj) -> None:
@@ -368,7 +375,7 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
     scores = _read_json(os.path.join(folder, "c2st.json"), {})
     todo = []
     for j in range(a.observations):
-        if str(j) in scores:
+        if str(j) in scores and np.array_equal(scores[str(j)].get("y"), y_obs[j].tolist()):
             continue
         ref = reference_samples(problem, y_obs[j], j, a.samples, a.work)
         samples, inside = sample_posterior(net, problem, y_obs[j], train_log["stats"], a.samples, a.seed * 31 + j)
@@ -376,7 +383,8 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
     # the classifier is the costly part (minutes per observation in 10-D): --jobs runs it in parallel
     with _pool(a.jobs) as pool:
         for j, score, seconds, inside in pool.imap_unordered(_c2st_task, todo):
-            scores[str(j)] = {"c2st": score, "inside_support": inside, "c2st_seconds": seconds}
+            scores[str(j)] = {"c2st": score, "inside_support": inside, "c2st_seconds": seconds,
+                              "y": y_obs[j].tolist()}
             _write_json(os.path.join(folder, "c2st.json"), scores)
             print(f"[{key}] observation {j}: C2ST {score:.3f} ({seconds:.0f} s)", flush=True)
     # on fresh prior pairs: the test NLL, E[-log q(theta|y)] = E_y KL(p(.|y) || q(.|y)) + H(theta|y),

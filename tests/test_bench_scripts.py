@@ -182,3 +182,25 @@ def test_bench_posterior_tiny_and_resumable(tmp_path):
         assert 0.3 <= r["c2st_mean"] <= 1.0 and r["epochs"] <= 3 and r["inside_support"] > 0
     again = run_script("bench_posterior.py", *args)
     assert again.returncode == 0 and again.stdout.count("done: C2ST") == 2
+
+
+def test_bench_posterior_observations_and_references_stay_matched(tmp_path):
+    """Observation j is the same however many are asked for, and a cached reference made for
+    another observation is refused (a run extended to more observations keeps its scores)."""
+    import importlib.util
+
+    import numpy as np
+
+    _sbi_problems()
+    spec = importlib.util.spec_from_file_location("invnet_bench_posterior", os.path.join(SCRIPTS, "bench_posterior.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    problem = bench.PROBLEMS["gaussian_linear"]()
+    _, few = bench.observations(problem, 2)
+    _, many = bench.observations(problem, 7)
+    assert np.array_equal(few, many[:2])
+    ref = bench.reference_samples(problem, many[0], 0, 200, str(tmp_path))
+    assert np.array_equal(bench.reference_samples(problem, many[0], 0, 200, str(tmp_path)), ref)
+    with pytest.raises(ValueError, match="another observation"):
+        bench.reference_samples(problem, many[1], 0, 200, str(tmp_path))
