@@ -51,6 +51,7 @@ from invnet.networks.base import FlowNetwork  # noqa: E402
 OBSERVATION_SEED = 1_000_003  # the fixed observations of each problem
 TEST_PAIRS = 20_000  # fresh pairs for the test NLL
 MAX_OBSERVATIONS = 100  # the pool the observations are taken from, in order
+KL_PAIRS = 100  # test pairs whose exact posterior density is found by quadrature (two moons)
 MODELS = ("glow", "hint", "spline", "hybrid", "hint_spline")
 
 
@@ -414,6 +415,13 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
     if hasattr(problem, "posterior_entropy"):  # exact: the test NLL's floor, and the KL gap itself
         record["posterior_entropy"] = problem.posterior_entropy()
         record["kl_gap"] = test_nll - record["posterior_entropy"]
+    elif hasattr(problem, "log_posterior"):  # KL gap E[log p(theta|y) - log q(theta|y)] by quadrature
+        k = KL_PAIRS
+        with torch.no_grad():
+            log_q = net.log_prob(th_n[:k], y_n[:k]).double().numpy() - float(np.log(np.array(st["theta_std"])).sum())
+        log_p = np.array([problem.log_posterior(th[i], yy[i])[0] for i in range(k)])
+        record["kl_gap"] = float(np.mean(log_p - log_q))
+        record["kl_gap_se"] = float(np.std(log_p - log_q) / np.sqrt(k))
     return record
 
 
