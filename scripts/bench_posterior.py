@@ -425,6 +425,22 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
     return record
 
 
+def markdown_table(results: list[dict]) -> str:
+    """The results as a Markdown table, one row per configuration (problem, budget, model)."""
+    lines = ["| problem | budget | model | tag | C2ST (mean +- sd, observations) | NPE published | KL gap (nats) | "
+             "test NLL | epochs (best) | train s | float32 recon. error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(MODELS)}
+    for r in sorted(results, key=lambda r: (r["problem"], r["budget"], order.get(r["model"], 99), r.get("tag", ""))):
+        c2 = (f"{r['c2st_mean']:.3f} +- {r['c2st_std']:.3f} ({r['observations']})" if r.get("c2st_mean") is not None
+              else "-")
+        kl = "-" if r.get("kl_gap") is None else f"{r['kl_gap']:.3f}" + (
+            f" +- {r['kl_gap_se']:.3f}" if r.get("kl_gap_se") is not None else "")
+        lines.append(f"| {r['problem']} | {r['budget']:g} | {r['model']} | {r.get('tag') or ''} | {c2} | "
+                     f"{r['npe_published'] or '-'} | {kl} | {r['test_nll_raw']:.3f} | {r['epochs']} ({r['best_epoch']}) | "
+                     f"{r['train_seconds']:.0f} | {r['float32_reconstruction_error']:.1e} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", nargs="+", default=["gaussian_linear", "two_moons", "slcp"], choices=sorted(PROBLEMS))
@@ -458,7 +474,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="C2ST classifiers run in parallel (one thread each)")
     p.add_argument("--out", default="docs/benchmarks/posterior_accuracy.json")
     p.add_argument("--work", default="bench_posterior_work", help="folder for weights, samples and partial scores")
+    p.add_argument("--table", action="store_true", help="print --out as a Markdown table and exit")
     a = p.parse_args(argv)
+    if a.table:
+        print(markdown_table(_read_json(a.out, {"results": []})["results"]))
+        return
     try:
         import sklearn  # noqa: F401
     except ImportError:

@@ -182,6 +182,8 @@ def test_bench_posterior_tiny_and_resumable(tmp_path):
         assert 0.3 <= r["c2st_mean"] <= 1.0 and r["epochs"] <= 3 and r["inside_support"] > 0
     again = run_script("bench_posterior.py", *args)
     assert again.returncode == 0 and again.stdout.count("done: C2ST") == 2
+    table = run_script("bench_posterior.py", "--table", "--out", str(out))
+    assert table.returncode == 0 and table.stdout.count("| two_moons | 300 |") == 2
 
 
 def test_bench_posterior_observations_and_references_stay_matched(tmp_path):
