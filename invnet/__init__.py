@@ -4,8 +4,13 @@ Blocks rebuild their input from their output, so training keeps the activations 
 time whatever the depth. See docs/architecture.md.
 """
 from . import layers, networks
-from .core import Backward, Chain, InvertibleModule, memory_saving, memory_saving_enabled
+from .core import (
+    Backward, Chain, InvertibleModule, memory_saving, memory_saving_enabled, value_checks, value_checks_enabled,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["InvertibleModule", "Chain", "Backward", "memory_saving", "memory_saving_enabled", "layers", "networks"]
+__all__ = [
+    "InvertibleModule", "Chain", "Backward", "memory_saving", "memory_saving_enabled", "value_checks",
+    "value_checks_enabled", "layers", "networks",
+]

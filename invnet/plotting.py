@@ -166,21 +166,36 @@ def plot_tarp(path: str, tarp: dict) -> None:
     plt.close(fig)
 
 
-def plot_metrics(records: list[dict], path: str, title: Optional[str] = None) -> None:
-    """Plot train and validation bits/dim and the step time against the step into ``path``."""
+def plot_metrics(records: list[dict], path: str, title: Optional[str] = None, loss_name: str = "bpd") -> None:
+    """Plot the train and validation loss (``train_<loss_name>``, ``val_<loss_name>``), the step
+    time and, when measured, the reconstruction error of the memory-free backward (per scale too)
+    against the step into ``path``."""
     plt = _plt()
-    train = [(r["step"], r["train_bpd"]) for r in records if "train_bpd" in r]
-    val = [(r["step"], r["val_bpd"]) for r in records if "val_bpd" in r]
+    train = [(r["step"], r[f"train_{loss_name}"]) for r in records if f"train_{loss_name}" in r]
+    val = [(r["step"], r[f"val_{loss_name}"]) for r in records if r.get(f"val_{loss_name}") is not None]
     times = [(r["step"], r["step_time_s"]) for r in records if "step_time_s" in r]
-    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 3.6))
+    drift_keys = sorted({k for r in records for k in r if k.startswith("reconstruction_error")})
+    panels = 3 if drift_keys else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
+    ax, ax_t = axes[0], axes[1]
     if train:
         ax.plot(*zip(*train), lw=0.8, label="train")
     if val:
         ax.plot(*zip(*val), "o-", ms=3, label="validation")
-    ax.set_xlabel("step"), ax.set_ylabel("NLL (bits/dim, normalised data)"), ax.legend()
+    ax.set_xlabel("step"), ax.legend()
+    ax.set_ylabel("NLL (bits/dim, normalised data)" if loss_name == "bpd" else loss_name)
     if times:
         ax_t.plot(*zip(*times), lw=0.8)
     ax_t.set_xlabel("step"), ax_t.set_ylabel("step time (s)")
+    if drift_keys:
+        ax_d = axes[2]
+        for key in drift_keys:
+            pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None and r[key] > 0]
+            if pts:
+                label = key.split("/", 1)[1].replace("_", " ") if "/" in key else "whole network"
+                ax_d.plot(*zip(*pts), "o-" if key == "reconstruction_error" else ".--", ms=3, lw=0.8, label=label)
+        ax_d.set_yscale("log"), ax_d.set_xlabel("step"), ax_d.legend(fontsize=7)
+        ax_d.set_ylabel("reconstruction error (relative)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

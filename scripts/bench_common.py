@@ -92,20 +92,25 @@ def interleaved_times(
     steps: dict[str, Callable[[], None]], repeats: int, device: torch.device
 ) -> dict[str, dict[str, float]]:
     """Time several step functions round-robin (a, b, c, a, b, c, ...), ``repeats`` each, so that
-    load from other processes hits them alike; median and minimum per name."""
+    load from other processes hits them alike; median and minimum of the wall time per name, and
+    the median of this process's CPU time (``cpu_median_s``: on a loaded machine the steadier
+    figure for a one-thread step, as waiting for a core is not counted)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     return {
-        name: {"time_median_s": statistics.median(ts), "time_min_s": min(ts), "times_s": ts}
+        name: {"time_median_s": statistics.median(ts), "time_min_s": min(ts), "times_s": ts,
+               "cpu_median_s": statistics.median(cpu[name]), "cpu_s": cpu[name]}
         for name, ts in times.items()
     }
 

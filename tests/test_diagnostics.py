@@ -207,7 +207,7 @@ def test_observations_split_over_ranks_report_as_one():
         def __init__(self, r):
             self.r = r
 
-        def allreduce(self, t):
+        def allreduce_sum(self, t):
             slots[self.r] = t
             barrier.wait()
             out = slots[0] + slots[1]

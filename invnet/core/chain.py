@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
-from .module import GradStore, InvertibleModule, add_optional
+from .module import GradStore, InvertibleModule, Shape, VJPResult, add_optional
 
 __all__ = ["Chain"]
 
@@ -49,7 +48,7 @@ class Chain(InvertibleModule):
     def __getitem__(self, i: int) -> InvertibleModule:
         return self.blocks[i]
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         order = reversed(self.blocks) if inverse else self.blocks
         for b in order:
             shape = b.check_shape(shape, c_shape, inverse)
@@ -69,14 +68,16 @@ class Chain(InvertibleModule):
             logdet = logdet + ld
         return y, logdet
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         dc = None
         for b in reversed(self.blocks):
             y, dy, dc_b = b._vjp(y, dy, dlogdet, c, grads)
             dc = add_optional(dc, dc_b)
         return y, dy, dc
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         dc = None
         for b in self.blocks:
             x, dx, dc_b = b._vjp_inverse(x, dx, dlogdet, c, grads)

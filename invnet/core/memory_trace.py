@@ -24,7 +24,6 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves

@@ -11,14 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .handover import HandOver
+from .precision import AutocastState, conditioner_call, full_precision, recorded_autocast
+from .value_checks import check_finite
+from .vjp import GradStore, add_optional, local_vjp, parameter_aliases
+
 __all__ = [
     "InvertibleModule", "Backward", "memory_saving", "memory_saving_enabled", "GradStore", "parameter_aliases",
+    "add_optional", "Shape", "VJPResult",
 ]
+
+#: A tensor shape, ``(batch, channels, *space)``.
+Shape = tuple[int, ...]
+#: What ``_vjp`` and ``_vjp_inverse`` return: the rebuilt input, its cotangent, and the
+#: condition's cotangent (``None`` when the block takes no condition).
+VJPResult = tuple[Tensor, Tensor, Optional[Tensor]]
 
 _state = threading.local()
 
@@ -60,64 +72,6 @@ class Backward(NamedTuple):
     dc: Optional[Tensor]
 
 
-class GradStore:
-    """Accumulates parameter gradients during a hand-written backward, keyed by identity so that
-    shared parameters add up."""
-
-    def __init__(self) -> None:
-        self._grads: dict[int, Tensor] = {}
-
-    def add(self, param: Tensor, grad: Optional[Tensor]) -> None:
-        if grad is None:
-            return
-        key = id(param)
-        if key in self._grads:
-            self._grads[key] = self._grads[key] + grad
-        else:
-            self._grads[key] = grad
-
-    def add_many(self, params: "list[Tensor] | tuple[Tensor, ...]", grads) -> None:
-        for p, g in zip(params, grads):
-            self.add(p, g)
-
-    def get(self, param: Tensor) -> Optional[Tensor]:
-        return self._grads.get(id(param))
-
-
-def add_optional(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
-    """a + b where either may be None (meaning zero)."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
-@contextlib.contextmanager
-def parameter_aliases(module: nn.Module) -> Iterator[tuple[list[nn.Parameter], list[Tensor]]]:
-    """Temporarily replace the trainable parameters of ``module`` by detached aliases (same
-    storage, fresh autograd leaves), yielding ``(params, aliases)``.
-
-    A block's hand-written backward differentiates its conditioner with a *local* autograd pass.
-    Run on the real parameters, that pass would fire the user's tensor hooks a second time (once
-    locally, once when autograd hands the gradient to the parameter). On aliases it fires none,
-    and the gradients are returned to autograd, which then calls each hook exactly once.
-    """
-    slots = []
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None and p.requires_grad:
-                slots.append((sub, name, p))
-    aliases = [p.detach().requires_grad_(True) for _, _, p in slots]
-    try:
-        for (sub, name, _), a in zip(slots, aliases):
-            sub._parameters[name] = a
-        yield [p for _, _, p in slots], aliases
-    finally:
-        for sub, name, p in slots:
-            sub._parameters[name] = p
-
-
 def _nesting_depth() -> int:
     return getattr(_state, "depth", 0)
 
@@ -129,11 +83,6 @@ def _nested() -> Iterator[None]:
         yield
     finally:
         _state.depth -= 1
-
-
-def _check_finite(name: str, t: Optional[Tensor]) -> None:
-    if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must hold only finite values, but it contains NaN or Inf")
 
 
 class InvertibleModule(nn.Module):
@@ -151,7 +100,8 @@ class InvertibleModule(nn.Module):
       touching data or state, and returns the shape the call will produce.
 
     The default ``_vjp`` (rebuild, then re-run the forward under autograd) serves user blocks that
-    do not write their own; every block shipped with invnet writes its own.
+    do not write their own; every block shipped with invnet writes its own, differentiating its
+    non-invertible parts (conditioners) with :func:`~invnet.core.vjp.local_vjp`.
 
     Public face: ``y, logdet = block(x, c)``; ``x, logdet_inv = block.inverse(y, c)``; and the
     explicit backward ``block.backward(y, dy, dlogdet, c)`` that accumulates ``.grad`` the way
@@ -164,6 +114,9 @@ class InvertibleModule(nn.Module):
     channels: Optional[int] = None
     #: Channel count of the condition (0: the block takes no condition and ignores ``c``).
     cond_channels: int = 0
+    #: Under autocast, run this block's conditioners in the autocast dtype (``False``: in full
+    #: precision, see :func:`~invnet.core.precision.pin_full_precision`).
+    autocast_conditioners: bool = True
 
     # ----------------------------------------------------------------------------------------
     # public face
@@ -179,7 +132,8 @@ class InvertibleModule(nn.Module):
     ) -> Backward:
         """Explicit hand-written backward: rebuild the input from ``y`` and propagate ``dy`` and
         ``dlogdet`` (cotangent of the per-sample logdet, default zero). Parameter gradients are
-        accumulated into ``.grad``. Returns :class:`Backward` ``(x, dx, dc)``."""
+        accumulated into ``.grad``. Runs under the autocast state it is called in: call it in the
+        ``torch.autocast`` block the forward ran in. Returns :class:`Backward` ``(x, dx, dc)``."""
         if dlogdet is None:
             dlogdet = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
         self.check_shape(tuple(y.shape), None if c is None else tuple(c.shape), inverse=True)
@@ -188,7 +142,7 @@ class InvertibleModule(nn.Module):
         if tuple(dlogdet.shape) != (y.shape[0],):
             raise ValueError(f"dlogdet must have shape ({y.shape[0]},), got {tuple(dlogdet.shape)}")
         grads = GradStore()
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(_state_for(y).without_cache()):
             x, dx, dc = self._vjp(y, dy, dlogdet, c, grads)
         for p in self.parameters():
             g = grads.get(p)
@@ -212,6 +166,15 @@ class InvertibleModule(nn.Module):
             )
         return self._check_shape(tuple(shape), c_shape, inverse)
 
+    def run_conditioner(self, net: Callable[[Tensor], Tensor], inp: Tensor) -> Tensor:
+        """Run a non-invertible sub-network (a coupling's conditioner, a residual) on ``inp``:
+        under the autocast state the block was called in (its forward, or the rebuild in the
+        memory-free backward), with the result cast back to ``inp.dtype``, so that the
+        invertible arithmetic around it stays in full precision (:mod:`invnet.core.precision`).
+        Call every conditioner of a block through it, in ``_forward``, ``_inverse`` and ``_vjp``.
+        """
+        return conditioner_call(net, inp, self.autocast_conditioners)
+
     # ----------------------------------------------------------------------------------------
     # to implement
     def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -220,9 +183,7 @@ class InvertibleModule(nn.Module):
     def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _check_shape(
-        self, shape: tuple[int, ...], c_shape: Optional[tuple[int, ...]], inverse: bool
-    ) -> tuple[int, ...]:
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         if self.channels is not None and shape[1] != self.channels:
             raise ValueError(
                 f"{type(self).__name__} expects {self.channels} channels, got {shape[1]} "
@@ -230,16 +191,14 @@ class InvertibleModule(nn.Module):
             )
         return shape
 
-    def _vjp(
-        self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         # Generic fallback: rebuild the input, then differentiate a re-run of the forward.
         x, _ = self._inverse(y, c)
         return _vjp_by_rerun(self, self._forward, x, dy, dlogdet, c, grads)
 
     def _vjp_inverse(
         self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    ) -> VJPResult:
         """Backward of the inverse map: from its output ``x`` rebuild ``y`` and propagate."""
         y, _ = self._forward(x, c)
         return _vjp_by_rerun(self, self._inverse, y, dx, dlogdet, c, grads)
@@ -259,37 +218,37 @@ class InvertibleModule(nn.Module):
             self.check_shape(tuple(inp.shape), None if c is None else tuple(c.shape), inverse)
             if not inp.is_floating_point():
                 raise ValueError(f"expected a floating-point tensor, got dtype {inp.dtype}")
-            _check_finite("y" if inverse else "x", inp)
-            _check_finite("the condition c", c)
-        with _nested():
+            # one host read-back for both (a GPU stalls on each), none under value_checks(False)
+            check_finite({"y" if inverse else "x": inp, "the condition c": c})
+        # the block's own arithmetic runs with autocast off; its conditioners under the state
+        # recorded here (the caller's, or the enclosing call's when nested)
+        with _nested(), full_precision(_state_for(inp)):
             if torch.is_grad_enabled() and memory_saving_enabled():
                 params = self._grad_params()
-                fn = _MemorySavingInverse if inverse else _MemorySavingForward
-                out, logdet = fn.apply(self, inp, c, *params)
-                return out, logdet
+                return _MemorySavingCall.apply(self, inverse, inp, c, *params)
             return self._inverse(inp, c) if inverse else self._forward(inp, c)
 
 
-def _vjp_by_rerun(module: nn.Module, fn, inp, dout, dlogdet, c, grads: GradStore):
+def _state_for(t: Tensor) -> AutocastState:
+    """The autocast state a call on ``t`` runs under: the one recorded by an enclosing block
+    call, else the caller's for ``t``'s device type."""
+    return recorded_autocast() or AutocastState.capture(t.device.type)
+
+
+def _vjp_by_rerun(
+    module: nn.Module,
+    fn: Callable[[Tensor, Optional[Tensor]], tuple[Tensor, Tensor]],
+    inp: Tensor,
+    dout: Tensor,
+    dlogdet: Tensor,
+    c: Optional[Tensor],
+    grads: GradStore,
+) -> VJPResult:
     """VJP of ``fn(inp, c) -> (out, logdet)`` (a method of ``module``) by re-running it under
-    autograd on parameter aliases."""
-    inp = inp.detach().requires_grad_(True)
-    c_req = None if c is None else c.detach().requires_grad_(c.is_floating_point())
-    with torch.enable_grad(), parameter_aliases(module) as (originals, params):
-        out, logdet = fn(inp, c_req)
-        inputs = [inp] + ([c_req] if c_req is not None and c_req.requires_grad else []) + params
-        pairs = [(o, d) for o, d in ((out, dout), (logdet, dlogdet)) if o.requires_grad]
-        if pairs:
-            g = torch.autograd.grad([o for o, _ in pairs], inputs, [d for _, d in pairs], allow_unused=True)
-        else:
-            g = [None] * len(inputs)
-    dinp = g[0] if g[0] is not None else torch.zeros_like(inp)
-    k = 1
-    dc = None
-    if c_req is not None and c_req.requires_grad:
-        dc = g[1]
-        k = 2
-    grads.add_many(originals, g[k:])
+    autograd, as one :func:`~invnet.core.vjp.local_vjp` over the whole block."""
+    with local_vjp(module, inp, c, grads=grads) as vjp:
+        out, logdet = fn(*vjp.inputs)
+        dinp, dc = vjp.grad((out, logdet), (dout, dlogdet))
     return inp.detach(), dinp, dc
 
 
@@ -308,79 +267,66 @@ def _graph_kept() -> bool:
 class _SavedOutput:
     """The one tensor a memory-saving node keeps: its output, held as a detached alias.
 
-    Unlike ``save_for_backward`` it can be let go *during* the backward: the block's ``_vjp``
-    receives the only reference and drops it once it has rebuilt the input, so the output does
-    not stay alive while the rest of the network's backward runs. The alias shares the output's
-    version counter, so an in-place change of the output after the forward is still caught."""
+    Unlike ``save_for_backward`` it can be let go *during* the backward: it sits in a
+    :class:`~invnet.core.handover.HandOver`, the block's ``_vjp`` receives the only reference and
+    drops it once it has rebuilt the input, so the output does not stay alive while the rest of
+    the network's backward runs. The alias shares the output's version counter, so an in-place
+    change of the output after the forward is still caught."""
 
     __slots__ = ("_box", "_version", "_owner")
 
     def __init__(self, out: Tensor, owner: str) -> None:
-        self._box = [out.detach()]
+        self._box = HandOver(out.detach())
         self._version = out._version
         self._owner = owner
 
     def take(self) -> Tensor:
-        if not self._box:
+        """The saved output; handed over (not kept) unless the backward keeps the graph."""
+        if not len(self._box):
             raise RuntimeError(
                 f"Trying to backward through the memory-saving node of {self._owner} a second time; "
                 "its saved output was released after the first backward. Pass retain_graph=True to "
                 "the first backward call to backward twice."
             )
-        out = self._box[0]
+        out = self._box.peek()
         if out._version != self._version:
             raise RuntimeError(
                 f"the output of {self._owner}, needed by its memory-saving backward, was modified by "
                 f"an in-place operation (version {out._version}, expected {self._version}); clone it "
                 "before changing it in place"
             )
-        if not _graph_kept():
-            self._box.clear()
-        return out
+        del out
+        return self._box.peek() if _graph_kept() else self._box.take()
 
 
-class _MemorySavingForward(torch.autograd.Function):
-    """Runs ``module._forward`` without a graph; backward is ``module._vjp`` from the output."""
+class _MemorySavingCall(torch.autograd.Function):
+    """The autograd bridge: runs ``module._forward`` (or ``module._inverse``) without a graph and
+    saves only its output (and ``c``) with the autocast state of the call; the backward is
+    ``module._vjp`` (or ``_vjp_inverse``) from that output, under that state. The block's
+    trainable parameters are inputs, so their gradients go back through autograd (hooks,
+    clipping, gradient scalers and reducers see them)."""
 
     @staticmethod
-    def forward(ctx, module: InvertibleModule, x: Tensor, c: Optional[Tensor], *params: Tensor):
-        y, logdet = module._forward(x, c)
+    def forward(ctx, module: InvertibleModule, inverse: bool, inp: Tensor, c: Optional[Tensor], *params: Tensor):
+        out, logdet = module._inverse(inp, c) if inverse else module._forward(inp, c)
         ctx.module = module
+        ctx.inverse = inverse
         ctx.params = params
-        ctx.output = _SavedOutput(y, type(module).__name__)
+        ctx.output = _SavedOutput(out, type(module).__name__ + (".inverse" if inverse else ""))
+        ctx.precision = _state_for(inp)
         ctx.save_for_backward(c)
-        return y, logdet
+        return out, logdet
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor, dlogdet: Tensor):
+    def backward(ctx, dout: Tensor, dlogdet: Tensor):
         (c,) = ctx.saved_tensors
         grads = GradStore()
-        # the output goes straight into the call so that no frame here keeps it alive
-        _, dx, dc = ctx.module._vjp(ctx.output.take(), dy, dlogdet, c, grads)
-        if c is None or not ctx.needs_input_grad[2]:
+        vjp = ctx.module._vjp_inverse if ctx.inverse else ctx.module._vjp
+        # rebuild and differentiate under the forward's autocast state, whatever the context of
+        # loss.backward(); the output goes straight into the call so that no frame here keeps it
+        with full_precision(ctx.precision.without_cache()):
+            _, dinp, dc = vjp(ctx.output.take(), dout, dlogdet, c, grads)
+        if c is None or not ctx.needs_input_grad[3]:
             dc = None
-        return (None, dx, dc, *[grads.get(p) for p in ctx.params])
-
-
-class _MemorySavingInverse(torch.autograd.Function):
-    """Runs ``module._inverse`` without a graph; backward is ``module._vjp_inverse``."""
-
-    @staticmethod
-    def forward(ctx, module: InvertibleModule, y: Tensor, c: Optional[Tensor], *params: Tensor):
-        x, logdet = module._inverse(y, c)
-        ctx.module = module
-        ctx.params = params
-        ctx.output = _SavedOutput(x, f"{type(module).__name__}.inverse")
-        ctx.save_for_backward(c)
-        return x, logdet
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dx: Tensor, dlogdet: Tensor):
-        (c,) = ctx.saved_tensors
-        grads = GradStore()
-        _, dy, dc = ctx.module._vjp_inverse(ctx.output.take(), dx, dlogdet, c, grads)
-        if c is None or not ctx.needs_input_grad[2]:
-            dc = None
-        return (None, dy, dc, *[grads.get(p) for p in ctx.params])
+        return (None, None, dinp, dc, *[grads.get(p) for p in ctx.params])

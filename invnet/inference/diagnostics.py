@@ -315,10 +315,10 @@ class PosteriorDiagnostics:
         """Gather the observations of every rank of ``comm`` (this rank added observations
         ``offset, offset + 1, ...`` of ``total``, in order), so that :meth:`report` covers all of
         them on every rank, in the same order as one process would. ``comm``: anything with
-        ``allreduce`` (a sum) of a tensor.
+        ``allreduce_sum`` of a tensor (a :class:`~invnet.distributed.Communicator`).
 
         >>> class OneRank:
-        ...     def allreduce(self, t): return t
+        ...     def allreduce_sum(self, t): return t
         >>> d = PosteriorDiagnostics((2,))
         >>> d.sum_over_ranks(OneRank(), 0, 0); d.tarp_counts
         []
@@ -334,7 +334,7 @@ class PosteriorDiagnostics:
         pooled = self.pooled_counts if self.pooled_counts is not None else torch.zeros(self.pooled_bins, dtype=torch.float64)
         extra = torch.cat([pooled, torch.tensor([float(self.n_samples or 0), float(self.n_samples is not None)],
                                                 dtype=torch.float64)])
-        table, extra = comm.allreduce(table), comm.allreduce(extra)
+        table, extra = comm.allreduce_sum(table), comm.allreduce_sum(extra)
         rows = table[table[:, 0] > 0.5].round().to(torch.int64)
         self.tarp_counts = rows[:, 1].tolist()
         self.summary_ranks = rows[:, 2:2 + k].tolist()

@@ -1,4 +1,6 @@
-"""Invertible blocks, one file per family, and the conditioners used inside couplings."""
+"""Invertible blocks, one file per family, and the conditioners used inside couplings
+(whose convolutions run through :mod:`invnet.layers.kernels`)."""
+from . import kernels
 from .activations import LeakyReLU, Logit, Sigmoid
 from .actnorm import ActNorm
 from .conditional_affine import ConditionalAffine

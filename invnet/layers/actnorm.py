@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..core.module import GradStore, InvertibleModule
+from ..core.module import GradStore, InvertibleModule, VJPResult
 from ..core.shapes import broadcast_channel, reduce_dims, space_size
 
 __all__ = ["ActNorm"]
@@ -60,10 +60,19 @@ class ActNorm(InvertibleModule):
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("_initialized", torch.tensor(False))
+        # host copy of the buffer once it is True: reading a GPU buffer stalls the device, and
+        # every forward asks (the buffer stays the truth that checkpoints carry)
+        self._known_initialized = False
 
     @property
     def initialized(self) -> bool:
-        return bool(self._initialized)
+        if not self._known_initialized:
+            self._known_initialized = bool(self._initialized)  # one read-back until initialised
+        return self._known_initialized
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False  # the loaded buffer decides again
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, initialized={self.initialized}"
@@ -87,6 +96,7 @@ class ActNorm(InvertibleModule):
             self.log_scale.copy_((-torch.log(std)).to(self.log_scale))
             self.bias.copy_((-mean / std).to(self.bias))
         self._initialized.fill_(True)
+        self._known_initialized = True
 
     def _forward(self, x, c):
         if not self.initialized:
@@ -103,7 +113,7 @@ class ActNorm(InvertibleModule):
         logdet = (-space_size(y) * self.log_scale.sum()).expand(y.shape[0]).to(y.dtype)
         return x, logdet
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         centred = y - broadcast_channel(self.bias, y)
         scale = torch.exp(broadcast_channel(self.log_scale, y))
         x = centred / scale
@@ -113,7 +123,9 @@ class ActNorm(InvertibleModule):
         grads.add(self.log_scale, (dy * centred).sum(dims) + space_size(y) * dlogdet.sum())
         return x, dx, None
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         # inverse map: x = (y - b) e^{-l};  dy = e^{-l} dx;  db = -sum e^{-l} dx;
         # dl = -sum dx * x - |S| sum dlogdet
         scale = torch.exp(broadcast_channel(self.log_scale, x))

@@ -6,8 +6,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..core.module import GradStore, InvertibleModule, parameter_aliases
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult
 from ..core.shapes import check_condition, sum_per_sample
+from ..core.vjp import local_vjp
 from .conditioners import expand_condition, make_conditioner
 
 __all__ = ["ConditionalAffine"]
@@ -74,13 +75,13 @@ class ConditionalAffine(InvertibleModule):
             conditioner = make_conditioner(cond_channels, 2 * channels, hidden, ndim, **conditioner_kwargs)
         self.conditioner = conditioner
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         shape = super()._check_shape(shape, c_shape, inverse)
         check_condition(type(self).__name__, shape, c_shape, self.cond_channels)
         return shape
 
     def _scale_shift(self, c: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.conditioner(expand_condition(c, like))
+        h = self.run_conditioner(self.conditioner, expand_condition(c, like))
         raw, t = torch.split(h, [self.channels, self.channels], dim=1)
         return self.clamp * torch.tanh(raw / self.clamp), t
 
@@ -95,14 +96,11 @@ class ConditionalAffine(InvertibleModule):
         s, t = self._scale_shift(c, y)
         return (y - t) * torch.exp(-s), -self._logdet(s, y)
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
-        c_in = c.detach().requires_grad_(True)
-        with torch.enable_grad(), parameter_aliases(self.conditioner) as (originals, params):
-            s, t = self._scale_shift(c_in, y)
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
+        with local_vjp(self.conditioner, c, grads=grads) as vjp:
+            s, t = self._scale_shift(vjp.inputs[0], y)
             scale = torch.exp(s.detach())
             y_minus_t = y - t.detach()
             ds = dy * y_minus_t + dlogdet.reshape((-1,) + (1,) * (y.dim() - 1))
-            g = torch.autograd.grad((s, t), [c_in] + params, (ds, dy), allow_unused=True)
-        grads.add_many(originals, g[1:])
-        dc = g[0] if g[0] is not None else torch.zeros_like(c)
+            (dc,) = vjp.grad((s, t), (ds, dy))
         return y_minus_t / scale, dy * scale, dc

@@ -8,11 +8,18 @@ it): a convolution with spatial reach is built with ``padding=0`` and preceded b
 neighbouring ranks' cells and with zeros only at the global border, so the same network code runs
 serially and on a process grid. ``decompose`` refuses a network with a convolution that pads by
 itself. A block written outside invnet that follows the rule decomposes too.
+
+The ``nn.Conv`` modules hold the weights (and name them in checkpoints); the arithmetic runs
+through :mod:`invnet.layers.kernels`, which picks the kernel path by an explicit rule (pointwise
+convolutions as matrix products, the others on oneDNN in channels-last layout) so that every
+size, batch and channel count runs at full kernel speed.
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .kernels import conv, pointwise
 
 __all__ = ["ZeroPad", "ConvConditioner", "MLPConditioner", "make_conditioner", "expand_condition"]
 
@@ -47,7 +54,7 @@ class _ResidualPointwise(nn.Module):
         self.act = act
 
     def forward(self, h: Tensor) -> Tensor:
-        return h + self.act(self.conv(h))
+        return h + self.act(pointwise(h, self.conv.weight, self.conv.bias))
 
 
 class ConvConditioner(nn.Module):
@@ -90,26 +97,29 @@ class ConvConditioner(nn.Module):
             raise ValueError(f"ConvConditioner needs 1, 2 or 3 space dimensions, got {ndim}")
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        conv = _CONV[ndim]
+        conv_cls = _CONV[ndim]
         width = kernel_size // 2
         #: how far the conditioner reaches in cells (halo width a domain decomposition needs)
         self.reach = 2 * width
         self.pad_in = ZeroPad(ndim, width)
-        self.conv_in = conv(in_channels, hidden, kernel_size)
+        self.conv_in = conv_cls(in_channels, hidden, kernel_size)
         self.act = nn.ReLU()
         self.body = nn.Sequential(
-            *[_ResidualPointwise(conv(hidden, hidden, 1), nn.ReLU()) for _ in range(max(1, residual_blocks))]
+            *[_ResidualPointwise(conv_cls(hidden, hidden, 1), nn.ReLU()) for _ in range(max(1, residual_blocks))]
         )
         self.pad_out = ZeroPad(ndim, width)
-        self.conv_out = conv(hidden, out_channels, kernel_size)
+        self.conv_out = conv_cls(hidden, out_channels, kernel_size)
         if zero_init:
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.conv_in(self.pad_in(x)))
+        h = self.act(conv(self.pad_in(x), self.conv_in.weight, self.conv_in.bias))
         h = self.body(h)
-        return self.conv_out(self.pad_out(h))
+        out = conv(self.pad_out(h), self.conv_out.weight, self.conv_out.bias)
+        # the hidden layers may run channels-last (see kernels); the coupling's arithmetic wants
+        # channels-first halves, so hand the output back in the default layout (one copy)
+        return out.contiguous()
 
 
 class MLPConditioner(nn.Module):

@@ -6,8 +6,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..core.module import GradStore, InvertibleModule, parameter_aliases
+from ..core.module import GradStore, InvertibleModule, VJPResult
 from ..core.shapes import space_size
+from ..core.vjp import local_vjp
 
 __all__ = ["Conv1x1", "ChannelPermutation"]
 
@@ -189,55 +190,38 @@ class Conv1x1(InvertibleModule):
         logdet = (-space_size(y) * self._logdet_per_point()).expand(y.shape[0]).to(y.dtype)
         return x, logdet
 
-    def _householder_param_grads(self, matrix_fn, dmatrix: Tensor, grads: GradStore):
-        """Parameter gradients of the Householder form (logdet 0) from the cotangent of the matrix
-        ``matrix_fn()`` builds, by a local autograd pass on parameter aliases."""
-        if not self._grad_params():
-            return
-        with torch.enable_grad(), parameter_aliases(self) as (originals, params):
-            m = matrix_fn()
-            g = torch.autograd.grad(m, params, dmatrix.to(m.dtype), allow_unused=True)
-        grads.add_many(originals, g)
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
+        return self._mixing_vjp(y, dy, dlogdet, grads, inverse=False)
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
-        if self.parametrization == "householder" and self._grad_params():
-            # Build W once, on parameter aliases, and use it three times: x = W^T y (orthogonal),
-            # dx = W^T dy, and the local backward of the parameter -> W map with dW = sum dy x^T.
-            with torch.enable_grad(), parameter_aliases(self) as (originals, params):
-                w = self.weight()
-                wt = w.detach().T.to(y.dtype)
-                x = _mix(wt, y)
-                dx = _mix(wt, dy)
-                g = torch.autograd.grad(w, params, _outer_sum(dy, x).to(w.dtype), allow_unused=True)
-            grads.add_many(originals, g)
-            return x, dx, None
-        if self.parametrization == "lu":
-            low, up = self._lu_factors()
-            x = _mix(self._lu_inverse(low, up).to(y.dtype), y)
-            dx = _mix((self.perm @ low @ up).T.to(y.dtype), dy)
-            if self._grad_params():
-                self._lu_param_grads(low, up, _outer_sum(dy, x), space_size(y) * dlogdet.sum(), grads)
-            return x, dx, None
-        wt = self.weight().to(y.dtype).T  # Householder without trainable parameters: W^-1 = W^T
-        return _mix(wt, y), _mix(wt, dy), None
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
+        return self._mixing_vjp(x, dx, dlogdet, grads, inverse=True)
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
-        if self.parametrization == "lu":
-            low, up = self._lu_factors()
-            w_inv = self._lu_inverse(low, up)
-            y = _mix((self.perm @ low @ up).to(x.dtype), x)
-            dy = _mix(w_inv.T.to(x.dtype), dx)
-            if self._grad_params():
-                # the inverse map's matrix is M = W^{-1}: dW = -M^T dM M^T
-                dm = _outer_sum(dx, y).to(w_inv.dtype)
-                dw = -(w_inv.T @ dm @ w_inv.T)
-                self._lu_param_grads(low, up, dw, -space_size(x) * dlogdet.sum(), grads)
-            return y, dy, None
-        w = self.weight().to(x.dtype)
-        y = _mix(w, x)
-        dy = _mix(self.weight_inverse().to(x.dtype).T, dx)
-        self._householder_param_grads(self.weight_inverse, _outer_sum(dx, y), grads)
-        return y, dy, None
+    def _mixing_vjp(self, out: Tensor, dout: Tensor, dlogdet: Tensor, grads: GradStore, inverse: bool) -> VJPResult:
+        r"""Backward of ``out = M inp`` with :math:`M = W` (forward) or :math:`W^{-1}` (inverse):
+        :math:`inp = M^{-1} out`, :math:`\bar{inp} = M^T \bar{out}`, :math:`\bar M = \sum \bar{out}\, inp^T`."""
+        if self.parametrization == "householder":
+            # orthogonal, M^{-1} = M^T (logdet 0): build M once and use it three times, the last
+            # for the local backward of the small map from the parameters to M
+            with local_vjp(self, grads=grads) as vjp:
+                m = self.weight_inverse() if inverse else self.weight()
+                mt = m.detach().T.to(out.dtype)
+                inp, dinp = _mix(mt, out), _mix(mt, dout)
+                if m.requires_grad:
+                    vjp.grad(m, _outer_sum(dout, inp))
+            return inp, dinp, None
+        low, up = self._lu_factors()
+        w, w_inv = self.perm @ low @ up, self._lu_inverse(low, up)
+        m, m_inv = (w_inv, w) if inverse else (w, w_inv)
+        inp = _mix(m_inv.to(out.dtype), out)
+        dinp = _mix(m.T.to(out.dtype), dout)
+        if self._grad_params():
+            dm = _outer_sum(dout, inp).to(m.dtype)
+            dw = -(m.T @ dm @ m.T) if inverse else dm  # M = W^{-1}: dW = -M^T dM M^T
+            sign = -1.0 if inverse else 1.0
+            self._lu_param_grads(low, up, dw, sign * space_size(out) * dlogdet.sum(), grads)
+        return inp, dinp, None
 
 
 class ChannelPermutation(InvertibleModule):
@@ -273,8 +257,10 @@ class ChannelPermutation(InvertibleModule):
     def _inverse(self, y, c):
         return y[:, self.perm_inv], y.new_zeros(y.shape[0])
 
-    def _vjp(self, y, dy, dlogdet, c, grads):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return y[:, self.perm_inv], dy[:, self.perm_inv], None
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         return x[:, self.perm], dx[:, self.perm], None

@@ -6,8 +6,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..core.module import GradStore, InvertibleModule, parameter_aliases
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult
 from ..core.shapes import check_condition, sum_per_sample
+from ..core.vjp import local_vjp
 from .conditioners import expand_condition, make_conditioner
 
 __all__ = ["AffineCoupling", "AdditiveCoupling", "CouplingBase"]
@@ -50,7 +51,7 @@ class CouplingBase(InvertibleModule):
             )
         self.conditioner = conditioner
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         shape = super()._check_shape(shape, c_shape, inverse)
         check_condition(type(self).__name__, shape, c_shape, self.cond_channels)
         return shape
@@ -65,11 +66,15 @@ class CouplingBase(InvertibleModule):
     def _merge(self, x_p: Tensor, x_a: Tensor) -> Tensor:
         return torch.cat([x_a, x_p] if self.swap else [x_p, x_a], dim=1)
 
+    def _condition(self, c: Optional[Tensor]) -> Optional[Tensor]:
+        """The condition the conditioner reads: ``c`` if the block takes one, else ``None``
+        (a chain hands ``c`` to every block; unconditional ones ignore it)."""
+        return c if self.cond_channels else None
+
     def _conditioner_input(self, x_p: Tensor, c: Optional[Tensor]) -> Tensor:
         if self.cond_channels == 0:
             return x_p
         return torch.cat([x_p, expand_condition(c, x_p)], dim=1)
-
 
 
 class AffineCoupling(CouplingBase):
@@ -134,7 +139,7 @@ class AffineCoupling(CouplingBase):
         return f"channels={self.channels}, cond_channels={self.cond_channels}, clamp={self.clamp}, swap={self.swap}"
 
     def _scale_shift(self, x_p: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        h = self.conditioner(self._conditioner_input(x_p, c))
+        h = self.run_conditioner(self.conditioner, self._conditioner_input(x_p, c))
         raw, t = torch.split(h, [self.n_active, self.n_active], dim=1)
         s = self.clamp * torch.tanh(raw / self.clamp)
         return s, t
@@ -151,21 +156,16 @@ class AffineCoupling(CouplingBase):
         x_a = (y_a - t) * torch.exp(-s)
         return self._merge(y_p, x_a), -sum_per_sample(s)
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         y_p, y_a = self._split(y)
         dy_p, dy_a = self._split(dy)
-        x_p = y_p.detach().requires_grad_(True)
-        c_in = None
-        if self.cond_channels and c is not None:
-            c_in = c.detach().requires_grad_(True)
-        with torch.enable_grad(), parameter_aliases(self.conditioner) as (originals, params):
-            s, t = self._scale_shift(x_p, c_in)
+        with local_vjp(self.conditioner, y_p, self._condition(c), grads=grads) as vjp:
+            s, t = self._scale_shift(*vjp.inputs)
             # ds = dy_a * (x_a * exp(s)) + dlogdet = dy_a * (y_a - t) + dlogdet
             ds = torch.addcmul(
                 dlogdet.reshape((-1,) + (1,) * (y.dim() - 1)), dy_a, y_a - t.detach()
             )
-            inputs = [x_p] + ([c_in] if c_in is not None else []) + params
-            g = torch.autograd.grad((s, t), inputs, (ds, dy_a), allow_unused=True)
+            dx_p, dc = vjp.grad((s, t), (ds, dy_a))
         # x_a and the active cotangent only once the conditioner's graph is gone: fewer tensors
         # alive at the peak of the backward (this is the step that sets the peak)
         del ds
@@ -173,14 +173,7 @@ class AffineCoupling(CouplingBase):
         del s
         x_a = (y_a - t.detach()).div_(scale)
         del t
-        dx_p = dy_p + g[0]
-        k = 1
-        dc = None
-        if c_in is not None:
-            dc = g[1]
-            k = 2
-        grads.add_many(originals, g[k:])
-        return self._merge(y_p, x_a), self._merge(dx_p, dy_a * scale), dc
+        return self._merge(y_p, x_a), self._merge(dy_p + dx_p, dy_a * scale), dc
 
 
 class AdditiveCoupling(CouplingBase):
@@ -219,30 +212,19 @@ class AdditiveCoupling(CouplingBase):
 
     def _forward(self, x, c):
         x_p, x_a = self._split(x)
-        t = self.conditioner(self._conditioner_input(x_p, c))
+        t = self.run_conditioner(self.conditioner, self._conditioner_input(x_p, c))
         return self._merge(x_p, x_a + t), x.new_zeros(x.shape[0])
 
     def _inverse(self, y, c):
         y_p, y_a = self._split(y)
-        t = self.conditioner(self._conditioner_input(y_p, c))
+        t = self.run_conditioner(self.conditioner, self._conditioner_input(y_p, c))
         return self._merge(y_p, y_a - t), y.new_zeros(y.shape[0])
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         y_p, y_a = self._split(y)
         dy_p, dy_a = self._split(dy)
-        x_p = y_p.detach().requires_grad_(True)
-        c_in = None
-        if self.cond_channels and c is not None:
-            c_in = c.detach().requires_grad_(True)
-        with torch.enable_grad(), parameter_aliases(self.conditioner) as (originals, params):
-            t = self.conditioner(self._conditioner_input(x_p, c_in))
-            inputs = [x_p] + ([c_in] if c_in is not None else []) + params
-            g = torch.autograd.grad(t, inputs, dy_a, allow_unused=True)
-        x_a = y_a - t.detach()
-        k = 1
-        dc = None
-        if c_in is not None:
-            dc = g[1]
-            k = 2
-        grads.add_many(originals, g[k:])
-        return self._merge(y_p, x_a), self._merge(dy_p + g[0], dy_a), dc
+        with local_vjp(self.conditioner, y_p, self._condition(c), grads=grads) as vjp:
+            x_p, c_in = vjp.inputs
+            t = self.run_conditioner(self.conditioner, self._conditioner_input(x_p, c_in))
+            dx_p, dc = vjp.grad(t, dy_a)
+        return self._merge(y_p, y_a - t.detach()), self._merge(dy_p + dx_p, dy_a), dc

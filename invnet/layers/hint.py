@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.module import GradStore, InvertibleModule, add_optional
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult, add_optional
 from ..core.shapes import check_condition
 from .conv1x1 import ChannelPermutation
 from .coupling_kinds import make_coupling
@@ -137,7 +137,7 @@ class HINTCoupling(InvertibleModule):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, cond_channels={self.cond_channels}, leaf_channels={self.leaf_channels}"
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         shape = super()._check_shape(shape, c_shape, inverse)
         check_condition(type(self).__name__, shape, c_shape, self.cond_channels)
         return shape
@@ -175,7 +175,7 @@ class HINTCoupling(InvertibleModule):
             x, _ = self.permutation._inverse(x, c)
         return x, logdet
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         lo, up = self._halves(y)
         dlo, dup = self._halves(dy)
         dc = None

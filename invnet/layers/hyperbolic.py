@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.module import GradStore, InvertibleModule, parameter_aliases
+from ..core.module import GradStore, InvertibleModule, VJPResult
+from ..core.vjp import local_vjp
+from . import kernels
 from .conditioners import ZeroPad
 
 __all__ = ["HyperbolicLayer", "TiedConvResidual"]
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _ACT = {"tanh": torch.tanh, "relu": torch.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.2)}
 
 
@@ -70,10 +72,10 @@ class TiedConvResidual(nn.Module):
         act = _ACT[self.activation]
         if self.ndim == 0:
             return F.linear(act(F.linear(u, self.weight, self.bias)), self.weight.T)
-        conv = _CONV[self.ndim]
-        z = conv(self.pad_in(u), self.weight, self.bias)
+        # through the kernel rule of invnet.layers.kernels (no reference kernel at any shape)
+        z = kernels.conv(self.pad_in(u), self.weight, self.bias)
         adjoint_weight = self.weight.transpose(0, 1).flip(list(range(2, 2 + self.ndim)))
-        return conv(self.pad_out(act(z)), adjoint_weight)
+        return kernels.conv(self.pad_out(act(z)), adjoint_weight, None).contiguous()
 
 
 class HyperbolicLayer(InvertibleModule):
@@ -148,24 +150,22 @@ class HyperbolicLayer(InvertibleModule):
 
     def _forward(self, x, c):
         a, b = self._halves(x)
-        new = 2 * b - a - self.step**2 * self.residual(b)
+        new = 2 * b - a - self.step**2 * self.run_conditioner(self.residual, b)
         return torch.cat([b, new], dim=1), x.new_zeros(x.shape[0])
 
     def _inverse(self, y, c):
         b, new = self._halves(y)
-        a = 2 * b - new - self.step**2 * self.residual(b)
+        a = 2 * b - new - self.step**2 * self.run_conditioner(self.residual, b)
         return torch.cat([a, b], dim=1), y.new_zeros(y.shape[0])
 
     def _residual_vjp(self, b: Tensor, cotangent: Tensor, grads: GradStore) -> tuple[Tensor, Tensor]:
         """F(b) and F'(b)^T cotangent, with the parameter gradients added to ``grads``."""
-        b_in = b.detach().requires_grad_(True)
-        with torch.enable_grad(), parameter_aliases(self.residual) as (originals, params):
-            fb = self.residual(b_in)
-            g = torch.autograd.grad(fb, [b_in] + params, cotangent, allow_unused=True)
-        grads.add_many(originals, g[1:])
-        return fb.detach(), g[0]
+        with local_vjp(self.residual, b, grads=grads) as vjp:
+            fb = self.run_conditioner(self.residual, *vjp.inputs)
+            (jt,) = vjp.grad(fb, cotangent)
+        return fb.detach(), jt
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         b, new = self._halves(y)
         db_y, dnew = self._halves(dy)
         h2 = self.step**2
@@ -173,7 +173,9 @@ class HyperbolicLayer(InvertibleModule):
         a = 2 * b - new - h2 * fb
         return torch.cat([a, b], dim=1), torch.cat([-dnew, db_y + 2 * dnew + jt], dim=1), None
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         # inverse map (b, new) -> (a, b) with a = 2b - new - h^2 F(b); rebuild new from (a, b)
         a, b = self._halves(x)
         da, db_x = self._halves(dx)

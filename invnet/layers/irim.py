@@ -2,13 +2,14 @@
 data-misfit gradient of a physical forward operator."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from ..core.module import GradStore, InvertibleModule, parameter_aliases
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult
 from ..core.shapes import sum_per_sample
+from ..core.vjp import local_vjp
 from ..operators import ForwardOperator, as_operator, misfit_gradient
 from .conditioners import make_conditioner
 
@@ -21,7 +22,9 @@ class IRIMCoupling(InvertibleModule):
     From "Invert to Learn to Invert" (Putzky and Welling, 2019, arXiv:1911.10914). The state
     :math:`s = (x, h)` holds the current estimate :math:`x` (the first ``e`` channels, shaped like
     the operator's domain) and memory channels :math:`h`. The condition is the observation
-    :math:`y`. With :math:`g(x) = A^T(Ax - y)` (:func:`invnet.operators.misfit_gradient`):
+    :math:`y` (in the block contract the state :math:`s` is the input ``x`` and the observation
+    the condition ``c``; the code names the parts ``est``, ``mem``). With
+    :math:`g(x) = A^T(Ax - y)` (:func:`invnet.operators.misfit_gradient`):
 
     .. math::
         (r, t) = \mathrm{NN}_1([x, g(x)]), \quad \sigma = \alpha\tanh(r/\alpha), \quad
@@ -96,7 +99,7 @@ class IRIMCoupling(InvertibleModule):
     def extra_repr(self) -> str:
         return f"operator={self.operator!r}, channels={self.channels}, clamp={self.clamp}"
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         shape = super()._check_shape(shape, c_shape, inverse)
         space = tuple(self.operator.domain_shape[1:])
         if tuple(shape[2:]) != space:
@@ -108,45 +111,40 @@ class IRIMCoupling(InvertibleModule):
 
     def _memory_scale_shift(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         g = misfit_gradient(self.operator, x, y)
-        raw, t = torch.split(self.memory_net(torch.cat([x, g], dim=1)), [self.n_mem, self.n_mem], dim=1)
+        h = self.run_conditioner(self.memory_net, torch.cat([x, g], dim=1))
+        raw, t = torch.split(h, [self.n_mem, self.n_mem], dim=1)
         return self.clamp * torch.tanh(raw / self.clamp), t
 
-    def _forward(self, s, y):
-        x, h = torch.split(s, [self.n_est, self.n_mem], dim=1)
-        sig, t = self._memory_scale_shift(x, y)
-        h_new = h * torch.exp(sig) + t
-        x_new = x + self.estimate_net(h_new)
-        return torch.cat([x_new, h_new], dim=1), sum_per_sample(sig)
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        # state x = (estimate, memory); the condition c is the observation
+        est, mem = torch.split(x, [self.n_est, self.n_mem], dim=1)
+        sig, t = self._memory_scale_shift(est, c)
+        mem_new = mem * torch.exp(sig) + t
+        est_new = est + self.run_conditioner(self.estimate_net, mem_new)
+        return torch.cat([est_new, mem_new], dim=1), sum_per_sample(sig)
 
-    def _inverse(self, s, y):
-        x_new, h_new = torch.split(s, [self.n_est, self.n_mem], dim=1)
-        x = x_new - self.estimate_net(h_new)
-        sig, t = self._memory_scale_shift(x, y)
-        h = (h_new - t) * torch.exp(-sig)
-        return torch.cat([x, h], dim=1), -sum_per_sample(sig)
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        est_new, mem_new = torch.split(y, [self.n_est, self.n_mem], dim=1)
+        est = est_new - self.run_conditioner(self.estimate_net, mem_new)
+        sig, t = self._memory_scale_shift(est, c)
+        mem = (mem_new - t) * torch.exp(-sig)
+        return torch.cat([est, mem], dim=1), -sum_per_sample(sig)
 
-    def _vjp(self, s, ds, dlogdet, y, grads: GradStore):
-        x_new, h_new = torch.split(s, [self.n_est, self.n_mem], dim=1)
-        dx_new, dh_new = torch.split(ds, [self.n_est, self.n_mem], dim=1)
-        # estimate half-step: x' = x + NN2(h')
-        h_in = h_new.detach().requires_grad_(True)
-        with torch.enable_grad(), parameter_aliases(self.estimate_net) as (originals, params):
-            u = self.estimate_net(h_in)
-            g = torch.autograd.grad(u, [h_in] + params, dx_new, allow_unused=True)
-        grads.add_many(originals, g[1:])
-        x = x_new - u.detach()
-        dh_tot = dh_new + g[0]
-        # memory half-step: h' = h e^sig + t, (sig, t) from [x, g(x)]
-        x_in = x.detach().requires_grad_(True)
-        y_in = y.detach().requires_grad_(True)
-        with torch.enable_grad(), parameter_aliases(self.memory_net) as (originals, params):
-            sig, t = self._memory_scale_shift(x_in, y_in)
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
+        est_new, mem_new = torch.split(y, [self.n_est, self.n_mem], dim=1)
+        dest_new, dmem_new = torch.split(dy, [self.n_est, self.n_mem], dim=1)
+        # estimate half-step: est' = est + NN2(mem')
+        with local_vjp(self.estimate_net, mem_new, grads=grads) as vjp:
+            u = self.run_conditioner(self.estimate_net, *vjp.inputs)
+            (dmem_from_est,) = vjp.grad(u, dest_new)
+        est = est_new - u.detach()
+        dmem_tot = dmem_new + dmem_from_est
+        # memory half-step: mem' = mem e^sig + t, (sig, t) from [est, g(est)]
+        with local_vjp(self.memory_net, est, c, grads=grads) as vjp:
+            sig, t = self._memory_scale_shift(*vjp.inputs)
             scale = torch.exp(sig.detach())
-            h_minus_t = h_new - t.detach()
-            dsig = dh_tot * h_minus_t + dlogdet.reshape((-1,) + (1,) * (s.dim() - 1))
-            g = torch.autograd.grad((sig, t), [x_in, y_in] + params, (dsig, dh_tot), allow_unused=True)
-        grads.add_many(originals, g[2:])
-        h = h_minus_t / scale
-        dx = dx_new if g[0] is None else dx_new + g[0]
-        dy = torch.zeros_like(y) if g[1] is None else g[1]
-        return torch.cat([x, h], dim=1), torch.cat([dx, dh_tot * scale], dim=1), dy
+            mem_minus_t = mem_new - t.detach()
+            dsig = dmem_tot * mem_minus_t + dlogdet.reshape((-1,) + (1,) * (y.dim() - 1))
+            dest_from_mem, dc = vjp.grad((sig, t), (dsig, dmem_tot))
+        mem = mem_minus_t / scale
+        return torch.cat([est, mem], dim=1), torch.cat([dest_new + dest_from_mem, dmem_tot * scale], dim=1), dc

@@ -1,10 +1,13 @@
 """Learnable invertible downsampling (orthogonal, initialised as the Haar wavelet squeeze)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
-from ..core.module import GradStore
+from ..core.module import GradStore, Shape, VJPResult
+from ..core.vjp import local_vjp
 from .squeeze import SqueezeBase, depth_to_space, haar_matrix, space_to_depth
 
 __all__ = ["LearnableDownsample"]
@@ -55,7 +58,7 @@ class LearnableDownsample(SqueezeBase):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, ndim={self.ndim}"
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         expected = self.channels * 2**self.ndim if inverse else self.channels
         if shape[1] != expected:
             raise ValueError(
@@ -83,30 +86,30 @@ class LearnableDownsample(SqueezeBase):
     def unsqueeze(self, y: Tensor) -> Tensor:
         return depth_to_space(self._mix(self.matrix().T, y), "checkerboard")
 
-    def _matrix_grad(self, dw: Tensor, grads: GradStore) -> Tensor:
-        """Hand ``dW`` back to the skew parameter; returns ``W``."""
-        skew = self.skew.detach().requires_grad_(True)
-        with torch.enable_grad():
-            w = torch.linalg.matrix_exp(skew - skew.T) @ self._haar(skew)
-            (g,) = torch.autograd.grad(w, skew, dw)
-        grads.add(self.skew, g)
-        return w.detach()
-
     @staticmethod
     def _outer(a: Tensor, b: Tensor) -> Tensor:
         n, k = a.shape[:2]
         return torch.einsum("nip,njp->ij", a.reshape(n, k, -1), b.reshape(n, k, -1))
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
-        w = self.matrix().detach()
-        t = self._mix(w.T, y)
-        self._matrix_grad(self._outer(dy, t), grads)
-        return depth_to_space(t, "checkerboard"), depth_to_space(self._mix(w.T, dy), "checkerboard"), None
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
+        # W built once: t = W^T y, the cotangent W^T dy, and dW = sum dy t^T handed to the skew
+        # parameter by a local pass through the small matrix map
+        with local_vjp(self, grads=grads) as vjp:
+            w = self.matrix()
+            wt = w.detach().T
+            t = self._mix(wt, y)
+            if w.requires_grad:
+                vjp.grad(w, self._outer(dy, t))
+        return depth_to_space(t, "checkerboard"), depth_to_space(self._mix(wt, dy), "checkerboard"), None
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         # inverse map y -> x = s2d^{-1}(W^T y): dy = W s2d(dx), dW = y s2d(dx)^T summed
-        w = self.matrix().detach()
-        y = self._mix(w, space_to_depth(x, "checkerboard"))
         dt = space_to_depth(dx, "checkerboard")
-        self._matrix_grad(self._outer(y, dt), grads)
-        return y, self._mix(w, dt), None
+        with local_vjp(self, grads=grads) as vjp:
+            w = self.matrix()
+            y = self._mix(w.detach(), space_to_depth(x, "checkerboard"))
+            if w.requires_grad:
+                vjp.grad(w, self._outer(y, dt))
+        return y, self._mix(w.detach(), dt), None

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.module import GradStore, parameter_aliases
+from ..core.module import GradStore
+from ..core.vjp import local_vjp
 from ..core.shapes import sum_per_sample
 from .coupling import CouplingBase
 
@@ -243,7 +244,7 @@ class SplineCoupling(CouplingBase):
                 f"tail_bound={self.tail_bound}, clamp={self.clamp}, swap={self.swap}")
 
     def _knots(self, x_p: Tensor, c: Optional[Tensor]) -> SplineKnots:
-        h = self.conditioner(self._conditioner_input(x_p, c))
+        h = self.run_conditioner(self.conditioner, self._conditioner_input(x_p, c))
         n, space = h.shape[0], tuple(h.shape[2:])
         # (N, active * (3K-1), *space) -> (N, active, *space, 3K-1): one spline per active element
         raw = h.reshape((n, self.n_active, 3 * self.bins - 1) + space).movedim(2, -1)
@@ -261,31 +262,21 @@ class SplineCoupling(CouplingBase):
 
     def _local_vjp(self, out, d_out, dlogdet, c, grads: GradStore, inverse: bool):
         """Backward of the forward map (``inverse=False``: ``out`` is ``y``) or of the inverse map
-        (``out`` is ``x``): rebuild the map's input from ``out``, return ``(input, d input, dc)``."""
+        (``out`` is ``x``): rebuild the map's input from ``out``, return ``(input, d input, dc)``.
+        The knots are computed once, with grad: they rebuild the input (the other direction, no
+        grad) and carry the one local pass to the passive part, the condition and the parameters."""
         p, o_a = self._split(out)
         dp, do_a = self._split(d_out)
-        p_in = p.detach().requires_grad_(True)
-        c_in = None
-        if self.cond_channels and c is not None:
-            c_in = c.detach().requires_grad_(True)
-        with torch.enable_grad(), parameter_aliases(self.conditioner) as (originals, params):
-            knots = self._knots(p_in, c_in)
-            with torch.no_grad():  # rebuild the active input of the map: apply the other direction
-                i_a, _ = rq_spline(o_a, knots, inverse=not inverse)
-            i_a.requires_grad_(True)
+        with local_vjp(self.conditioner, p, self._condition(c), grads=grads) as vjp:
+            knots = self._knots(*vjp.inputs)
+            with torch.no_grad():
+                i_a = rq_spline(o_a, knots, inverse=not inverse)[0]
+            i_a = vjp.add_input(i_a)
             o_re, lad = rq_spline(i_a, knots, inverse=inverse)
-            inputs = [i_a, p_in] + ([c_in] if c_in is not None else []) + params
             dlad = dlogdet.reshape((-1,) + (1,) * (lad.dim() - 1)).expand_as(lad)
-            g = torch.autograd.grad((o_re, lad), inputs, (do_a, dlad), allow_unused=True)
+            d_p, dc, d_i = vjp.grad((o_re, lad), (do_a, dlad))
         del o_re, lad, knots
-        k = 2
-        dc = None
-        if c_in is not None:
-            dc = g[2]
-            k = 3
-        grads.add_many(originals, g[k:])
-        d_p = dp if g[1] is None else dp + g[1]
-        return self._merge(p, i_a.detach()), self._merge(d_p, g[0]), dc
+        return self._merge(p, i_a.detach()), self._merge(dp + d_p, d_i), dc
 
     def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
         return self._local_vjp(y, dy, dlogdet, c, grads, inverse=False)

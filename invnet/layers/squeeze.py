@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.module import GradStore, InvertibleModule
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult
 
 __all__ = [
     "SqueezeBase", "Squeeze", "HaarSqueeze", "space_to_depth", "depth_to_space", "haar_matrix",
@@ -89,7 +89,7 @@ class SqueezeBase(InvertibleModule):
             raise ValueError(f"squeezes work on 1, 2 or 3 space dimensions, got ndim={ndim}")
         self.ndim = ndim
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         d = len(shape) - 2
         if d not in (1, 2, 3):
             raise ValueError(
@@ -124,10 +124,12 @@ class SqueezeBase(InvertibleModule):
     def _inverse(self, y, c):
         return self.unsqueeze(y), y.new_zeros(y.shape[0])
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self.unsqueeze(y), self.unsqueeze(dy), None
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         return self.squeeze(x), self.squeeze(dx), None
 
 
@@ -171,7 +173,11 @@ def haar_matrix(d: int, dtype: Optional[torch.dtype] = None, device: Optional[to
     >>> h.shape, bool(torch.allclose(h @ h, torch.eye(4, dtype=torch.float64)))
     (torch.Size([4, 4]), True)
     """
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=dtype, device=device) / math.sqrt(2.0)
+    # built on the device by kernels, not copied from Python data: on a GPU a copy from the host
+    # waits for every queued kernel, and this runs at every squeeze call
+    h2 = torch.ones(2, 2, dtype=dtype, device=device)
+    h2[1, 1].fill_(-1.0)
+    h2 = h2 / math.sqrt(2.0)
     h = torch.ones(1, 1, dtype=dtype, device=device)
     for _ in range(d):
         h = torch.kron(h, h2)

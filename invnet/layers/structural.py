@@ -1,11 +1,12 @@
 """Structural blocks that rearrange other blocks: run one backwards, or on part of the channels."""
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..core.module import GradStore, InvertibleModule
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult
 
 __all__ = ["Inverted", "ChannelSubset"]
 
@@ -34,7 +35,7 @@ class Inverted(InvertibleModule):
         self.ndim = block.ndim
         self.cond_channels = block.cond_channels
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         return self.block.check_shape(shape, c_shape, not inverse)
 
     def _forward(self, x, c):
@@ -43,10 +44,12 @@ class Inverted(InvertibleModule):
     def _inverse(self, y, c):
         return self.block._forward(y, c)
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self.block._vjp_inverse(y, dy, dlogdet, c, grads)
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         return self.block._vjp(x, dx, dlogdet, c, grads)
 
 
@@ -81,7 +84,7 @@ class ChannelSubset(InvertibleModule):
         self.ndim = block.ndim
         self.cond_channels = block.cond_channels
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         if shape[1] <= self.skip:
             raise ValueError(
                 f"ChannelSubset passes {self.skip} channels through and needs more than that, got {shape[1]}"
@@ -105,13 +108,15 @@ class ChannelSubset(InvertibleModule):
         out, logdet = self.block._inverse(rest, c)
         return torch.cat([keep, out], dim=1), logdet
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         keep, rest = self._parts(y)
         dkeep, drest = self._parts(dy)
         x, dx, dc = self.block._vjp(rest, drest, dlogdet, c, grads)
         return torch.cat([keep, x], dim=1), torch.cat([dkeep, dx], dim=1), dc
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(
+        self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore
+    ) -> VJPResult:
         keep, rest = self._parts(x)
         dkeep, drest = self._parts(dx)
         y, dy, dc = self.block._vjp_inverse(rest, drest, dlogdet, c, grads)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .precision import PRECISIONS, Precision
 from .schema import (REQUIRED, Key, check_keywords, check_section, constructor_parameters, fraction, nonempty, one_of,
                      positive, positive_integers)
 
@@ -23,11 +24,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["load_config", "validate_config", "resume_differences", "SECTIONS", "OPEN_SECTIONS", "DTYPES",
+__all__ = ["load_config", "validate_config", "resume_differences", "SECTIONS", "OPEN_SECTIONS", "RENAMED",
            "torch_dtype"]
 
-#: the ``dtype`` names a run may use and their torch types
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+def _grid(v: Any) -> Optional[str]:
+    return None if v and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in v) else \
+        "a list [batch_ranks, p_1, ..., p_d] of positive integers (one rank count per space axis of x)"
+
+
+def _device(v: Any) -> Optional[str]:
+    from .device import check_device_name
+
+    return check_device_name(v)
 
 #: the fixed sections, one line per key: Key(type, default (REQUIRED / None: unset), check, resume=may change)
 SECTIONS: dict[str, dict[str, Key]] = {
@@ -52,20 +61,45 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "checkpoint_every_minutes": Key(float, None, positive, resume=True),
         "keep_last": Key(int, 3, positive, resume=True),
         "progress": Key(bool, True, resume=True),
-        "dtype": Key(str, "float32", one_of(*DTYPES)),
+        "device": Key(str, "auto", _device, resume=True),  # a run moves between devices freely
+        "precision": Key(str, "float32", one_of(*PRECISIONS), resume=True),  # e.g. float32 after drift in bfloat16
+        "drift_check_every": Key(int, None, positive, resume=True),
+        "drift_warn_above": Key(float, 1e-4, positive, resume=True),
+        "drift_fail_above": Key(float, 1e-2, positive, resume=True),
+    },
+    "distributed": {
+        "grid": Key(list[int], None, _grid, resume=True),  # the batch groups are checked on resume (global batch)
+        "backend": Key(str, "auto", one_of("auto", "mpi", "nccl", "gloo"), resume=True),
     },
 }
 
+#: keys an older invnet wrote under another name: section -> {old: new}; read as the new one
+RENAMED = {"training": {"dtype": "precision"}}
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a config's ``dtype`` name.
 
-    >>> torch_dtype("float64")
-    torch.float64
+def _renamed(section: str, table: Any, strict: bool) -> Any:
+    """``table`` with the old key names of :data:`RENAMED` replaced (``strict``: giving both the old
+    and the new name is an error; else the new one wins)."""
+    if not isinstance(table, dict):
+        return table
+    table = dict(table)
+    for old, new in RENAMED.get(section, {}).items():
+        if old in table:
+            if new in table and strict:
+                raise ValueError(f"[{section}] gives both {old!r} (its older name) and {new!r}; keep only {new!r}")
+            value = table.pop(old)
+            table.setdefault(new, value)
+    return table
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The dtype of the parameters and data of a run in ``precision`` (also an older ``dtype``
+    name: ``float32``, ``float64``).
+
+    >>> torch_dtype("float64"), torch_dtype("bfloat16")
+    (torch.float64, torch.float32)
     """
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    return Precision(precision).parameter_dtype
 
 
 def _optimizer_class(name: str) -> type:
@@ -163,7 +197,8 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     unknown = sorted(set(cfg) - set(allowed))
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; allowed sections: {allowed}")
-    out: dict[str, Any] = {name: check_section(name, cfg.get(name, {}), keys) for name, keys in SECTIONS.items()}
+    out: dict[str, Any] = {name: check_section(name, _renamed(name, cfg.get(name, {}), strict=True), keys)
+                           for name, keys in SECTIONS.items()}
     for name, spec in OPEN_SECTIONS.items():
         out[name] = _check_open(name, spec, cfg.get(name))
     d, t = out["data"], out["training"]
@@ -195,7 +230,7 @@ def resume_differences(stored: dict, new: dict) -> list[str]:
 
     for section, keys in SECTIONS.items():
         fixed = [k for k, key in keys.items() if not key.resume]
-        compare(section, {k: v for k, v in (stored.get(section) or {}).items() if k in fixed},
+        compare(section, {k: v for k, v in (_renamed(section, stored.get(section), False) or {}).items() if k in fixed},
                 {k: v for k, v in new[section].items() if k in fixed},
                 {k: key.default for k, key in keys.items() if key.default is not REQUIRED})
     for section, spec in OPEN_SECTIONS.items():

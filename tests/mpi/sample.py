@@ -28,6 +28,9 @@ if comm.rank == 0:
     # rank 0 draws its block with the serial job's generator: the same numbers
     n0 = -(-5 // comm.size)
     v.check("rank 0's block equals the serial job's", np.array_equal(g["mean"][:n0], ref["mean"][:n0]))
+    # the noise is seeded per observation row (and tile), not per rank: every block does
+    v.check("the whole store equals the serial job's", all(np.array_equal(g[k][...], ref[k][...])
+                                                           for k in ("mean", "std", "samples", "index")))
     v.check("no temporary left", not [n for n in os.listdir(arg["--tmp"]) if ".tmp-" in n])
     v.check("the report written once, for all", g.attrs["calibration"]["observations"] == 5
             and os.path.exists(os.path.join(arg["--tmp"], f"ranks{comm.size}_report.json")))
