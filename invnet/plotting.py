@@ -15,7 +15,7 @@ from .data.atomic import atomic_path
 if TYPE_CHECKING:  # imported for annotations only; plotting must not pull in the sampling job
     from .inference.calibration import Calibration
 
-__all__ = ["plot_metrics", "plot_posterior", "plot_error_vs_std", "plot_coverage"]
+__all__ = ["plot_metrics", "plot_posterior", "plot_error_vs_std", "plot_coverage", "plot_rank_histograms", "plot_tarp"]
 
 
 def _plt():
@@ -113,6 +113,54 @@ def plot_coverage(path: str, report: dict) -> None:
         ax.plot(nominal, [c["empirical"] for c in cov.values()], "s-", label="sample quantiles")
     ax.set_xlabel("nominal level"), ax.set_ylabel("coverage"), ax.legend(fontsize=8)
     ax.set_title(f"ratio E|s-x|^2 / E|mean-x|^2 = {report['ratio_sample_to_mean_sq_error']:.2f}", fontsize=9)
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_rank_histograms(path: str, sbc: dict, max_panels: int = 12) -> None:
+    """SBC rank histograms (``report["sbc"]`` of :class:`~invnet.inference.PosteriorDiagnostics`):
+    the pooled elements, the mean, the random projections and the parameters, each against its
+    expected count with a 99% band per cell (binomial, normal approximation). A U-shape means
+    too narrow, a hump too wide, a slope a bias."""
+    plt = _plt()
+    panels = [("elements (pooled)", sbc["pooled_elements"])] + list(sbc["tests"].items())[: max_panels - 1]
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, t) in zip(axes.flat, panels):
+        counts, expected = np.array(t["counts"], dtype=float), np.array(t["expected"], dtype=float)
+        edges = np.arange(len(counts) + 1) / len(counts)
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0", alpha=0.7)
+        p = expected / max(expected.sum(), 1.0)
+        half = 2.576 * np.sqrt(expected * (1 - p))
+        ax.fill_between(np.repeat(edges, 2)[1:-1], np.repeat(expected - half, 2), np.repeat(expected + half, 2),
+                        color="k", alpha=0.15, lw=0)
+        ax.step(edges, np.r_[expected, expected[-1]], where="post", color="k", lw=1)
+        ax.set_title(f"{name}: p = {t['p_value']:.2g}", fontsize=8)
+        ax.set_xticks([0, 0.5, 1]), ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"SBC ranks ({sbc['observations']} observations, {sbc['samples_per_observation']} samples each)",
+                 fontsize=9)
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_tarp(path: str, tarp: dict) -> None:
+    """TARP expected coverage against the credibility level (``report["tarp"]``), with the
+    bootstrap band; the diagonal is calibrated."""
+    plt = _plt()
+    alpha, ecp = np.array(tarp["alpha"]), np.array(tarp["ecp"])
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    if "band_low" in tarp:
+        ax.fill_between(alpha, tarp["band_low"], tarp["band_high"], alpha=0.25, color="C0", lw=0, label="95% bootstrap")
+    ax.plot(alpha, ecp, color="C0", label="expected coverage")
+    ax.set_xlabel("credibility level"), ax.set_ylabel("expected coverage"), ax.legend(fontsize=8)
+    ax.set_title(f"TARP: ATC {tarp['atc']:+.3f}, KS p = {tarp['ks_p_value']:.2g} ({tarp['observations']} obs.)",
+                 fontsize=9)
     fig.tight_layout()
     _savefig(fig, path)
     plt.close(fig)

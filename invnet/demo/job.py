@@ -138,6 +138,7 @@ def run_demo(out_dir: str = "invnet_demo_output", steps: Optional[int] = None, s
 def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int, device: str, precision: str) -> dict:
     from ..data import train_validation_split
     from ..inference import sample_job
+    from ..inference.diagnostics import diagnostics_summary
     from ..training import load_config, train_from_config
 
     t0, cpu0 = time.time(), time.process_time()
@@ -186,11 +187,12 @@ def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int, device: st
         "- coverage of central intervals (sample quantiles): " + ", ".join(
             f"{float(k):.0%}: {cov[k]['empirical']:.3f}" for k in ("0.5", "0.9", "0.95")),
         f"- E|sample - x|^2 / E|mean - x|^2 = {report['ratio_sample_to_mean_sq_error']:.3f} (2 if calibrated)",
+        f"- {diagnostics_summary(report)}",
         f"- time: {t_total:.0f} s wall clock, {cpu:.0f} s CPU (all threads) for the demo ({size})",
         "",
         "Files: data.h5 (pairs), config.toml, run/ (checkpoints, metrics.jsonl, metrics.png), posterior.zarr "
         "(mean, std, samples, index; docs/config.md), posterior_report.json, plots/ (posterior_*.png, "
-        "error_vs_std.png, coverage.png), report.json.",
+        "error_vs_std.png, coverage.png, sbc_ranks.png, tarp.png), report.json.",
     ]
     with atomic_file(os.path.join(out_dir, "report.md")) as f:
         f.write("\n".join(lines) + "\n")

@@ -22,6 +22,7 @@ from ..data.atomic import atomic_dir, atomic_file, check_creatable, remove_lefto
 from ..distributed.comm import Communicator, SerialComm, agree_on_errors
 from ..distributed.strategy import ParallelStrategy
 from .calibration import Calibration
+from .diagnostics import PosteriorDiagnostics
 from .noise import TILE, TiledNoise
 from .sampler import PosteriorSampler, summarize_posterior
 
@@ -224,6 +225,8 @@ def sample_job(
     figures = [f"posterior_{i:05d}.png" for i in plotted]
     if plots and xs is not None:
         figures += ["error_vs_std.png", "coverage.png"]
+        if not strategy.decomposed:
+            figures += ["sbc_ranks.png", "tarp.png"]
     _check_outputs(out, plots, figures, overwrite)
     sampler = PosteriorSampler.from_checkpoint(checkpoint, device, strategy)
     reader = _Rows(strategy, strategy.partition.space_shape)
@@ -242,6 +245,10 @@ def sample_job(
                  n_samples=n_samples, temperature=temperature, seed=seed, grid=list(strategy.grid),
                  noise={"kind": "tiles", "tile": TILE})
     cal = Calibration() if xs is not None else None
+    # SBC and TARP summarise whole unknowns (random projections of the full volume), which no rank
+    # of a split volume holds: they are computed when each observation is on one rank
+    diag = (PosteriorDiagnostics.for_sampler(sampler, x_shape, seed=seed)
+            if xs is not None and not strategy.decomposed else None)
     shown: list[tuple] = []  # what the figures need, for the first n_plots observations of this group
     offsets = tuple(sl.start for sl in reader.region) if reader.region is not None else (0,) * len(x_shape[1:])
     chunk = local_shape
@@ -265,7 +272,8 @@ def sample_job(
             i = int(rows[k])
             y = reader.read(ys, i)
             truth = None if xs is None else reader.read(xs, i)
-            s = summarize_posterior(sampler, y, n_samples, batch_size, temperature, keep, truth, TiledNoise(seed, i))
+            watched = sampler if diag is None else diag.watch(sampler, truth)
+            s = summarize_posterior(watched, y, n_samples, batch_size, temperature, keep, truth, TiledNoise(seed, i))
             writer.write("mean", (k, 0) + offsets, s.mean[None].numpy())
             writer.write("std", (k, 0) + offsets, s.std[None].numpy())
             writer.write("samples", (k, 0, 0) + offsets, s.samples[None].numpy())
@@ -273,11 +281,15 @@ def sample_job(
                 writer.write("index", k, np.array([i]))
             if cal is not None:
                 cal.add(s, truth)
+            if diag is not None:
+                diag.add(s)
             if plots and k - lo < n_plots and not draws:
                 shown.append((i, truth, y, s.mean, s.std, s.samples))
         if cal is not None and comm.size > 1:
             cal.sum_over_ranks(comm, shared_by=strategy.spatial_size)  # the report covers every rank's observations
-        report = cal.report() if cal is not None else {}
+        if diag is not None and comm.size > 1:
+            diag.sum_over_ranks(comm, lo, m)
+        report = {**cal.report(), **(diag.report() if diag is not None else {})} if cal is not None else {}
         comm.barrier()  # every rank's part is in before rank 0 renames the store into place
         if comm.rank == 0 and report:
             writer.group.attrs["calibration"] = report
@@ -323,7 +335,7 @@ def _sections(out: str, ys, xs, rows: np.ndarray, k: int) -> tuple:
 
 def _draw(plots: str, shown: list[tuple], cal: Optional[Calibration], report: dict, n_samples: int,
           temperature: float) -> None:
-    from ..plotting import plot_coverage, plot_error_vs_std, plot_posterior
+    from ..plotting import plot_coverage, plot_error_vs_std, plot_posterior, plot_rank_histograms, plot_tarp
 
     os.makedirs(plots, exist_ok=True)
     for i, truth, y, mean, std, samples in shown:
@@ -332,3 +344,6 @@ def _draw(plots: str, shown: list[tuple], cal: Optional[Calibration], report: di
     if cal is not None and report:
         plot_error_vs_std(os.path.join(plots, "error_vs_std.png"), cal)
         plot_coverage(os.path.join(plots, "coverage.png"), report)
+        if "sbc" in report:  # not for split volumes
+            plot_rank_histograms(os.path.join(plots, "sbc_ranks.png"), report["sbc"])
+            plot_tarp(os.path.join(plots, "tarp.png"), report["tarp"])

@@ -17,6 +17,8 @@ arg = {k: sys.argv[sys.argv.index(k) + 1] for k in ("--run", "--data", "--tmp")}
 out = os.path.join(arg["--tmp"], f"ranks{comm.size}.zarr")
 report = sample_job(arg["--run"], arg["--data"], out, n_samples=6, keep=2, indices=range(5), seed=3, comm=comm)
 v.check("calibration over every rank's observations", report["observations"] == 5 and report["elements"] == 5 * 64)
+v.check("SBC and TARP over every rank's observations",
+        report["sbc"]["observations"] == 5 and report["tarp"]["observations"] == 5)
 comm.barrier()
 if comm.rank == 0:
     g, ref = zarr.open_group(out, mode="r"), zarr.open_group(os.path.join(arg["--tmp"], "serial.zarr"), mode="r")
