@@ -68,10 +68,6 @@ class Normalization:
             raise ValueError(f"normalisation needs exactly the keys {sorted(keys)}, got {sorted(d)}")
         return cls(*(list(map(float, d[k])) for k in ("x_mean", "x_std", "y_mean", "y_std")))
 
-    @classmethod
-    def identity(cls, x_channels: int, y_channels: int) -> "Normalization":
-        return cls([0.0] * x_channels, [1.0] * x_channels, [0.0] * y_channels, [1.0] * y_channels)
-
 
 class _ChannelMoments:
     """Streaming per-channel count, mean and M2 (Chan et al.'s pairwise merge of Welford sums)."""
