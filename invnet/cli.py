@@ -1,7 +1,8 @@
 """The ``invnet`` command. Subcommands register themselves in ``_build_parser``.
 
 Exit codes: 0 success; 2 bad command line, configuration, data or checkpoint (nothing written);
-65 the loss became NaN/Inf (last good checkpoint kept); 74 an input/output error (disk full, ...;
+65 the loss became NaN/Inf (last good checkpoint kept); 70 the reconstruction drift of the
+memory-free backward rose above ``drift_fail_above`` (last good checkpoint kept); 74 an input/output error (disk full, ...;
 files are written atomically, so nothing is half-written); 75 stopped by SIGTERM/SIGUSR1 after
 writing a checkpoint (rerun the same command to resume); 130 Ctrl-C (training writes a checkpoint
 first; a second Ctrl-C stops at once). See :mod:`invnet.training.signals`. Errors are one line on
@@ -26,7 +27,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .training.signals import PreemptionFlag, exit_code_for_signal
 
     with PreemptionFlag(raise_on_signal=True):  # a signal outside training stops at once (training checkpoints first)
-        report = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size, threads=args.threads)
+        report = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, size=args.size, threads=args.threads,
+                          device=_device_option(args.device), precision=args.precision)
     return 0 if report.get("status") == "finished" else exit_code_for_signal(report.get("signal") or "")
 
 
@@ -36,11 +38,29 @@ def _train(args: argparse.Namespace) -> int:
     from .training.signals import exit_code_for_signal
 
     cfg = load_config(args.config)
-    comm = default_comm()  # MPI under `mpiexec ... python -m mpi4py -m invnet train`, serial otherwise
+    if args.device is not None:
+        cfg["training"]["device"] = _device_option(args.device)
+    comm = default_comm(cfg["distributed"]["backend"])  # MPI under `mpiexec ... -m invnet train`, serial otherwise
     result = train_from_config(cfg, comm=comm, resume=not args.restart, config_path=args.config)
     if comm.rank == 0:
-        print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}")
+        print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}",
+              flush=True)
+    comm.barrier()  # a non-zero exit ends an MPI job by MPI_Abort: no rank may end it before rank 0 has spoken
     return EXIT_OK if result.status == "finished" else exit_code_for_signal(result.signal or "")
+
+
+def _device_option(name: str) -> str:
+    """Check a ``--device`` value (before anything is read).
+
+    >>> _device_option("cuda:0")
+    'cuda:0'
+    """
+    from .training.device import check_device_name
+
+    complaint = check_device_name(name)
+    if complaint:
+        raise ValueError(f"--device must be {complaint}, got {name!r}")
+    return name
 
 
 def _parse_indices(text: Optional[str]):
@@ -64,11 +84,17 @@ def _sample(args: argparse.Namespace) -> int:
     from .inference import report_path, sample_job
     from .training.signals import PreemptionFlag
 
+    from .distributed import default_comm
+
+    device = _device_option(args.device)
+    comm = default_comm()  # MPI under `mpiexec ... -m invnet sample`: the run's grid, each rank its own chunks
     with PreemptionFlag(raise_on_signal=True):  # SIGTERM/SIGUSR1/Ctrl-C: stop now, the partial store is removed
         report = sample_job(args.checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
                             temperature=args.temperature, keep=args.keep, indices=_parse_indices(args.indices),
                             x_name=args.x, y_name=args.y, plots=args.plots, seed=args.seed, overwrite=args.overwrite,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, comm=comm, grid=args.grid, device=device)
+    if comm.rank != 0:
+        return 0
     print(f"posterior mean, std and samples: {args.out}")
     if report:
         cov = report["coverage"]
@@ -88,8 +114,11 @@ def _info(args: argparse.Namespace) -> int:
     n_params = sum(int(t.numel()) for t in ckpt.weights.values() if t.is_floating_point())
     info = {"checkpoint": ckpt.path, "step": ckpt.step, "saved_at": ckpt.meta.get("saved_at"),
             "network": ckpt.meta.get("spec"), "parameters_and_buffers": n_params, "data": ckpt.meta.get("data"),
-            "normalization": ckpt.meta.get("normalization"), "last_train_bpd": ckpt.meta.get("last_train_bpd"),
-            "last_val_bpd": ckpt.meta.get("last_val_bpd"), "data_position": ckpt.state.get("loader")}
+            "normalization": ckpt.meta.get("normalization"), "run": ckpt.meta.get("run"),
+            "loss_name": ckpt.meta.get("loss_name", "bpd"),
+            "last_train_loss": ckpt.meta.get("last_train_loss", ckpt.meta.get("last_train_bpd")),
+            "last_val_loss": ckpt.meta.get("last_val_loss", ckpt.meta.get("last_val_bpd")),
+            "data_position": ckpt.state.get("loader")}
     print(json.dumps(info, indent=1))
     return 0
 
@@ -109,7 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fmt = _HelpWithDefaults
     parser = argparse.ArgumentParser(
         prog="invnet", description="Memory-efficient invertible networks: train conditional flows, sample posteriors.",
-        epilog="exit codes: 0 ok, 2 bad input (nothing written), 65 non-finite loss, 74 I/O error, "
+        epilog="exit codes: 0 ok, 2 bad input (nothing written), 65 non-finite loss, 70 reconstruction drift, "
+               "74 I/O error, "
                "75 preempted (rerun to resume), 130 Ctrl-C", formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"invnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -126,11 +156,17 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (the demo's tensors are small; on a busy machine more threads wait "
                            "for each other and the demo takes many times longer)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    demo.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                      help="arithmetic of training and sampling (bfloat16/float16: autocast for the conditioners)")
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser("train", formatter_class=fmt, help="train a conditional flow from a TOML config (docs/config.md)",
                            description="Train, or resume the run in out_dir (rerun the same command after a stop).")
     train.add_argument("config", help="TOML configuration (docs/config.md)")
+    train.add_argument("--device", default=None,
+                       help="auto, cpu, cuda (each MPI rank: the GPU of its node-local rank) or cuda:N; "
+                            "overrides [training] device")
     train.add_argument("--restart", action="store_true",
                        help="start over: a previous run in out_dir is moved aside to OUT_DIR.previous-DATE-TIME")
     train.set_defaults(func=_train)
@@ -150,6 +186,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--x", default="x", help="truth array name (calibration when present)")
     sample.add_argument("--plots", default=None, help="folder for figures")
     sample.add_argument("--seed", type=int, default=0, help="seed of the latent draws")
+    sample.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda (each MPI rank: the GPU of its node-local rank) or cuda:N")
+    sample.add_argument("--grid", type=int, nargs="+", default=None, metavar="N",
+                        help="parallel grid under mpiexec: observation groups, then ranks per space axis (default: "
+                             "the run's split of space, the other ranks as groups)")
     sample.add_argument("--overwrite", action="store_true",
                         help="replace --out if it is a store invnet sample wrote (never anything else)")
     sample.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -163,7 +204,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the ``invnet`` command; returns the exit code (see the module docstring)."""
+    from .core import ReconstructionDriftError
     from .training.signals import (
+        EXIT_DRIFT,
         EXIT_INTERRUPTED,
         EXIT_NONFINITE,
         EXIT_USAGE,
@@ -190,6 +233,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NonFiniteLossError as err:
         print(f"{name}: {err}", file=sys.stderr)
         return EXIT_NONFINITE
+    except ReconstructionDriftError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return EXIT_DRIFT
     except OSError as err:
         print(f"{name}: error: {err} (files are written atomically: nothing was left half-written)", file=sys.stderr)
         return EXIT_IO
@@ -204,6 +250,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         warnings.showwarning = previous
+        # under `python -m mpi4py` a non-zero exit ends the job through MPI_Abort, which does not
+        # flush Python's buffers: the last lines must be out before
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":

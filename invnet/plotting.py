@@ -15,7 +15,7 @@ from .data.atomic import atomic_path
 if TYPE_CHECKING:  # imported for annotations only; plotting must not pull in the sampling job
     from .inference.calibration import Calibration
 
-__all__ = ["plot_metrics", "plot_posterior", "plot_error_vs_std", "plot_coverage"]
+__all__ = ["plot_metrics", "plot_posterior", "plot_error_vs_std", "plot_coverage", "plot_rank_histograms", "plot_tarp"]
 
 
 def _plt():
@@ -118,21 +118,84 @@ def plot_coverage(path: str, report: dict) -> None:
     plt.close(fig)
 
 
-def plot_metrics(records: list[dict], path: str, title: Optional[str] = None) -> None:
-    """Plot train and validation bits/dim and the step time against the step into ``path``."""
+def plot_rank_histograms(path: str, sbc: dict, max_panels: int = 12) -> None:
+    """SBC rank histograms (``report["sbc"]`` of :class:`~invnet.inference.PosteriorDiagnostics`):
+    the pooled elements, the mean, the random projections and the parameters, each against its
+    expected count with a 99% band per cell (binomial, normal approximation). A U-shape means
+    too narrow, a hump too wide, a slope a bias."""
     plt = _plt()
-    train = [(r["step"], r["train_bpd"]) for r in records if "train_bpd" in r]
-    val = [(r["step"], r["val_bpd"]) for r in records if "val_bpd" in r]
+    panels = [("elements (pooled)", sbc["pooled_elements"])] + list(sbc["tests"].items())[: max_panels - 1]
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, t) in zip(axes.flat, panels):
+        counts, expected = np.array(t["counts"], dtype=float), np.array(t["expected"], dtype=float)
+        edges = np.arange(len(counts) + 1) / len(counts)
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0", alpha=0.7)
+        p = expected / max(expected.sum(), 1.0)
+        half = 2.576 * np.sqrt(expected * (1 - p))
+        ax.fill_between(np.repeat(edges, 2)[1:-1], np.repeat(expected - half, 2), np.repeat(expected + half, 2),
+                        color="k", alpha=0.15, lw=0)
+        ax.step(edges, np.r_[expected, expected[-1]], where="post", color="k", lw=1)
+        ax.set_title(f"{name}: p = {t['p_value']:.2g}", fontsize=8)
+        ax.set_xticks([0, 0.5, 1]), ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"SBC ranks ({sbc['observations']} observations, {sbc['samples_per_observation']} samples each)",
+                 fontsize=9)
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_tarp(path: str, tarp: dict) -> None:
+    """TARP expected coverage against the credibility level (``report["tarp"]``), with the
+    bootstrap band; the diagonal is calibrated."""
+    plt = _plt()
+    alpha, ecp = np.array(tarp["alpha"]), np.array(tarp["ecp"])
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    if "band_low" in tarp:
+        ax.fill_between(alpha, tarp["band_low"], tarp["band_high"], alpha=0.25, color="C0", lw=0, label="95% bootstrap")
+    ax.plot(alpha, ecp, color="C0", label="expected coverage")
+    ax.set_xlabel("credibility level"), ax.set_ylabel("expected coverage"), ax.legend(fontsize=8)
+    ax.set_title(f"TARP: ATC {tarp['atc']:+.3f}, KS p = {tarp['ks_p_value']:.2g} ({tarp['observations']} obs.)",
+                 fontsize=9)
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_metrics(records: list[dict], path: str, title: Optional[str] = None, loss_name: str = "bpd") -> None:
+    """Plot the train and validation loss (``train_<loss_name>``, ``val_<loss_name>``), the step
+    time and, when measured, the reconstruction error of the memory-free backward (per scale too)
+    against the step into ``path``."""
+    plt = _plt()
+    train = [(r["step"], r[f"train_{loss_name}"]) for r in records if f"train_{loss_name}" in r]
+    val = [(r["step"], r[f"val_{loss_name}"]) for r in records if r.get(f"val_{loss_name}") is not None]
     times = [(r["step"], r["step_time_s"]) for r in records if "step_time_s" in r]
-    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 3.6))
+    drift_keys = sorted({k for r in records for k in r if k.startswith("reconstruction_error")})
+    panels = 3 if drift_keys else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
+    ax, ax_t = axes[0], axes[1]
     if train:
         ax.plot(*zip(*train), lw=0.8, label="train")
     if val:
         ax.plot(*zip(*val), "o-", ms=3, label="validation")
-    ax.set_xlabel("step"), ax.set_ylabel("NLL (bits/dim, normalised data)"), ax.legend()
+    ax.set_xlabel("step"), ax.legend()
+    ax.set_ylabel("NLL (bits/dim, normalised data)" if loss_name == "bpd" else loss_name)
     if times:
         ax_t.plot(*zip(*times), lw=0.8)
     ax_t.set_xlabel("step"), ax_t.set_ylabel("step time (s)")
+    if drift_keys:
+        ax_d = axes[2]
+        for key in drift_keys:
+            pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None and r[key] > 0]
+            if pts:
+                label = key.split("/", 1)[1].replace("_", " ") if "/" in key else "whole network"
+                ax_d.plot(*zip(*pts), "o-" if key == "reconstruction_error" else ".--", ms=3, lw=0.8, label=label)
+        ax_d.set_yscale("log"), ax_d.set_xlabel("step"), ax_d.legend(fontsize=7)
+        ax_d.set_ylabel("reconstruction error (relative)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

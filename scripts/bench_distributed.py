@@ -1,26 +1,47 @@
-"""Scaling benchmark of a domain-decomposed 3D flow: time per training step, halo time as a
-fraction of the step, and peak memory per rank.
+"""Scaling of a domain-decomposed 3D conditional Glow training step, measured through invnet's
+run stack: the library Trainer with a ParallelStrategy (grid (1, ranks, 1, 1): every volume split
+along its first axis), not a hand-written loop.
 
-    # strong scaling: one 128^3 volume on 1 and 2 ranks
+    # strong scaling: one 128^3 volume on 1 and 2 ranks, one thread each
     mpiexec -n 1 python -m mpi4py scripts/bench_distributed.py --mode strong --size 128
     mpiexec -n 2 python -m mpi4py scripts/bench_distributed.py --mode strong --size 128
     # weak scaling: a 64^3 block per rank (the volume grows with the ranks)
     mpiexec -n 1 python -m mpi4py scripts/bench_distributed.py --mode weak --size 64
     mpiexec -n 2 python -m mpi4py scripts/bench_distributed.py --mode weak --size 64
+    # the largest cubic volume whose step fits in 24 GB: exact tensor bytes at a few sizes, fitted
+    mpiexec -n 1 python -m mpi4py scripts/bench_distributed.py --mode fit --sizes 32 48 64 --budget-gb 24
+    mpiexec -n 2 python -m mpi4py scripts/bench_distributed.py --mode fit --sizes 32 48 64 --budget-gb 24
 
-Each rank runs one thread (OMP_NUM_THREADS=1 unless set). The network: a Haar squeeze, then
-``--depth`` steps of (ActNorm, 1x1 convolution, affine coupling with a 3x3x3 conditioner),
-trained on the NLL with the memory-free backward; the volume is split along the first axis.
-Halo time is measured around the exchange (forward) and its adjoint (backward), waiting included.
-Peak memory: VmHWM of each process (reset before the timed steps). Rank 0 prints one JSON line.
+Per run, rank 0 prints one JSON line:
+
+* ``step_s``: median time of a training step (``--steps`` timed steps after one warm-up);
+  ``step_cpu_s_per_rank``: CPU time per step (steadier on a loaded machine);
+  ``halo_fraction_min/max``: time inside the halo exchange and its adjoint over the step (min:
+  the rank that waits least, closest to the exchange's own cost; max: with load imbalance);
+* ``peak_rss_mb``, ``step_rss_growth_mb``: per rank, the kernel's high-water mark after the timed
+  steps and its growth above the resident memory before them (``MALLOC_MMAP_THRESHOLD_=65536``
+  recommended, so freed blocks go back to the OS);
+* ``live``: exact bytes of tensors created during one step and alive at its peak
+  (:func:`invnet.core.memory_trace.trace_live_bytes`, independent of the allocator and the load),
+  with the part that scales with the local volume (``activations_mb``: storages of at least one
+  local voxel per channel) and the rest (``other_mb``: gradients, optimizer, halo faces, small
+  buffers), and ``at_rest_mb``: tensors alive before the step (parameters, optimizer state, the
+  batch);
+* mode ``fit``: the per-rank memory at each ``--sizes`` edge fitted as ``a + b * voxels_per_rank``
+  (from the exact tensor bytes plus the process's baseline, and from the peak RSS), solved for
+  the largest cube whose step fits in ``--budget-gb`` with all ranks on one machine, and with one
+  rank per machine.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
+import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -28,11 +49,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-import invnet  # noqa: E402
-from invnet.distributed import Partition, decompose, default_comm, halo as halo_module  # noqa: E402
-from invnet.layers import ActNorm, AffineCoupling, Conv1x1, HaarSqueeze  # noqa: E402
+from invnet.core.memory_trace import trace_live_bytes  # noqa: E402
+from invnet.distributed import ParallelStrategy, default_comm  # noqa: E402
+from invnet.distributed import halo as halo_module  # noqa: E402
+from invnet.networks import ConditionalGlow  # noqa: E402
+from invnet.training import Trainer  # noqa: E402
 
 HALO_SECONDS = [0.0]
+MB = 2.0**20
 
 
 def _timed(fn):
@@ -58,11 +82,7 @@ def _status_mb(key: str) -> float:
     return float("nan")
 
 
-def peak_rss_mb() -> float:
-    return _status_mb("VmHWM:")
-
-
-def reset_peak() -> None:
+def _reset_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -70,73 +90,166 @@ def reset_peak() -> None:
         pass
 
 
+class RandomVolumes:
+    """This rank's subdomain of a fixed pair of random volumes (x, y = x + noise), generated on
+    the rank (no rank holds a whole volume): a batch source for the trainer."""
+
+    def __init__(self, shape: tuple[int, ...], batch: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((batch, 1) + shape, generator=g)
+        self.batch = (x, x + 0.5 * torch.randn((batch, 1) + shape, generator=g))
+
+    def next_batch(self):
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build(space: tuple[int, ...], args, comm, out_dir: str) -> Trainer:
+    strategy = ParallelStrategy(space, (1, comm.size, 1, 1), comm)
+    torch.manual_seed(0)
+    net = ConditionalGlow(1, 1, hidden=args.hidden, levels=args.levels, depth=args.depth, ndim=3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    source = RandomVolumes(strategy.local_space_shape, args.batch, seed=1 + comm.rank)
+    return Trainer(net, opt, source, out_dir, steps=1, strategy=strategy, device="cpu", progress=False,
+                   log_every=1)
+
+
+def live_bytes(trainer: Trainer, local_voxels: int) -> dict:
+    """Exact tensor bytes of one step, split into what scales with the local volume and the rest."""
+    at_rest = sum(t.numel() * t.element_size() for t in trainer.model.parameters())
+    at_rest += sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values()
+                   if torch.is_tensor(t))
+    at_rest += sum(t.numel() * t.element_size() for t in trainer.batches.next_batch())
+    trace = trace_live_bytes(trainer._train_step)
+    return {"peak_mb": round(trace.peak_bytes / MB, 2), "end_mb": round(trace.end_bytes / MB, 2),
+            "at_rest_mb": round(at_rest / MB, 2), "local_voxels": local_voxels}
+
+
+def one_run(space: tuple[int, ...], args, comm, trace: bool) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        trainer = build(space, args, comm, out)
+        trainer.fit()  # warm-up step (ActNorm initialisation, allocator)
+        local_voxels = math.prod(trainer.strategy.local_space_shape)
+        live = live_bytes(trainer, local_voxels) if trace else None
+        comm.barrier()
+        _reset_peak()
+        baseline = _status_mb("VmRSS:")
+        HALO_SECONDS[0] = 0.0
+        times = []
+        c0 = time.process_time()
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            trainer._train_step()
+            times.append(time.perf_counter() - t0)
+        cpu = (time.process_time() - c0) / args.steps  # CPU time: steadier than wall time on a loaded machine
+        comm.barrier()
+        step, halo = statistics.median(times), HALO_SECONDS[0] / args.steps
+        per_rank = torch.zeros(6, comm.size, dtype=torch.float64)
+        per_rank[:, comm.rank] = torch.tensor([step, halo, _status_mb("VmHWM:"), _status_mb("VmHWM:") - baseline,
+                                               baseline, cpu], dtype=torch.float64)
+        per_rank = comm.allreduce_sum(per_rank)
+        lives = None
+        if live is not None:
+            table = torch.zeros(3, comm.size, dtype=torch.float64)
+            table[:, comm.rank] = torch.tensor([live["peak_mb"], live["end_mb"], live["at_rest_mb"]], dtype=torch.float64)
+            lives = comm.allreduce_sum(table)
+        return {
+            "ranks": comm.size, "volume": list(space), "local": list(trainer.strategy.local_space_shape),
+            "step_s": round(float(per_rank[0].max()), 3),
+            "step_cpu_s_per_rank": [round(float(v), 3) for v in per_rank[5]],
+            "halo_fraction_min": round(float((per_rank[1] / per_rank[0]).min()), 4),
+            "halo_fraction_max": round(float((per_rank[1] / per_rank[0]).max()), 4),
+            "peak_rss_mb": [round(float(v), 1) for v in per_rank[2]],
+            "step_rss_growth_mb": [round(float(v), 1) for v in per_rank[3]],
+            "rss_before_step_mb": [round(float(v), 1) for v in per_rank[4]],
+            "live_peak_mb": None if lives is None else [round(float(v), 2) for v in lives[0]],
+            "live_end_mb": None if lives is None else [round(float(v), 2) for v in lives[1]],
+            "at_rest_mb": None if lives is None else [round(float(v), 2) for v in lives[2]],
+            "local_voxels": local_voxels,
+        }
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-300)
+    return my - b * mx, b
+
+
+def fit(args, comm) -> dict:
+    """Per-rank memory of a step at several sizes, fitted as ``a + b * voxels per rank`` in two
+    ways, and solved for the largest cube that fits the budget:
+
+    * ``tensors``: exact live tensor bytes (peak of the step + what is alive at rest) plus the
+      process's resident memory without them: what the network needs;
+    * ``rss``: the kernel's high-water mark of the process during the step: what it took, with
+      the workspaces convolution kernels allocate outside tensors (PyTorch's reference Conv3d
+      kernel unfolds its input into a buffer of kernel-volume copies)."""
+    points = [one_run((s, s, s), args, comm, trace=True) for s in args.sizes]
+    voxels = [p["local_voxels"] for p in points]
+    at_rest = [max(p["at_rest_mb"]) for p in points]
+    process_mb = max(max(p["rss_before_step_mb"]) - r for p, r in zip(points, at_rest))
+    models = {
+        "tensors": _line(voxels, [max(p["live_peak_mb"]) + r + process_mb for p, r in zip(points, at_rest)]),
+        "rss": _line(voxels, [max(p["peak_rss_mb"]) for p in points]),
+    }
+    budget = args.budget_gb * 1024.0
+    divisor = comm.size * 2 ** args.levels  # every local size even at each squeeze level
+
+    def largest(model: tuple[float, float], per_rank_budget_mb: float) -> int:
+        a, b = model
+        edge = int(((per_rank_budget_mb - a) / b * comm.size) ** (1 / 3)) if per_rank_budget_mb > a else 0
+        return edge - edge % divisor
+
+    return {
+        "mode": "fit", "ranks": comm.size, "sizes": args.sizes, "points": points, "budget_gb": args.budget_gb,
+        "process_baseline_mb": round(process_mb, 1),
+        "models_mb": {k: {"a": round(a, 1), "b_per_voxel": b} for k, (a, b) in models.items()},
+        # all ranks on one machine share its memory; one rank per machine has it whole
+        "largest_edge_one_machine": {k: largest(m, budget / comm.size) for k, m in models.items()},
+        "largest_edge_one_rank_per_machine": {k: largest(m, budget) for k, m in models.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=("strong", "weak"), default="strong")
+    ap.add_argument("--mode", choices=("strong", "weak", "fit"), default="strong")
     ap.add_argument("--size", type=int, default=128, help="edge of the volume (strong) or of each rank's block (weak)")
-    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 48, 64], help="edges measured in mode fit")
+    ap.add_argument("--budget-gb", type=float, default=24.0)
     ap.add_argument("--hidden", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--levels", type=int, default=2)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up)")
+    ap.add_argument("--trace", action="store_true", help="also count the exact live tensor bytes of one step")
     ap.add_argument("--reference-kernels", action="store_true",
-                    help="PyTorch's own convolution kernel choice (invnet.layers.kernels off), for comparison")
+                    help="PyTorch's own convolution kernel choice (invnet's kernel rule off), for comparison")
     args = ap.parse_args()
     kernel_choice = contextlib.ExitStack()
     if args.reference_kernels:
-        from invnet.layers.kernels import reference_kernels
-
+        try:
+            from invnet.layers.kernels import reference_kernels
+        except ImportError:
+            raise SystemExit("--reference-kernels: this invnet has no kernel rule (invnet.layers.kernels)") from None
         kernel_choice.enter_context(reference_kernels())  # for the whole run (thread-local)
-
     comm = default_comm()
-    ranks = comm.size
-    s = args.size
-    space = (s, s, s) if args.mode == "strong" else (s * ranks, s, s)
-    net = [HaarSqueeze(ndim=3)]
-    for k in range(args.depth):
-        net += [ActNorm(8), Conv1x1(8), AffineCoupling(8, hidden=args.hidden, ndim=3, swap=bool(k % 2))]
-    torch.manual_seed(0)
-    flow = decompose(invnet.Chain(*net), Partition(space, (1, ranks, 1, 1), comm))
-    gen = torch.Generator().manual_seed(1 + comm.rank)
-    x = torch.randn((1, 1) + flow.partition.local_space_shape, generator=gen)
-    opt = torch.optim.SGD(flow.parameters(), lr=1e-4)
-
-    def step() -> None:
-        opt.zero_grad()
-        loss = -flow.log_prob(x).mean()
-        loss.backward()
-        flow.reduce_gradients()
-        opt.step()
-
-    step()  # warm-up (and ActNorm initialisation)
-    reset_peak()
-    baseline = _status_mb("VmRSS:")  # interpreter, torch, weights, input: before the timed steps
-    comm.barrier()
-    HALO_SECONDS[0] = 0.0
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(args.steps):
-        step()
-    comm.barrier()
-    seconds = (time.perf_counter() - t0) / args.steps
-    cpu_seconds = (time.process_time() - c0) / args.steps  # CPU time: steadier on a loaded machine
-    halo = HALO_SECONDS[0] / args.steps
-    per_rank = torch.zeros(5, ranks, dtype=torch.float64)
-    per_rank[:, comm.rank] = torch.tensor(
-        [seconds, halo, peak_rss_mb(), peak_rss_mb() - baseline, cpu_seconds], dtype=torch.float64)
-    per_rank = comm.allreduce_sum(per_rank)
+    common = {"hidden": args.hidden, "levels": args.levels, "depth": args.depth, "batch": args.batch,
+              "kernels": "reference (PyTorch's choice)" if args.reference_kernels else "invnet rule",
+              "threads_per_rank": torch.get_num_threads(), "load_average": os.getloadavg()}
+    if args.mode == "fit":
+        record = fit(args, comm)
+    else:
+        s = args.size
+        space = (s, s, s) if args.mode == "strong" else (s * comm.size, s, s)
+        record = {"mode": args.mode, **one_run(space, args, comm, trace=args.trace)}
     if comm.rank == 0:
-        print(json.dumps({
-            "mode": args.mode, "ranks": ranks, "volume": list(space), "local": list(flow.partition.local_space_shape),
-            "depth": args.depth, "hidden": args.hidden, "threads_per_rank": torch.get_num_threads(),
-            "step_s": round(float(per_rank[0].max()), 3),
-            "step_cpu_s_per_rank": [round(float(v), 3) for v in per_rank[4]],
-            "kernels": "reference (PyTorch's choice)" if args.reference_kernels else "invnet rule",
-            "halo_s": [round(float(v), 4) for v in per_rank[1]],
-            # the exchange itself is best seen on the rank that waits least; the max includes waiting
-            # for a slower neighbour (load imbalance)
-            "halo_fraction_min": round(float((per_rank[1] / per_rank[0]).min()), 4),
-            "halo_fraction_max": round(float((per_rank[1] / per_rank[0]).max()), 4),
-            "peak_rss_mb_per_rank": [round(float(v), 1) for v in per_rank[2]],
-            "step_peak_above_baseline_mb_per_rank": [round(float(v), 1) for v in per_rank[3]],
-        }), flush=True)
+        print(json.dumps({**record, **common, "load_average_after": os.getloadavg()}), flush=True)
     kernel_choice.close()
     comm.close()
 

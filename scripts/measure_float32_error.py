@@ -9,7 +9,8 @@ import torch
 import invnet
 from invnet.core.checks import randomize_parameters_, relative_error
 from invnet.layers import (
-    ActNorm, AdditiveCoupling, AffineCoupling, ChannelPermutation, Conv1x1, HaarSqueeze, LeakyReLU, Sigmoid, Squeeze,
+    ActNorm, AdditiveCoupling, AffineCoupling, ChannelPermutation, Conv1x1, HaarSqueeze, LeakyReLU, Sigmoid,
+    SplineCoupling, Squeeze,
 )
 
 
@@ -20,6 +21,7 @@ def block_errors() -> list[tuple[str, float]]:
     cases = {
         "ActNorm": ActNorm(6), "Conv1x1 (Householder)": Conv1x1(6), "Conv1x1 (LU)": Conv1x1(6, "lu"),
         "AffineCoupling": AffineCoupling(6, 32, 2), "AdditiveCoupling": AdditiveCoupling(6, 32, 2),
+        "SplineCoupling (8 bins)": SplineCoupling(6, 32, 2),
         "ChannelPermutation": ChannelPermutation(6), "LeakyReLU": LeakyReLU(0.2), "Sigmoid": Sigmoid(),
         "Squeeze": Squeeze(), "HaarSqueeze": HaarSqueeze(),
     }
@@ -31,13 +33,13 @@ def block_errors() -> list[tuple[str, float]]:
     return rows
 
 
-def stack_errors(depths=(8, 32, 64), weight_scale=0.02) -> list[tuple[int, float]]:
+def stack_errors(depths=(8, 32, 64), weight_scale=0.02, coupling=AffineCoupling) -> list[tuple[int, float]]:
     rows = []
     for depth in depths:
         torch.manual_seed(0)
         blocks = []
         for _ in range(depth):
-            blocks += [ActNorm(6), Conv1x1(6), AffineCoupling(6, 32, 2)]
+            blocks += [ActNorm(6), Conv1x1(6), coupling(6, 32, 2)]
         flow = randomize_parameters_(invnet.Chain(*blocks), weight_scale)
         x = torch.randn(8, 6, 16, 16)
         with torch.no_grad():
@@ -50,8 +52,10 @@ if __name__ == "__main__":
     print("| block | float32 relative reconstruction error |\n|---|---|")
     for name, err in block_errors():
         print(f"| {name} | {err:.1e} |")
-    print("\n| Glow steps (ActNorm, Conv1x1, AffineCoupling) | weights + N(0, 0.02^2) | weights + N(0, 0.05^2) |")
+    print("\n| Glow steps (ActNorm, Conv1x1, coupling) | weights + N(0, 0.02^2) | weights + N(0, 0.05^2) |")
     print("|---|---|---|")
-    mild, large = stack_errors(weight_scale=0.02), stack_errors(weight_scale=0.05)
-    for (depth, e1), (_, e2) in zip(mild, large):
-        print(f"| {depth} steps | {e1:.1e} | {e2:.1e} |")
+    for coupling in (AffineCoupling, SplineCoupling):
+        mild = stack_errors(weight_scale=0.02, coupling=coupling)
+        large = stack_errors(weight_scale=0.05, coupling=coupling)
+        for (depth, e1), (_, e2) in zip(mild, large):
+            print(f"| {depth} steps, {coupling.__name__} | {e1:.1e} | {e2:.1e} |")

@@ -111,6 +111,155 @@ def test_bench_gpu_without_cuda_says_so(tmp_path):
     assert not out.exists()
 
 
+def _sbi_problems():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("invnet_bench_sbi_problems", os.path.join(SCRIPTS, "sbi_problems.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_moons_reference_samples_follow_the_likelihood():
+    """Rejection samples against quadrature of prior x likelihood on a fine grid (mean and
+    covariance within 4 standard errors of the sample size)."""
+    import numpy as np
+
+    sp = _sbi_problems()
+    tm = sp.TwoMoons()
+    rng = np.random.default_rng(0)
+    for y in tm.joint(2, rng)[1]:
+        s = tm.reference_posterior(y, 20000, rng)
+        g = np.linspace(-1, 1, 2001)
+        pts = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+        w = np.exp(tm.log_likelihood(pts, y))
+        w /= w.sum()
+        mean = w @ pts
+        cov = (pts - mean).T @ ((pts - mean) * w[:, None])
+        se = np.sqrt(np.diag(cov) / len(s))
+        assert np.all(np.abs(s.mean(0) - mean) < 4 * se)
+        assert np.allclose(np.cov(s.T), cov, atol=4 * np.sqrt(2 / len(s)) * np.diag(cov).max())
+
+
+def test_metropolis_recovers_a_known_gaussian():
+    """Independent chains give a standard error of the mean (spread of the chain means); the
+    estimate must sit within 4 of them, and the chains must mix well enough for that to be tight."""
+    import numpy as np
+
+    sp = _sbi_problems()
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((5, 5))
+    cov = a @ a.T / 5 + 0.1 * np.eye(5)
+    prec, mean = np.linalg.inv(cov), np.arange(5.0)
+
+    def log_density(x):
+        d = x - mean
+        return -0.5 * np.einsum("ni,ij,nj->n", d, prec, d)
+
+    chains, per_chain = 100, 40
+    start = mean + rng.standard_normal((chains, 5))
+    s = sp.metropolis(log_density, start, per_chain, rng, burn=2000, thin=10).reshape(chains, per_chain, 5)
+    se = s.mean(1).std(0) / np.sqrt(chains)
+    assert np.all(se < 0.05 * np.sqrt(np.diag(cov)))
+    assert np.all(np.abs(s.reshape(-1, 5).mean(0) - mean) < 4 * se)
+    assert np.allclose(np.cov(s.reshape(-1, 5).T), cov, atol=0.1 * np.diag(cov).max())
+
+
+def test_slcp_likelihood_and_reference_symmetry():
+    import numpy as np
+
+    stats = pytest.importorskip("scipy.stats")
+    sp = _sbi_problems()
+    slcp = sp.SLCP()
+    rng = np.random.default_rng(2)
+    theta, y = slcp.joint(3, rng)
+    for t, obs in zip(theta, y):
+        s1, s2, rho = t[2] ** 2, t[3] ** 2, np.tanh(t[4])
+        cov = [[s1 * s1, rho * s1 * s2], [rho * s1 * s2, s2 * s2]]
+        exact = stats.multivariate_normal(t[:2], cov).logpdf(obs.reshape(4, 2)).sum()
+        assert abs(slcp.log_likelihood(t[None], obs)[0] - exact) < 1e-9
+    ref = slcp.reference_posterior(y[0], 4000, rng)
+    assert ref.shape == (4000, 5) and slcp.in_support(ref).all()
+    for k in (2, 3):  # the likelihood sees t3^2 and t4^2: each sign half the mass (binomial, 4 sd)
+        assert abs((ref[:, k] > 0).mean() - 0.5) < 4 * 0.5 / np.sqrt(4000)
+
+
+def test_bench_posterior_tiny_and_resumable(tmp_path):
+    pytest.importorskip("sklearn")
+    out, work = tmp_path / "res.json", tmp_path / "work"
+    args = ("--problems", "two_moons", "--budgets", "300", "--models", "glow", "spline", "--observations", "1",
+            "--samples", "400", "--max-epochs", "3", "--hidden", "8", "--depth", "2", "--out", str(out),
+            "--work", str(work))
+    proc = run_script("bench_posterior.py", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in results] == ["glow", "spline"]
+    for r in results:
+        assert 0.3 <= r["c2st_mean"] <= 1.0 and r["epochs"] <= 3 and r["inside_support"] > 0
+    again = run_script("bench_posterior.py", *args)
+    assert again.returncode == 0 and again.stdout.count("done: C2ST") == 2
+    table = run_script("bench_posterior.py", "--table", "--out", str(out))
+    assert table.returncode == 0 and table.stdout.count("| two_moons | 300 |") == 2
+
+
+def test_bench_posterior_observations_and_references_stay_matched(tmp_path):
+    """Observation j is the same however many are asked for, and a cached reference made for
+    another observation is refused (a run extended to more observations keeps its scores)."""
+    import importlib.util
+
+    import numpy as np
+
+    _sbi_problems()
+    spec = importlib.util.spec_from_file_location("invnet_bench_posterior", os.path.join(SCRIPTS, "bench_posterior.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    problem = bench.PROBLEMS["gaussian_linear"]()
+    _, few = bench.observations(problem, 2)
+    _, many = bench.observations(problem, 7)
+    assert np.array_equal(few, many[:2])
+    ref = bench.reference_samples(problem, many[0], 0, 200, str(tmp_path))
+    assert np.array_equal(bench.reference_samples(problem, many[0], 0, 200, str(tmp_path)), ref)
+    with pytest.raises(ValueError, match="another observation"):
+        bench.reference_samples(problem, many[1], 0, 200, str(tmp_path))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(__import__("shutil").which("mpiexec") is None, reason="mpiexec is not on PATH (pip install mpich)")
+def test_bench_distributed_tiny():
+    """The scaling script runs through the Trainer and a ParallelStrategy on 2 ranks: strong
+    scaling with the exact live bytes, and the memory fit."""
+    import shutil
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    base = ["timeout", "-s", "KILL", "240", shutil.which("mpiexec"), "-n", "2", sys.executable, "-m", "mpi4py",
+            os.path.join(SCRIPTS, "bench_distributed.py")]
+    proc = subprocess.run(base + ["--mode", "strong", "--size", "16", "--levels", "1", "--depth", "1", "--steps", "1",
+                                  "--trace"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["local"] == [8, 16, 16] and len(record["live_peak_mb"]) == 2 and record["step_s"] > 0
+    assert 0 < record["halo_fraction_min"] <= record["halo_fraction_max"] < 1
+    proc = subprocess.run(base + ["--mode", "fit", "--sizes", "8", "16", "--levels", "1", "--depth", "1", "--steps",
+                                  "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["largest_edge_one_rank_per_machine"]["tensors"] >= record["largest_edge_one_machine"]["tensors"] > 0
+
+
+def test_bench_precision_tiny(tmp_path):
+    out = tmp_path / "precision.json"
+    proc = run_script("bench_precision.py", "--batch", "2", "--size", "16", "--hidden", "8", "--levels", "2",
+                      "--depth", "1", "--repeats", "1", "--precisions", "float32", "bfloat16", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    rows = {r["precision"]: r for r in record["summary"]}
+    assert set(rows) == {"float32", "bfloat16"} and not any(r["error"] for r in rows.values())
+    assert all(r["finite_loss"] and r["step_s"] > 0 and r["live_peak_mb"] > 0 for r in rows.values())
+    assert rows["float32"]["time_ratio_to_float32"] == 1.0 and rows["bfloat16"]["time_ratio_to_float32"] > 0
+
+
 def test_measure_drift_tiny(tmp_path):
     out = tmp_path / "drift.json"
     proc = run_script("measure_drift.py", "--depths", "2", "--steps", "3", "--batch", "8", "--out", str(out))

@@ -17,10 +17,11 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_writes_plots_zarr_and_report(demo_dir, capsys):
     for name in ("report.md", "report.json", "config.toml", "data.h5", "run/metrics.png", "run/metrics.jsonl",
-                 "plots/coverage.png", "plots/error_vs_std.png"):
+                 "plots/coverage.png", "plots/error_vs_std.png", "plots/sbc_ranks.png", "plots/tarp.png"):
         assert (demo_dir / name).exists(), name
     report = json.loads((demo_dir / "report.json").read_text())
     assert report["observations"] == 2 and report["steps"] == 6
+    assert "SBC ranks" in (demo_dir / "report.md").read_text() and 0 <= report["tarp"]["ks_p_value"] <= 1
     assert 0 <= report["coverage"]["0.9"]["empirical"] <= 1 and report["ratio_sample_to_mean_sq_error"] > 1
     g = zarr.open_group(str(demo_dir / "posterior.zarr"), mode="r")
     assert g["mean"].shape == (2, 1, 8, 8) and g["samples"].shape == (2, 4, 1, 8, 8)
@@ -37,6 +38,9 @@ def test_sample_and_info_commands(demo_dir, tmp_path, capsys):
     g = zarr.open_group(out, mode="r")
     assert g["index"][...].tolist() == [0, 1, 2] and g["samples"].shape == (3, 2, 1, 8, 8)
     assert "calibration" in g.attrs and os.path.exists(str(tmp_path / "results_report.json"))
+    report = json.loads((tmp_path / "results_report.json").read_text())
+    assert report["sbc"]["observations"] == 3 and report["tarp"]["observations"] == 3
+    assert (tmp_path / "plots" / "sbc_ranks.png").exists() and (tmp_path / "plots" / "tarp.png").exists()
     assert main(["info", str(demo_dir / "run")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["step"] == 6 and info["network"]["type"] == "ConditionalCouplingFlow"

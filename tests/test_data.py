@@ -1,3 +1,5 @@
+import threading
+
 import h5py
 import numpy as np
 import pytest
@@ -5,8 +7,8 @@ import torch
 import zarr
 
 from invnet.data import (
-    BatchLoader, ZarrResultWriter, chunk_aligned_range, compute_normalization, open_array, open_pairs,
-    train_validation_split,
+    BatchLoader, Shard, ZarrResultWriter, chunk_aligned_range, compute_normalization, data_moments, open_array,
+    open_pairs, train_validation_split,
 )
 
 
@@ -91,8 +93,82 @@ def test_loader_shards_global_batches_over_ranks(arrays, tmp_path):
     x, y = arrays
     ds = open_pairs(write_pairs(str(tmp_path / "d.h5"), x, y))
     full = BatchLoader(ds, range(20), batch_size=4, seed=1).next_batch()[0]
-    parts = [BatchLoader(ds, range(20), batch_size=2, seed=1, rank=r, size=2).next_batch()[0] for r in range(2)]
+    parts = [BatchLoader(ds, range(20), batch_size=2, seed=1, shard=Shard(r, 2)).next_batch()[0] for r in range(2)]
     assert torch.equal(torch.cat(parts), full)
+
+
+@pytest.mark.parametrize("ext", [".h5", ".zarr"])
+@pytest.mark.parametrize("patch", [None, [4, 6]])
+def test_subdomain_shards_read_only_their_part(tmp_path, ext, patch):
+    """Four ranks on a 2 x 2 grid of subdomains (one batch group): each reads a quarter of every
+    sample (of y too, on the same grid), the read counters say so, and the quarters assemble into
+    the serial batch; a vector y is read whole by every rank."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20, 2, 8, 6)).astype("f4")
+    for y in (rng.normal(size=(20, 1, 8, 6)).astype("f4"), rng.normal(size=(20, 3)).astype("f4")):
+        if patch and y.ndim == 2:
+            continue  # patches are cut from x and y alike: y must share the grid
+        path = write_pairs(str(tmp_path / f"d{y.ndim}{ext}"), x, y)
+        serial_ds = open_pairs(path, patch=patch)
+        xs, ys = BatchLoader(serial_ds, range(20), batch_size=4, seed=1).next_batch()
+        space = tuple(patch or (8, 6))
+        quarters = {}
+        for cell in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            ds = open_pairs(path, patch=patch)
+            xb, yb = BatchLoader(ds, range(20), batch_size=4, seed=1, shard=Shard(0, 1, cell, (2, 2))).next_batch()
+            quarters[cell] = xb
+            region = (slice(None), slice(None)) + Shard(0, 1, cell, (2, 2)).region(space)
+            assert torch.equal(xb, xs[region])
+            assert ds.x.bytes_read == xs.numel() * 4 // 4 and ds.x.largest_read <= 4 * 2 * 4 * 3 * 4
+            if y.ndim > 2:
+                assert torch.equal(yb, ys[region]) and ds.y.bytes_read == ys.numel()  # a quarter of float32
+            else:
+                assert torch.equal(yb, ys) and ds.y.bytes_read == ys.numel() * 4  # replicated: read whole
+        top = torch.cat([quarters[(0, 0)], quarters[(0, 1)]], 3)
+        bottom = torch.cat([quarters[(1, 0)], quarters[(1, 1)]], 3)
+        assert torch.equal(torch.cat([top, bottom], 2), xs)
+
+
+def run_as_ranks(n, work):
+    """Run ``work(rank, total)`` in ``n`` threads, ``total`` summing a tensor over them (what an
+    allreduce does across processes); returns the results in rank order."""
+    barrier, slots, results = threading.Barrier(n), [None] * n, [None] * n
+
+    def rank_main(r):
+        def total(t):
+            slots[r] = t.clone()
+            barrier.wait()
+            out = sum(slots[k] for k in range(n))
+            barrier.wait()
+            return out
+
+        results[r] = work(r, total)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_moments_merged_over_shards_equal_the_serial_statistics(tmp_path, arrays):
+    """Two batch groups x two subdomains, each reading its part, merge to the serial statistics."""
+    x, y = arrays
+    ds_path = write_pairs(str(tmp_path / "d.h5"), x, y)
+    serial = compute_normalization(open_pairs(ds_path), range(3, 20))
+
+    def work(r, total):
+        ds = open_pairs(ds_path)
+        moments = data_moments(ds, range(3, 20), shard=Shard(r // 2, 2, (r % 2, 0), (2, 1)))
+        moments.sum_over_ranks(total)
+        return moments.normalization(), ds.x.bytes_read
+
+    results = run_as_ranks(4, work)
+    for norm, _ in results:
+        for key in ("x_mean", "x_std", "y_mean", "y_std"):
+            np.testing.assert_allclose(getattr(norm, key), getattr(serial, key), rtol=1e-12)
+    assert sum(b for _, b in results) == x[3:].nbytes  # every value read once, by one rank
 
 
 def test_bad_inputs_are_rejected_with_clear_errors(tmp_path, arrays):

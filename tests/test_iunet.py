@@ -76,7 +76,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="2 channels"):
         InvertibleUNet(1)
     with pytest.raises(ValueError, match="coupling"):
-        InvertibleUNet(2, coupling="spline")
+        InvertibleUNet(2, coupling="cubic")  # not a key of COUPLINGS
     with pytest.raises(ValueError, match="space dimensions"):
         InvertibleUNet(2, ndim=0)
     net = InvertibleUNet(2, ndim=2, levels=3, blocks=1, hidden=2)

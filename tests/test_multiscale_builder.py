@@ -63,7 +63,7 @@ def test_unknown_coupling_is_refused_everywhere():
     for make in (lambda: Glow(2, coupling="spline?"), lambda: HINT(3, coupling="spline?"),
                  lambda: ConditionalCouplingFlow(1, 1, ndim=1, coupling="spline?"),
                  lambda: HINTCoupling(4, coupling="spline?")):
-        with pytest.raises(ValueError, match=r"coupling must be one of \['additive', 'affine'\]"):
+        with pytest.raises(ValueError, match=r"coupling must be one of \['additive', 'affine', 'spline'\]"):
             make()
 
 

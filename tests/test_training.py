@@ -180,18 +180,18 @@ def test_sigterm_during_setup_stops_before_anything_is_written(tmp_path, monkeyp
     from invnet.training import train_from_config
 
     cfg = config(tmp_path, 2)
-    original = run_module.compute_normalization
+    original = run_module.data_moments
 
     def interrupted(*args, **kwargs):  # the batch system's SIGTERM arrives while the data are checked
         os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "compute_normalization", interrupted)
+    monkeypatch.setattr(run_module, "data_moments", interrupted)
     result = train_from_config(cfg)
     assert result.status == "preempted" and result.step == 0 and result.checkpoint is None
     assert not os.path.exists(os.path.join(cfg["training"]["out_dir"], "config.json"))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    monkeypatch.setattr(run_module, "compute_normalization", original)
+    monkeypatch.setattr(run_module, "data_moments", original)
     result = train_from_config(cfg)  # rerunning the same command just trains
     assert result.status == "finished" and result.step == 2
 

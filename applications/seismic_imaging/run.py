@@ -97,8 +97,8 @@ def main(argv=None) -> dict:
         truth = f["x"][...]
     prior_rmse = float(np.sqrt(((truth - norm["x_mean"][0]) ** 2).mean()))
     report.update(dims=args.dims, shape=list(size["shape"]), n_train=n_train, n_test=n_test, noise=NOISE,
-                  network=cfg["model"]["type"], steps=result.step, final_train_bpd=result.last_train_bpd,
-                  final_val_bpd=result.last_val_bpd, rmse_prior_mean=prior_rmse,
+                  network=cfg["model"]["type"], steps=result.step, final_train_bpd=result.last_train_loss,
+                  final_val_bpd=result.last_val_loss, rmse_prior_mean=prior_rmse,
                   seconds={"data": round(t_data, 1), "train": round(t_train, 1), "sample": round(t_sample, 1)})
     with open(os.path.join(out, f"results_{args.dims}d.json"), "w") as f:
         json.dump(report, f, indent=1)

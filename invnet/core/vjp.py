@@ -159,6 +159,15 @@ class LocalVJP:
         self._grads = grads
         self._done = False
 
+    def add_input(self, t: Tensor) -> Tensor:
+        """Make ``t``, computed inside the ``with`` block without grad (e.g. a block's input
+        rebuilt from its output with parameters the pass also differentiates), one more input:
+        returns its leaf, whose cotangent :meth:`grad` returns after those of the inputs given
+        to :func:`local_vjp`."""
+        leaf = t.detach().requires_grad_(t.is_floating_point())
+        self.inputs = self.inputs + (leaf,)
+        return leaf
+
     def grad(
         self,
         outputs: Union[Tensor, Sequence[Tensor]],

@@ -33,8 +33,9 @@ class ArraySource:
 
     Nothing is loaded when the source is opened; :meth:`read` fetches only the requested region
     (HDF5 and Zarr then read only the chunks it touches). ``max_read_bytes`` bounds a single read,
-    so code that would pull a whole large file into memory fails loudly instead; ``bytes_read`` and
-    ``reads`` count what was fetched (used by tests and by curious users).
+    so code that would pull a whole large file into memory fails loudly instead; ``bytes_read``,
+    ``reads`` and ``largest_read`` (bytes of the biggest single read) count what was fetched (used
+    by tests and by curious users).
 
     Args:
         array: an ``h5py.Dataset`` or ``zarr.Array`` (anything with ``shape``, ``dtype`` and
@@ -55,6 +56,7 @@ class ArraySource:
         self.handle = handle
         self.reads = 0
         self.bytes_read = 0
+        self.largest_read = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -88,6 +90,7 @@ class ArraySource:
         out = np.asarray(self.array[region])
         self.reads += 1
         self.bytes_read += nbytes
+        self.largest_read = max(self.largest_read, nbytes)
         return out
 
     def close(self) -> None:

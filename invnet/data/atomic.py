@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
 
 __all__ = ["atomic_file", "atomic_path", "atomic_dir", "move_aside", "remove_leftovers", "is_leftover", "fsync_path",
            "check_creatable"]
@@ -55,14 +55,21 @@ def is_leftover(name: str) -> bool:
     return name.startswith(".") and _TMP_MARK in name
 
 
-def remove_leftovers(folder: str) -> list[str]:
-    """Remove the temporaries a killed writer left in ``folder``; returns their names. Call it only
-    where no other process is writing at the same time (e.g. the one process that saves checkpoints)."""
+def remove_leftovers(folder: str, of: Optional[str] = None) -> list[str]:
+    """Remove the temporaries a killed writer left in ``folder`` (only those of the output named
+    ``of`` when given); returns their names. Call it only where no other process is writing the
+    same output at the same time (e.g. the one process that saves checkpoints).
+
+    >>> d = tempfile.mkdtemp(); _ = [os.mkdir(os.path.join(d, n)) for n in (".a.zarr.tmp-x1", ".b.zarr.tmp-y")]
+    >>> remove_leftovers(d, of="a.zarr"), sorted(os.listdir(d))
+    (['.a.zarr.tmp-x1'], ['.b.zarr.tmp-y'])
+    """
     if not os.path.isdir(folder):
         return []
     removed = []
+    mine = None if of is None else f".{of}{_TMP_MARK}"
     for name in sorted(os.listdir(folder)):
-        if is_leftover(name):
+        if is_leftover(name) and (mine is None or name.startswith(mine)):
             target = os.path.join(folder, name)
             if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target, ignore_errors=True)

@@ -6,6 +6,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .arrays import ArraySource, open_array
+from .shard import Shard
 
 __all__ = ["PairDataset", "open_pairs"]
 
@@ -68,9 +69,29 @@ class PairDataset:
     def y_shape(self) -> tuple[int, ...]:
         return (self.y.shape[1],) + (self.patch or self.y.shape[2:])
 
-    def read(self, indices: Sequence[int], corners: Optional[Sequence[Sequence[int]]] = None) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def y_on_x_grid(self) -> bool:
+        """Whether ``y`` lives on the grid of ``x`` (same space shape, at least one space axis):
+        then a shard that splits space cuts ``y`` like ``x``; otherwise ``y`` is read whole."""
+        return len(self.x.shape) > 2 and self.y.shape[2:] == self.x.shape[2:]
+
+    def _space_regions(self, shard: Optional[Shard], corner: Sequence[int] = (),
+                       size: Optional[Sequence[int]] = None) -> tuple[tuple, tuple]:
+        """The space regions of ``x`` and ``y`` to read: the shard's subdomain of the box at
+        ``corner`` (of ``size``: the patch, else the whole sample); ``y`` whole unless on the grid."""
+        size = tuple(size or self.patch or self.x.shape[2:])
+        x_space = (shard or Shard()).region(size, corner)
+        if self.y_on_x_grid:
+            return x_space, x_space
+        return x_space, tuple(slice(None) for _ in self.y.shape[2:])
+
+    def read(self, indices: Sequence[int], corners: Optional[Sequence[Sequence[int]]] = None,
+             shard: Optional[Shard] = None) -> tuple[np.ndarray, np.ndarray]:
         """Read samples ``indices`` (any order) as float arrays; with patches, ``corners[k]`` is
-        the patch corner of sample ``k`` (required then)."""
+        the patch corner of sample ``k`` (required then). With a ``shard`` that splits space,
+        only its subdomain of each sample (or patch) is read (of ``y`` too when it lives on the
+        grid of ``x``; see :class:`~invnet.data.shard.Shard`); its batch group is not applied here
+        (``indices`` are already this group's)."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise ValueError(f"sample indices must lie in [0, {len(self)}), got {idx.min()}..{idx.max()}")
@@ -79,15 +100,16 @@ class PairDataset:
                 raise ValueError("a patched dataset needs one corner per index")
             xs, ys = [], []
             for i, corner in zip(idx, corners):
-                region = (slice(int(i), int(i) + 1), slice(None)) + tuple(
-                    slice(int(c), int(c) + p) for c, p in zip(corner, self.patch))
-                xs.append(self.x.read(region))
-                ys.append(self.y.read(region))
+                x_space, y_space = self._space_regions(shard, corner)
+                rows = (slice(int(i), int(i) + 1), slice(None))
+                xs.append(self.x.read(rows + x_space))
+                ys.append(self.y.read(rows + y_space))
             return np.concatenate(xs).astype(np.float64, copy=False), np.concatenate(ys).astype(np.float64, copy=False)
-        return self._read_rows(self.x, idx), self._read_rows(self.y, idx)
+        x_space, y_space = self._space_regions(shard)
+        return self._read_rows(self.x, idx, x_space), self._read_rows(self.y, idx, y_space)
 
     @staticmethod
-    def _read_rows(src: ArraySource, idx: np.ndarray) -> np.ndarray:
+    def _read_rows(src: ArraySource, idx: np.ndarray, space: tuple[slice, ...] = ()) -> np.ndarray:
         # Read each run of consecutive sorted indices as one region, then restore the order asked for.
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
@@ -96,21 +118,29 @@ class PairDataset:
         for k in range(1, len(sorted_idx) + 1):
             if k == len(sorted_idx) or sorted_idx[k] != sorted_idx[k - 1] + 1:
                 lo, hi = int(sorted_idx[start]), int(sorted_idx[k - 1]) + 1
-                parts.append(src.read((slice(lo, hi),)))
+                parts.append(src.read((slice(lo, hi), slice(None)) + tuple(space)))
                 start = k
-        block = np.concatenate(parts) if parts else np.zeros((0,) + src.shape[1:], src.dtype)
+        if parts:
+            block = np.concatenate(parts)
+        else:
+            sizes = [len(range(*s.indices(n))) for s, n in zip(space, src.shape[2:])] + list(src.shape[2 + len(space):])
+            block = np.zeros((0, src.shape[1], *sizes) if len(src.shape) > 1 else (0,), src.dtype)
         out = np.empty_like(block)
         out[order] = block
         return out.astype(np.float64, copy=False)
 
-    def iter_blocks(self, indices: Optional[Sequence[int]] = None, rows: Optional[int] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream whole samples in blocks of consecutive rows (``rows`` defaults to the on-disk
-        chunk length of ``x`` along the sample axis), restricted to ``indices`` when given."""
+    def iter_blocks(self, indices: Optional[Sequence[int]] = None, rows: Optional[int] = None,
+                    shard: Optional[Shard] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream whole samples (or their ``shard``'s subdomain) in blocks of consecutive rows
+        (``rows`` defaults to the on-disk chunk length of ``x`` along the sample axis), restricted
+        to ``indices`` when given."""
         if rows is None:
             rows = max(1, self.x.chunks[0])
         idx = np.arange(len(self)) if indices is None else np.sort(np.asarray(indices, dtype=np.int64))
+        # whole samples (not patches): with a shard, its part of each whole sample
+        x_space, y_space = self._space_regions(shard, size=self.x.shape[2:]) if shard is not None else ((), ())
         for k in range(0, len(idx), rows):
-            yield self._read_rows(self.x, idx[k:k + rows]), self._read_rows(self.y, idx[k:k + rows])
+            yield self._read_rows(self.x, idx[k:k + rows], x_space), self._read_rows(self.y, idx[k:k + rows], y_space)
 
     def close(self) -> None:
         self.x.close()

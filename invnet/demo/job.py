@@ -34,7 +34,7 @@ DEMO_OUTPUTS = ("data.h5", "config.toml", "run", "posterior.zarr", "posterior_re
 _FIRST_LINE = "# written by `invnet demo`"
 
 
-def _config_text(p: dict, data: str, out_dir: str, seed: int) -> str:
+def _config_text(p: dict, data: str, out_dir: str, seed: int, device: str = "auto", precision: str = "float32") -> str:
     return f"""{_FIRST_LINE}; run it again with `invnet train {{this file}}` (see docs/config.md)
 [data]
 path = "{data}"
@@ -67,6 +67,8 @@ checkpoint_every_minutes = 2.0
 keep_last = 2
 seed = {seed}
 progress = true
+device = "{device}"
+precision = "{precision}"
 """
 
 
@@ -94,7 +96,7 @@ def _claim_folder(out_dir: str) -> bool:
 
 
 def run_demo(out_dir: str = "invnet_demo_output", steps: Optional[int] = None, seed: int = 0,
-             size: str = "small", threads: Optional[int] = 1) -> dict:
+             size: str = "small", threads: Optional[int] = 1, device: str = "auto", precision: str = "float32") -> dict:
     """Generate the problem, train, sample held-out posteriors, write plots, Zarr and a report.
     Returns the calibration report (also in ``out_dir/report.json`` and ``report.md``), with
     ``status`` ``"finished"``, or ``"preempted"``/``"interrupted"`` (and ``signal``) when a signal
@@ -115,20 +117,28 @@ def run_demo(out_dir: str = "invnet_demo_output", steps: Optional[int] = None, s
         p["steps"] = steps
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be positive, got {threads}")
+    from ..training.device import check_device_name
+    from ..training.precision import PRECISIONS
+
+    if check_device_name(device):
+        raise ValueError(f"device must be {check_device_name(device)}, got {device!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     out_dir = os.path.abspath(out_dir)
     previous = _claim_folder(out_dir)
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(out_dir, previous, p, size, seed)
+        return _run(out_dir, previous, p, size, seed, device, precision)
     finally:
         torch.set_num_threads(before)
 
 
-def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int) -> dict:
+def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int, device: str, precision: str) -> dict:
     from ..data import train_validation_split
     from ..inference import sample_job
+    from ..inference.diagnostics import diagnostics_summary
     from ..training import load_config, train_from_config
 
     t0, cpu0 = time.time(), time.process_time()
@@ -139,7 +149,7 @@ def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int) -> dict:
     if not demo_data_matches(data, p["n"], p["image"], seed):
         make_demo_data(data, p["n"], p["image"], seed)
     with atomic_file(os.path.join(out_dir, "config.toml")) as f:
-        f.write(_config_text(p, "data.h5", "run", seed))
+        f.write(_config_text(p, "data.h5", "run", seed, device, precision))
     print(f"deblurring {p['image']}x{p['image']} layered images, {p['n']} simulated pairs -> {data}", flush=True)
     cfg = load_config(os.path.join(out_dir, "config.toml"))
     if os.path.isdir(cfg["training"]["out_dir"]):  # the previous demo's run (the folder is the demo's own)
@@ -156,11 +166,11 @@ def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int) -> dict:
     plots = os.path.join(out_dir, "plots")
     t1 = time.time()
     report = sample_job(result.checkpoint, data, store, n_samples=p["n_samples"], batch_size=min(100, p["n_samples"]),
-                        indices=obs, plots=plots, seed=seed, overwrite=True, progress=True)
+                        indices=obs, plots=plots, seed=seed, overwrite=True, progress=True, device=device)
     t_sample, t_total, cpu = time.time() - t1, time.time() - t0, time.process_time() - cpu0
     report = dict(report, status="finished", size=size, train_seconds=round(t_train, 1),
                   sample_seconds=round(t_sample, 1), total_seconds=round(t_total, 1), cpu_seconds=round(cpu, 1),
-                  steps=result.step, final_train_bpd=result.last_train_bpd, final_val_bpd=result.last_val_bpd)
+                  steps=result.step, final_train_bpd=result.last_train_loss, final_val_bpd=result.last_val_loss)
     with atomic_file(os.path.join(out_dir, "report.json")) as f:
         json.dump(report, f, indent=1)
     cov = report["coverage"]
@@ -177,11 +187,12 @@ def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int) -> dict:
         "- coverage of central intervals (sample quantiles): " + ", ".join(
             f"{float(k):.0%}: {cov[k]['empirical']:.3f}" for k in ("0.5", "0.9", "0.95")),
         f"- E|sample - x|^2 / E|mean - x|^2 = {report['ratio_sample_to_mean_sq_error']:.3f} (2 if calibrated)",
+        f"- {diagnostics_summary(report)}",
         f"- time: {t_total:.0f} s wall clock, {cpu:.0f} s CPU (all threads) for the demo ({size})",
         "",
         "Files: data.h5 (pairs), config.toml, run/ (checkpoints, metrics.jsonl, metrics.png), posterior.zarr "
         "(mean, std, samples, index; docs/config.md), posterior_report.json, plots/ (posterior_*.png, "
-        "error_vs_std.png, coverage.png), report.json.",
+        "error_vs_std.png, coverage.png, sbc_ranks.png, tarp.png), report.json.",
     ]
     with atomic_file(os.path.join(out_dir, "report.md")) as f:
         f.write("\n".join(lines) + "\n")

@@ -10,14 +10,17 @@ CUDA streams), otherwise staged through host memory.
 """
 from __future__ import annotations
 
+import builtins
 import os
 import socket
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Communicator", "SerialComm", "MPIComm", "TorchComm", "default_comm"]
+__all__ = ["Communicator", "SerialComm", "MPIComm", "TorchComm", "default_comm", "agree_on_errors"]
+
+T = TypeVar("T")
 
 
 class Communicator:
@@ -57,13 +60,30 @@ class Communicator:
         """Send a picklable Python object from ``root`` to every rank (configs, paths, flags)."""
         raise NotImplementedError
 
-    def allreduce(self, t: Tensor) -> Tensor:
-        """Alias of :meth:`allreduce_sum` (the trainer's communicator protocol)."""
-        return self.allreduce_sum(t)
-
     def allreduce_scalar(self, value: float) -> float:
         """Sum of a Python number over ranks (for verdicts and logging)."""
         return float(self.allreduce_sum(torch.tensor([float(value)], dtype=torch.float64))[0])
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any: a decision all ranks must take together
+        (stop after this step, write a checkpoint now).
+
+        >>> SerialComm().agree(True), SerialComm().agree(False)
+        (True, False)
+        """
+        if self.size == 1:
+            return bool(flag)
+        return self.allreduce_scalar(1.0 if flag else 0.0) > 0
+
+    def node_local(self) -> tuple[int, int]:
+        """``(rank, size)`` of this process among the ranks on its node (the processes that share
+        memory with it): under MPI the world split by ``MPI.COMM_TYPE_SHARED``. A rank uses it to
+        pick the GPU of its node (:func:`invnet.training.device.resolve_device`). Collective.
+
+        >>> SerialComm().node_local()
+        (0, 1)
+        """
+        return 0, 1
 
     def close(self) -> None:
         """Release backend resources (no-op unless the backend needs it)."""
@@ -194,13 +214,21 @@ class MPIComm(Communicator):
     def split(self, color: int, key: int) -> "MPIComm":
         return MPIComm(self.comm.Split(color, key), cuda_aware=self.cuda_aware)
 
+    def node_local(self) -> tuple[int, int]:
+        shared = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return shared.Get_rank(), shared.Get_size()
+        finally:
+            shared.Free()
+
     def abort(self, code: int = 1) -> None:
         """End every rank of the job at once (used when one rank cannot go on)."""
         self.comm.Abort(code)
 
 
 class TorchComm(Communicator):
-    """torch.distributed backend: gloo for CPU tensors, NCCL for CUDA tensors.
+    """torch.distributed backend: gloo for CPU tensors, NCCL for CUDA tensors (with NCCL, the
+    few CPU tensors the jobs reduce, flags and loss sums, travel through this rank's GPU).
 
     Ranks and the world size come from the MPI launcher (mpi4py); rank 0 picks a free TCP port
     and broadcasts its host and port, so no environment variables are needed. Set
@@ -234,8 +262,9 @@ class TorchComm(Communicator):
                     port = s.getsockname()[1]
             host, port = world.bcast((host, port), root=0)
             kwargs = {}
-            if backend == "nccl":
-                kwargs["device_id"] = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+            if backend == "nccl":  # one GPU per rank: the GPU of its node-local rank
+                local, _ = MPIComm(world).node_local()
+                kwargs["device_id"] = torch.device("cuda", local % max(1, torch.cuda.device_count()))
             dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=size, **kwargs)
         self.group = group
         self._ranks = _ranks  # global ranks of this group, in group order
@@ -245,13 +274,19 @@ class TorchComm(Communicator):
     def _global(self, r: int) -> int:
         return r if self._ranks is None else self._ranks[r]
 
+    def _on_backend_device(self, t: Tensor) -> Tensor:
+        # NCCL moves only CUDA memory
+        if self.backend == "nccl" and not t.is_cuda:
+            return t.to(torch.device("cuda", torch.cuda.current_device()))
+        return t
+
     def allreduce_sum(self, t: Tensor) -> Tensor:
-        out = t.detach().contiguous().clone()
+        out = self._on_backend_device(t.detach().contiguous()).clone()
         self._dist.all_reduce(out, op=self._dist.ReduceOp.SUM, group=self.group)
-        return out
+        return out.to(t.device)
 
     def broadcast(self, t: Tensor, root: int = 0) -> Tensor:
-        buf = t.detach().contiguous()
+        buf = self._on_backend_device(t.detach().contiguous())
         self._dist.broadcast(buf, src=self._global(root), group=self.group)
         if buf.data_ptr() != t.data_ptr():
             with torch.no_grad():
@@ -263,9 +298,11 @@ class TorchComm(Communicator):
         ops = []
         rbuf = None
         if send is not None and dest is not None:
-            ops.append(dist.P2POp(dist.isend, send.detach().contiguous(), self._global(dest), self.group))
+            ops.append(dist.P2POp(dist.isend, self._on_backend_device(send.detach().contiguous()), self._global(dest),
+                                  self.group))
         if recv is not None and source is not None:
-            rbuf = recv if recv.is_contiguous() else torch.empty_like(recv)
+            rbuf = recv if recv.is_contiguous() and (recv.is_cuda or self.backend != "nccl") else \
+                self._on_backend_device(torch.empty_like(recv))
             ops.append(dist.P2POp(dist.irecv, rbuf, self._global(source), self.group))
         if ops:
             for req in dist.batch_isend_irecv(ops):
@@ -286,8 +323,8 @@ class TorchComm(Communicator):
         # new_group is collective over the whole default group: every rank creates every group,
         # in the same order, and keeps its own.
         dist = self._dist
-        mine = torch.tensor([color, key, self._global(self.rank)], dtype=torch.int64)
-        table = [torch.zeros(3, dtype=torch.int64) for _ in range(self.size)]
+        mine = self._on_backend_device(torch.tensor([color, key, self._global(self.rank)], dtype=torch.int64))
+        table = [torch.zeros_like(mine) for _ in range(self.size)]
         dist.all_gather(table, mine, group=self.group)
         rows = [tuple(int(v) for v in r) for r in table]
         own = None
@@ -298,26 +335,35 @@ class TorchComm(Communicator):
                 own = (grp, ranks)
         return TorchComm(self.backend, group=own[0], _ranks=own[1])
 
+    def node_local(self) -> tuple[int, int]:
+        from mpi4py import MPI  # the ranks came from the MPI launcher (see __init__)
+
+        if self._ranks is not None or self.size != MPI.COMM_WORLD.Get_size():
+            raise ValueError("node_local is defined on the world group of a TorchComm, not on a split one")
+        return MPIComm(MPI.COMM_WORLD).node_local()
+
     def close(self) -> None:
         if self.group is None and self._dist.is_initialized():
             self._dist.destroy_process_group()
 
 
-def default_comm() -> Communicator:
-    """The communicator of this job: :class:`MPIComm` over ``COMM_WORLD`` when mpi4py is
-    installed and more than one process runs (or ``INVNET_COMM=mpi``), else :class:`SerialComm`.
-    ``INVNET_COMM=gloo`` / ``nccl`` selects :class:`TorchComm`.
+def default_comm(backend: str = "auto") -> Communicator:
+    """The communicator of this job. ``backend``: ``"auto"`` (the environment variable
+    ``INVNET_COMM`` if set, else :class:`MPIComm` over ``COMM_WORLD`` when mpi4py is installed and
+    more than one process runs, else :class:`SerialComm`), ``"mpi"``, ``"gloo"`` or ``"nccl"``
+    (:class:`TorchComm`), ``"serial"``.
 
     >>> default_comm().size >= 1
     True
     """
-    choice = os.environ.get("INVNET_COMM", "auto")
+    choice = os.environ.get("INVNET_COMM", "auto") if backend == "auto" else backend
     if choice in ("gloo", "nccl"):
         return TorchComm(choice)
     if choice == "serial":
         return SerialComm()
     if choice not in ("auto", "mpi"):
-        raise ValueError(f"INVNET_COMM must be auto, mpi, gloo, nccl or serial, got {choice!r}")
+        raise ValueError(f"the communication backend must be auto, mpi, gloo, nccl or serial (INVNET_COMM or "
+                         f"[distributed] backend), got {choice!r}")
     try:
         from mpi4py import MPI
     except ImportError:
@@ -327,3 +373,44 @@ def default_comm() -> Communicator:
     if choice == "mpi" or MPI.COMM_WORLD.Get_size() > 1:
         return MPIComm()
     return SerialComm()
+
+
+#: the errors a job reports as bad input (exit code 2); :func:`agree_on_errors` shares them
+_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                 PermissionError)
+
+
+def agree_on_errors(comm: Communicator, check: Callable[[], T]) -> T:
+    """Run ``check()`` on every rank and return its result; if it raises a bad-input error
+    (``ValueError``, ``FileNotFoundError``, ...) on any rank, every rank raises the error of the
+    lowest such rank (same type, same one-line message), so no rank is left waiting in a
+    collective the failed one never reaches. Collective (one allreduce, one broadcast on failure).
+
+    >>> agree_on_errors(SerialComm(), lambda: 3)
+    3
+    >>> agree_on_errors(SerialComm(), lambda: int("x"))
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid literal for int() with base 10: 'x'
+    """
+    error: Optional[BaseException] = None
+    result = None
+    try:
+        result = check()
+    except _INPUT_ERRORS as err:
+        error = err
+    if comm.size == 1:
+        if error is not None:
+            raise error
+        return result
+    failed = torch.zeros(comm.size, dtype=torch.float64)
+    failed[comm.rank] = 0.0 if error is None else 1.0
+    failed = comm.allreduce_sum(failed)
+    if not bool((failed > 0).any()):
+        return result
+    root = int(torch.nonzero(failed > 0)[0, 0])
+    kind, message = comm.bcast((type(error).__name__, str(error)) if comm.rank == root else None, root)
+    if comm.rank == root:
+        raise error
+    cls = getattr(builtins, kind, ValueError)
+    raise (cls if isinstance(cls, type) and issubclass(cls, _INPUT_ERRORS) else ValueError)(message) from None

@@ -34,8 +34,12 @@ def broadcast_parameters(module: nn.Module, comm: Communicator, root: int = 0) -
 
 def allreduce_gradients(module: nn.Module, comm: Communicator, scale: float = 1.0) -> None:
     r"""Replace each trainable parameter's gradient by ``scale`` times its sum over ranks, with
-    ONE allreduce of a flat buffer (one per dtype if parameters mix dtypes). A missing gradient
-    counts as zero, so every rank contributes the same layout.
+    ONE allreduce of a flat buffer (one per dtype if parameters mix dtypes). This is invnet's one
+    gradient reduction: data parallelism (``scale = 1/ranks``), domain decomposition (partial
+    gradients summed over the ranks of a volume) and both (``scale = 1/batch_ranks``) use it,
+    through :class:`~invnet.distributed.ParallelStrategy`. A parameter without a gradient on some
+    rank counts as zero there; one without a gradient on every rank keeps none (so that an
+    optimizer skips it as it would serially).
 
     >>> import torch
     >>> from invnet.distributed.comm import SerialComm
@@ -49,15 +53,18 @@ def allreduce_gradients(module: nn.Module, comm: Communicator, scale: float = 1.
     for p in params:
         by_dtype.setdefault(p.dtype, []).append(p)
     for group in by_dtype.values():
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        # one buffer: the gradients, then one has-a-gradient flag per parameter
+        flags = torch.tensor([0.0 if p.grad is None else 1.0 for p in group], dtype=group[0].dtype,
+                             device=group[0].device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group] + [flags])
         if comm.size > 1:
             flat = comm.allreduce_sum(flat)
         if scale != 1.0:
-            flat = flat * scale
+            flat[: -len(group)] *= scale
         offset = 0
-        for p in group:
+        for p, has in zip(group, flat[-len(group):].tolist()):
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
+            p.grad = flat[offset : offset + n].view_as(p).clone() if has > 0 else None
             offset += n
 
 

@@ -32,7 +32,7 @@ from .halo import HaloPad
 from .partition import Partition
 from .reduce import sum_over_ranks
 
-__all__ = ["decompose", "DecomposedFlow", "count_squeezes"]
+__all__ = ["decompose", "DecomposedFlow", "count_squeezes", "check_decomposable"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -47,9 +47,42 @@ def count_squeezes(network: nn.Module) -> int:
     return sum(1 for m in network.modules() if isinstance(m, SqueezeBase))
 
 
-def _check_decomposable(network: nn.Module, partition: Partition) -> None:
+def _replicated_summary(network: nn.Module) -> Optional[nn.Module]:
+    """A summary network whose output is a vector: it reads the whole observation on every rank
+    and computes the same condition everywhere (its gradients, partial per rank through ``dc``,
+    add up in the one gradient reduction), so it is left as it is."""
+    summary = getattr(network, "summary", None)
+    return summary if isinstance(summary, nn.Module) and getattr(network, "vector_condition", False) else None
+
+
+def _modules_outside(network: nn.Module, skip: Optional[nn.Module]):
+    """``named_modules`` of ``network`` without the subtree of ``skip``."""
+    inside = set() if skip is None else {id(m) for m in skip.modules()}
+    return [(name, m) for name, m in network.named_modules() if id(m) not in inside]
+
+
+def check_decomposable(network: nn.Module, partition: Partition, levels: Optional[int] = None) -> None:
+    """Raise a one-line ``ValueError`` unless ``network`` can run on ``partition``'s subdomains:
+    no convolution that pads by itself, no ``patch`` squeeze (its blocks span the whole domain)
+    when space is split, no summary network that maps the observation onto the grid of ``x``
+    (it resamples the whole observation; a summary to a vector is replicated and fine), and even
+    local sizes at each of ``levels`` squeeze levels (default: the squeezes counted in the
+    network). Local arithmetic only, identical on every rank: nothing is sent, nothing changes.
+
+    >>> import invnet
+    >>> from invnet.distributed import Partition, SerialComm
+    >>> check_decomposable(invnet.Chain(invnet.layers.Squeeze(ndim=1)), Partition((6,), (1, 1), SerialComm()))
+    """
     spatial = partition.spatial_size > 1
-    for name, m in network.named_modules():
+    summary = getattr(network, "summary", None)
+    replicated = _replicated_summary(network)
+    if spatial and isinstance(summary, nn.Module) and replicated is None:
+        raise ValueError(
+            f"the summary network {type(summary).__name__} maps the observation onto the grid of x and "
+            f"cannot be decomposed (it resamples the whole observation); on a grid that splits space "
+            f"({partition.grid}) use a summary to a vector (vector_condition), no summary, or one spatial rank"
+        )
+    for name, m in _modules_outside(network, replicated):
         where = name or type(network).__name__
         if isinstance(m, _CONVS):
             pads = m.padding if isinstance(m.padding, tuple) else (m.padding,)
@@ -65,11 +98,12 @@ def _check_decomposable(network: nn.Module, partition: Partition) -> None:
             )
         if isinstance(m, HaloPad):
             raise ValueError(f"{where} is already decomposed (it contains a HaloPad)")
+    partition.check_levels(count_squeezes(network) if levels is None else levels)
 
 
 def _swap_pads(network: nn.Module, partition: Partition) -> int:
     count = 0
-    for parent in list(network.modules()):
+    for _, parent in _modules_outside(network, _replicated_summary(network)):
         for name, child in list(parent._modules.items()):
             if isinstance(child, ZeroPad):
                 parent._modules[name] = HaloPad(partition, child.ndim, child.width)
@@ -148,9 +182,13 @@ class DecomposedFlow(FlowNetwork):
             return inner(c, shape)
         return super().sample_shape(c, shape)
 
+    def condition(self, c: Optional[Tensor]) -> Optional[Tensor]:
+        """The wrapped network's condition (its summary network's output, if it has one)."""
+        return self.network.condition(c) if isinstance(self.network, FlowNetwork) else c
+
     def log_prob(self, x: Tensor, c: Optional[Tensor] = None) -> Tensor:
         """Global :math:`\\log q(x|c)` per local sample (replicated over spatial ranks)."""
-        z, logdet = self(x, c)
+        z, logdet = self(x, self.condition(c))
         return sum_over_ranks(self.base.log_prob(z), self.partition.spatial) + logdet
 
     def bits_per_dim(self, x: Tensor, c: Optional[Tensor] = None, bin_width: float = 1.0) -> Tensor:
@@ -203,8 +241,7 @@ def decompose(network: InvertibleModule, partition: Partition, levels: Optional[
     net_ndim = getattr(network, "ndim", None)
     if net_ndim is not None and net_ndim != partition.ndim:
         raise ValueError(f"network has {net_ndim} space dimension(s) but the partition {partition.ndim}")
-    _check_decomposable(network, partition)
-    partition.check_levels(count_squeezes(network) if levels is None else levels)
+    check_decomposable(network, partition, levels)
     _swap_pads(network, partition)
     use_global_statistics(network, partition.world)
     broadcast_parameters(network, partition.world)

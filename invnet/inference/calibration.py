@@ -100,13 +100,17 @@ class Calibration:
             del self.pairs[self.max_pairs:]
         self.per_obs.append((math.sqrt(float((err * err).mean())), float(summary.std.mean())))
 
-    def sum_over_ranks(self, comm) -> None:
+    def sum_over_ranks(self, comm, shared_by: int = 1) -> None:
         """Sum the counts and sums over the ranks of ``comm`` (each rank calibrated its own
-        observations), so that :meth:`report` describes all of them on every rank. The (|error|,
-        std) pairs for the plots stay this rank's. ``comm``: anything with ``allreduce`` of a tensor.
+        observations, or, when a volume is split, its own subdomain of them: ``shared_by`` ranks
+        share each observation, which then counts once), so that :meth:`report` describes all of
+        them on every rank. The (|error|, std) pairs for the plots stay this rank's. ``comm``: a
+        :class:`~invnet.distributed.Communicator`.
 
-        >>> class TwoRanks:  # as if a second rank had seen the same observations
-        ...     def allreduce(self, t): return 2 * t
+        >>> from invnet.distributed import SerialComm
+        >>> class TwoRanks(SerialComm):  # as if a second rank had seen the same observations
+        ...     size = 2
+        ...     def allreduce_sum(self, t): return 2 * t
         >>> cal = Calibration()
         >>> s = PosteriorSummary(torch.zeros(4), torch.ones(4), torch.zeros(0, 4), 10, torch.tensor([5, 5, 0, 10]), 2.0)
         >>> cal.add(s, torch.zeros(4)); cal.sum_over_ranks(TwoRanks()); cal.report()["observations"]
@@ -116,8 +120,8 @@ class Calibration:
         values = [self.n_obs, self.n_elements, self.z_sum, self.z_sq, self.sq_err_mean, self.sq_err_samples,
                   self.var_sum, float(self.n_obs > 0), float(self.n_samples), float(bool(self.inside_emp)),
                   *[float(self.inside_emp.get(k, 0)) for k in keys], *[float(self.inside_gauss.get(k, 0)) for k in keys]]
-        total = comm.allreduce(torch.tensor(values, dtype=torch.float64)).tolist()
-        self.n_obs, self.n_elements = int(round(total[0])), int(round(total[1]))
+        total = comm.allreduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+        self.n_obs, self.n_elements = int(round(total[0] / shared_by)), int(round(total[1]))
         self.z_sum, self.z_sq, self.sq_err_mean, self.sq_err_samples, self.var_sum = total[2:7]
         ranks_with_obs, n_samples, ranks_with_truth_ranks = total[7:10]
         self.n_samples = int(round(n_samples / ranks_with_obs)) if ranks_with_obs else 0  # the same on every rank

@@ -18,9 +18,12 @@ import numpy as np
 import torch
 
 from ..data import ZarrResultWriter, chunk_aligned_range, open_array
-from ..data.atomic import atomic_dir, atomic_file, check_creatable
-from ..training.comm import Comm, SerialComm
+from ..data.atomic import atomic_dir, atomic_file, check_creatable, remove_leftovers
+from ..distributed.comm import Communicator, SerialComm, agree_on_errors
+from ..distributed.strategy import ParallelStrategy
 from .calibration import Calibration
+from .diagnostics import PosteriorDiagnostics
+from .noise import TILE, TiledNoise
 from .sampler import PosteriorSampler, summarize_posterior
 
 __all__ = ["sample_job", "report_path", "is_sample_store", "STORE_MARK"]
@@ -113,59 +116,93 @@ def _check_outputs(out: str, plots: Optional[str], figures: list[str], overwrite
     check_creatable(out, "--out")
 
 
-def _check_observations(ys, xs, rows: np.ndarray) -> None:
+class _Rows:
+    """What this rank reads of one row of the observations and truths: its subdomain of arrays on
+    the grid of ``x`` when space is split, whole rows otherwise (vectors: replicated)."""
+
+    def __init__(self, strategy: ParallelStrategy, x_space: tuple[int, ...]) -> None:
+        self.x_space = x_space
+        self.region = strategy.shard().region(x_space) if strategy.decomposed else None
+
+    def of(self, src) -> tuple:
+        if self.region is not None and tuple(src.shape[2:]) == self.x_space:
+            return self.region
+        return ()
+
+    def read(self, src, i: int) -> torch.Tensor:
+        block = src.read((slice(i, i + 1), slice(None)) + self.of(src))[0]
+        return torch.from_numpy(np.ascontiguousarray(block).astype(np.float64))
+
+
+def _check_observations(ys, xs, rows: np.ndarray, reader: _Rows) -> None:
     """Every chosen observation (and truth) must be finite: name the first row that is not."""
     for i in rows:
         for src in (ys, xs):
-            if src is not None and not np.isfinite(src.read((slice(int(i), int(i) + 1),))).all():
+            if src is not None and not bool(torch.isfinite(reader.read(src, int(i))).all()):
                 raise ValueError(f"{src.name} holds NaN or Inf in row {int(i)}; drop it (--indices) or clean the data")
 
 
-def _agree_on_errors(comm: Comm, check) -> None:
-    """Run ``check`` on every rank; if it fails on any, every rank raises (none waits for the others
-    in a collective that never comes)."""
-    problem = None
+def _sampling_strategy(ckpt_meta: dict, ys, comm: Communicator, grid: Optional[Sequence[int]]) -> ParallelStrategy:
+    """The grid of a sampling job: ``grid`` when given, else the run's split of space with the
+    rest of the ranks as observation groups when the job's ranks are a multiple of it (else no
+    split: every rank samples whole volumes of its observations); on the grid the unknown is
+    drawn on (the observation's, for a fully convolutional network; the training data's otherwise)."""
+    data = ckpt_meta.get("data") or {}
+    spec = ckpt_meta.get("spec") or {}
+    x_shape = tuple(data.get("x_shape") or ())
+    on_grid = len(ys.shape) > 2 and len(x_shape) == len(ys.shape) - 1 and spec.get("summary") is None
+    space = tuple(ys.shape[2:]) if on_grid else x_shape[1:]
+    if grid is None:
+        run_grid = (ckpt_meta.get("run") or {}).get("grid") or []
+        split = tuple(run_grid[1:]) if len(run_grid) == len(space) + 1 else (1,) * len(space)
+        if comm.size % math.prod(split):  # e.g. a run trained on a split volume, sampled serially
+            split = (1,) * len(space)
+        grid = (comm.size // math.prod(split),) + split
     try:
-        check()
+        strategy = ParallelStrategy(space, grid, comm)
     except ValueError as err:
-        problem = err
-    if comm.size > 1:
-        failed = float(comm.allreduce(torch.tensor([0.0 if problem is None else 1.0], dtype=torch.float64))[0])
-        if failed > 0 and problem is None:
-            problem = ValueError("another rank found a bad observation (its message says which); nothing was written")
-    if problem is not None:
-        raise problem
-
-
-def _read(src, i: int) -> torch.Tensor:
-    return torch.from_numpy(src.read((slice(i, i + 1),))[0].astype(np.float64))
+        raise ValueError(f"--grid: {err}") from None
+    strategy.check_data((x_shape[0] if x_shape else 1,) + space, ys.shape[1:])
+    return strategy
 
 
 def sample_job(
     checkpoint: str, data: str, out: str, n_samples: int = 100, batch_size: int = 50, temperature: float = 1.0,
     keep: int = 4, indices: Optional[Sequence[int]] = None, x_name: Optional[str] = "x", y_name: str = "y",
-    plots: Optional[str] = None, n_plots: int = 3, seed: int = 0, comm: Optional[Comm] = None,
-    overwrite: bool = False, progress: bool = False,
+    plots: Optional[str] = None, n_plots: int = 3, seed: int = 0, comm: Optional[Communicator] = None,
+    overwrite: bool = False, progress: bool = False, grid: Optional[Sequence[int]] = None,
+    device: Optional[str] = None,
 ) -> dict:
     r"""Draw ``n_samples`` posterior samples for each observation ``y[i]`` (``i`` in ``indices``,
     all by default) of the HDF5/Zarr file ``data`` and write, per observation, the posterior
-    ``mean``, ``std`` and the first ``keep`` ``samples`` to the Zarr store ``out`` (one chunk per
-    observation; ``index`` holds the source rows; layout in docs/config.md). When the file also
-    holds the truth ``x_name``, calibration (see :class:`~invnet.inference.Calibration`) is
-    measured, stored in the store's attributes and in :func:`report_path` next to it, and
-    ``plots`` (a folder) gets figures. ``progress`` shows a bar over the observations.
+    ``mean``, ``std`` and the first ``keep`` ``samples`` to the Zarr store ``out`` (``index``
+    holds the source rows; layout in docs/config.md). When the file also holds the truth
+    ``x_name``, calibration (see :class:`~invnet.inference.Calibration`) is measured, stored in
+    the store's attributes and in :func:`report_path` next to it, and ``plots`` (a folder) gets
+    figures. ``progress`` shows a bar over the observations. ``device``: ``"auto"``, ``"cpu"``
+    (default), ``"cuda"`` (each rank the GPU of its node-local rank) or ``"cuda:N"``; the
+    arithmetic is the run's precision.
 
-    Everything is checked first (arguments, outputs, the checkpoint, every chosen observation);
-    then the store is written under a temporary name and renamed to ``out`` when complete, so an
-    error or an interruption leaves no partial output. ``overwrite`` replaces an existing store
-    only if this job wrote it (:func:`is_sample_store`), with its report and figures.
+    Everything is checked first (arguments, outputs, the grid, the checkpoint, every chosen
+    observation); then the store is written under a temporary name and renamed to ``out`` when
+    complete, so an error or an interruption leaves no partial output. ``overwrite`` replaces an
+    existing store only if this job wrote it (:func:`is_sample_store`), with its report and figures.
 
-    Distributed hook: rank ``r`` of ``comm`` handles the chunk-aligned block of observations
-    :func:`~invnet.data.chunk_aligned_range` gives it; rank 0 creates the store and renames it.
-    Calibration is summed over the ranks (every rank returns the report of all observations;
-    rank 0 writes it; the error-vs-std figure shows rank 0's observations). Returns the
-    calibration report (or ``{}``).
+    Parallel jobs (``comm`` over several ranks) run on a grid ``(groups, p_1, ..., p_d)``
+    (``grid``; default: the run's split of space, the other ranks as groups): observation group
+    ``g`` samples the chunk-aligned block of observations :func:`~invnet.data.chunk_aligned_range`
+    gives it, and each volume is split over the ``p`` ranks of the group (the network decomposed
+    as in training): each rank reads only its subdomain of the observation and the truth, and
+    writes its own chunks (the arrays are chunked by subdomain). The latents come from
+    :class:`~invnet.inference.noise.TiledNoise` seeded by ``(seed, row, sample, tile)``, so the
+    store is the same whatever the grid, serial included. Rank 0 creates the temporary store and
+    renames it after every rank's part is in; a bad observation found by one rank stops every rank
+    with its message before any collective. Calibration is summed over the ranks (every rank
+    returns the report of all observations; rank 0 writes it). Returns the calibration report
+    (or ``{}``).
     """
+    from ..training.checkpoint import read_checkpoint
+
     comm = comm or SerialComm()
     _check_arguments(n_samples, batch_size, temperature, keep, n_plots)
     ys = open_array(data, y_name)
@@ -180,57 +217,79 @@ def sample_job(
         raise ValueError(f"indices must lie in [0, {ys.shape[0]}) and not be empty")
     if xs is not None and xs.shape[0] != ys.shape[0]:
         raise ValueError(f"{xs.name} and {ys.name} hold different numbers of samples ({xs.shape[0]} vs {ys.shape[0]})")
+    meta = read_checkpoint(checkpoint).meta  # a damaged checkpoint: CheckpointError naming the file
+    strategy = _sampling_strategy(meta, ys, comm, grid)
     m = len(rows)
-    blocks = [chunk_aligned_range(m, 1, r, comm.size) for r in range(comm.size)]
+    blocks = [chunk_aligned_range(m, 1, g, strategy.batch_ranks) for g in range(strategy.batch_ranks)]
     plotted = [int(rows[k]) for lo, hi in blocks for k in range(lo, min(hi, lo + n_plots))] if plots else []
     figures = [f"posterior_{i:05d}.png" for i in plotted]
     if plots and xs is not None:
         figures += ["error_vs_std.png", "coverage.png"]
+        if not strategy.decomposed:
+            figures += ["sbc_ranks.png", "tarp.png"]
     _check_outputs(out, plots, figures, overwrite)
-    sampler = PosteriorSampler.from_checkpoint(checkpoint)
-    x_shape = tuple(sampler.sample(2, _read(ys, int(rows[0]))).shape[1:])  # the observation fits the network
+    sampler = PosteriorSampler.from_checkpoint(checkpoint, device, strategy)
+    reader = _Rows(strategy, strategy.partition.space_shape)
+    first = reader.read(ys, int(rows[0]))
+    local_shape = tuple(sampler.sample(2, first, generator=torch.Generator().manual_seed(seed)).shape[1:])  # it fits
+    x_shape = local_shape[:1] + strategy.partition.space_shape
     if xs is not None and tuple(xs.shape[1:]) != x_shape:
         raise ValueError(f"{xs.name} has samples of shape {tuple(xs.shape[1:])}, the network draws {x_shape}")
-    lo, hi = blocks[comm.rank]
-    _agree_on_errors(comm, lambda: _check_observations(ys, xs, rows[lo:hi]))  # each rank reads its own block
+    lo, hi = blocks[strategy.batch_group]
+    agree_on_errors(comm, lambda: _check_observations(ys, xs, rows[lo:hi], reader))  # each rank reads its part
     # ---- everything checked: write
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if comm.rank == 0:  # the temporary store of a job that was killed (e.g. an MPI abort) goes
+        remove_leftovers(os.path.dirname(os.path.abspath(out)), of=os.path.basename(os.path.abspath(out)))
     attrs = dict(STORE_MARK, checkpoint=os.path.abspath(checkpoint), data=os.path.abspath(data), y=y_name,
-                 n_samples=n_samples, temperature=temperature, seed=seed)
+                 n_samples=n_samples, temperature=temperature, seed=seed, grid=list(strategy.grid),
+                 noise={"kind": "tiles", "tile": TILE})
     cal = Calibration() if xs is not None else None
-    shown: list[tuple] = []  # what the figures need, for the first n_plots observations of this rank
+    # SBC and TARP summarise whole unknowns (random projections of the full volume), which no rank
+    # of a split volume holds: they are computed when each observation is on one rank
+    diag = (PosteriorDiagnostics.for_sampler(sampler, x_shape, seed=seed)
+            if xs is not None and not strategy.decomposed else None)
+    shown: list[tuple] = []  # what the figures need, for the first n_plots observations of this group
+    offsets = tuple(sl.start for sl in reader.region) if reader.region is not None else (0,) * len(x_shape[1:])
+    chunk = local_shape
+    draws = strategy.decomposed  # figures of split volumes: drawn from sections read back from the store
     builder = atomic_dir(out, replace=overwrite) if comm.rank == 0 else contextlib.nullcontext(None)
     with builder as tmp:
         tmp = comm.bcast(tmp)  # rank 0's temporary store
         if comm.rank == 0:
             ZarrResultWriter.create(tmp, {
-                "mean": ((m,) + x_shape, (1,) + x_shape, "f4"),
-                "std": ((m,) + x_shape, (1,) + x_shape, "f4"),
-                "samples": ((m, keep) + x_shape, (1, max(keep, 1)) + x_shape, "f4"),
+                "mean": ((m,) + x_shape, (1,) + chunk, "f4"),
+                "std": ((m,) + x_shape, (1,) + chunk, "f4"),
+                "samples": ((m, keep) + x_shape, (1, max(keep, 1)) + chunk, "f4"),
                 "index": ((m,), (1,), "i8"),
             }, attrs=attrs, overwrite=True)
         comm.barrier()
         writer = ZarrResultWriter.open(tmp)
-        gen = torch.Generator().manual_seed(seed * 1000003 + comm.rank)
         from tqdm import tqdm
 
         for k in tqdm(range(lo, hi), desc="sample", unit="obs", dynamic_ncols=True,
                       disable=not (progress and comm.rank == 0)):
             i = int(rows[k])
-            y = _read(ys, i)
-            truth = None if xs is None else _read(xs, i)
-            s = summarize_posterior(sampler, y, n_samples, batch_size, temperature, keep, truth, gen)
-            writer.write("mean", k, s.mean[None].numpy())
-            writer.write("std", k, s.std[None].numpy())
-            writer.write("samples", k, s.samples[None].numpy())
-            writer.write("index", k, np.array([i]))
+            y = reader.read(ys, i)
+            truth = None if xs is None else reader.read(xs, i)
+            watched = sampler if diag is None else diag.watch(sampler, truth)
+            s = summarize_posterior(watched, y, n_samples, batch_size, temperature, keep, truth, TiledNoise(seed, i))
+            writer.write("mean", (k, 0) + offsets, s.mean[None].numpy())
+            writer.write("std", (k, 0) + offsets, s.std[None].numpy())
+            writer.write("samples", (k, 0, 0) + offsets, s.samples[None].numpy())
+            if strategy.partition.spatial_index == 0:  # one rank per observation writes its row number
+                writer.write("index", k, np.array([i]))
             if cal is not None:
                 cal.add(s, truth)
-            if plots and k - lo < n_plots:
-                shown.append((i, truth, y, s))
+            if diag is not None:
+                diag.add(s)
+            if plots and k - lo < n_plots and not draws:
+                shown.append((i, truth, y, s.mean, s.std, s.samples))
         if cal is not None and comm.size > 1:
-            cal.sum_over_ranks(comm)  # the report covers every rank's observations
-        report = cal.report() if cal is not None else {}
+            cal.sum_over_ranks(comm, shared_by=strategy.spatial_size)  # the report covers every rank's observations
+        if diag is not None and comm.size > 1:
+            diag.sum_over_ranks(comm, lo, m)
+        report = {**cal.report(), **(diag.report() if diag is not None else {})} if cal is not None else {}
         comm.barrier()  # every rank's part is in before rank 0 renames the store into place
         if comm.rank == 0 and report:
             writer.group.attrs["calibration"] = report
@@ -238,18 +297,53 @@ def sample_job(
         with atomic_file(report_path(out)) as f:
             json.dump(report, f, indent=1)
     if plots:
+        if draws:
+            comm.barrier()  # the store is in place
+            if strategy.partition.spatial_index == 0:
+                shown = [_sections(out, ys, xs, rows, k) for k in range(lo, min(hi, lo + n_plots))]
         _draw(plots, shown, cal if comm.rank == 0 else None, report, n_samples, temperature)
     return report
 
 
+def _sections(out: str, ys, xs, rows: np.ndarray, k: int) -> tuple:
+    """What the figure of observation ``k`` of the store shows, read as sections (the middle along
+    the last axis of a volume; a 2D field or a vector whole), so no rank holds a whole volume."""
+    import zarr
+
+    group = zarr.open_group(out, mode="r")
+    i = int(rows[k])
+
+    def section(arr, lead: tuple) -> torch.Tensor:
+        shape = arr.shape[len(lead):]
+        if len(shape) == 4:  # (channels, *space3d): the middle plane
+            return torch.from_numpy(np.asarray(arr[lead + (slice(None),) * 3 + (slice(shape[-1] // 2, shape[-1] // 2 + 1),)])[..., 0])
+        return torch.from_numpy(np.asarray(arr[lead]))
+
+    def from_file(src):
+        if src is None:
+            return None
+        shape = src.shape[1:]
+        if len(shape) == 4:
+            mid = shape[-1] // 2
+            return torch.from_numpy(src.read((slice(i, i + 1), slice(None), slice(None), slice(None), slice(mid, mid + 1)))[0, ..., 0])
+        return torch.from_numpy(src.read((slice(i, i + 1),))[0])
+
+    samples = torch.stack([section(group["samples"], (k, j)) for j in range(group["samples"].shape[1])]) \
+        if group["samples"].shape[1] else torch.zeros(0)
+    return i, from_file(xs), from_file(ys), section(group["mean"], (k,)), section(group["std"], (k,)), samples
+
+
 def _draw(plots: str, shown: list[tuple], cal: Optional[Calibration], report: dict, n_samples: int,
           temperature: float) -> None:
-    from ..plotting import plot_coverage, plot_error_vs_std, plot_posterior
+    from ..plotting import plot_coverage, plot_error_vs_std, plot_posterior, plot_rank_histograms, plot_tarp
 
     os.makedirs(plots, exist_ok=True)
-    for i, truth, y, s in shown:
-        plot_posterior(os.path.join(plots, f"posterior_{i:05d}.png"), truth, y, s.mean, s.std, s.samples,
+    for i, truth, y, mean, std, samples in shown:
+        plot_posterior(os.path.join(plots, f"posterior_{i:05d}.png"), truth, y, mean, std, samples,
                        f"observation {i}: {n_samples} samples, T={temperature}")
     if cal is not None and report:
         plot_error_vs_std(os.path.join(plots, "error_vs_std.png"), cal)
         plot_coverage(os.path.join(plots, "coverage.png"), report)
+        if "sbc" in report:  # not for split volumes
+            plot_rank_histograms(os.path.join(plots, "sbc_ranks.png"), report["sbc"])
+            plot_tarp(os.path.join(plots, "tarp.png"), report["tarp"])

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from ..data.normalization import Normalization
 from .moments import RunningMoments
+from .noise import TiledNoise
+
+if TYPE_CHECKING:
+    from ..distributed.strategy import ParallelStrategy
+    from ..training.precision import Precision
 
 __all__ = ["Sampler", "PosteriorSampler", "PosteriorSummary", "summarize_posterior"]
 
@@ -33,10 +38,19 @@ class PosteriorSampler:
     :math:`x = \sigma_x \hat x + \mu_x`.
 
     Args:
-        model: a conditional :class:`~invnet.networks.FlowNetwork`.
+        model: a conditional :class:`~invnet.networks.FlowNetwork`, or one decomposed over a
+            parallel grid (:class:`~invnet.distributed.DecomposedFlow`: observations and samples
+            are then this rank's subdomain).
         normalization: the statistics the model was trained with (identity when ``None``).
         x_shape: shape of one unknown ``(channels, *space)``, needed when the observation's
             grid differs from it (summary networks).
+        device: where to compute (default: where the model is); samples come back on the CPU.
+        precision: a :class:`~invnet.training.precision.Precision` (or its name) whose autocast
+            the inverse runs under (default: the model's dtype, no autocast).
+
+    Noise: ``generator`` in :meth:`sample` is a ``torch.Generator`` (or ``None``: the global
+    one), or a :class:`~invnet.inference.noise.TiledNoise`, whose latents do not depend on how
+    the volume is split (what ``invnet sample`` uses).
 
     >>> from invnet.networks import ConditionalCouplingFlow
     >>> s = PosteriorSampler(ConditionalCouplingFlow(1, 1, ndim=1, depth=1, hidden=4))
@@ -45,31 +59,49 @@ class PosteriorSampler:
     """
 
     def __init__(self, model, normalization: Optional[Normalization] = None,
-                 x_shape: Optional[Sequence[int]] = None) -> None:
+                 x_shape: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
+                 precision: "Optional[Precision | str]" = None) -> None:
+        from ..training.precision import Precision
+
         self.model = model.eval()
         self.normalization = normalization
         self.x_shape = None if x_shape is None else tuple(int(v) for v in x_shape)
+        ref = next(iter(model.parameters()), None)
+        self.device = device if device is not None else (ref.device if ref is not None else torch.device("cpu"))
+        self.precision = precision if isinstance(precision, Precision) else (
+            Precision(precision) if precision is not None else Precision.of_model(model))
 
     @classmethod
-    def from_checkpoint(cls, path: str) -> "PosteriorSampler":
-        """Rebuild the network from a checkpoint's spec and weights (no code is unpickled)."""
+    def from_checkpoint(cls, path: str, device: "Optional[str | torch.device]" = None,
+                        strategy: "Optional[ParallelStrategy]" = None) -> "PosteriorSampler":
+        """Rebuild the network from a checkpoint's spec and weights (no code is unpickled), in the
+        run's precision, on ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ...; default the CPU),
+        decomposed over ``strategy``'s grid when it splits space."""
         from ..training.checkpoint import read_checkpoint
-        from ..training.config import torch_dtype
+        from ..training.device import resolve_device
         from ..training.network_spec import build_network
+        from ..training.precision import Precision
 
         ckpt = read_checkpoint(path)  # a damaged file: CheckpointError naming it
         if not ckpt.meta.get("spec"):
             raise ValueError(f"checkpoint {ckpt.path} holds no network spec; it was not written by invnet train")
         data = ckpt.meta.get("data") or {}
-        model = build_network(ckpt.meta["spec"]).to(torch_dtype(data.get("dtype", "float32")))
+        precision = Precision((ckpt.meta.get("run") or {}).get("precision") or data.get("dtype", "float32"))
+        model = build_network(ckpt.meta["spec"]).to(precision.parameter_dtype)  # (older runs: dtype)
+        if strategy is not None:
+            strategy.check_network(model)
         try:
             model.load_state_dict(ckpt.weights)
         except RuntimeError as err:  # weights of another shape than the spec says
             reason = (str(err).strip().splitlines() or ["mismatch"])[0][:300]
             raise ValueError(f"{os.path.join(ckpt.path, 'model.safetensors')} does not fit the network in its "
                              f"meta.json: {reason}") from None
+        where = resolve_device(device or "cpu", None if strategy is None else strategy.comm)
+        model.to(where)
+        if strategy is not None:
+            model = strategy.prepare(model)
         norm = ckpt.meta.get("normalization")
-        return cls(model, Normalization.from_dict(norm) if norm else None, data.get("x_shape"))
+        return cls(model, Normalization.from_dict(norm) if norm else None, data.get("x_shape"), where, precision)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -77,18 +109,49 @@ class PosteriorSampler:
         return p.dtype if p is not None else torch.get_default_dtype()
 
     @torch.no_grad()
-    def sample(self, n: int, y: Tensor, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
-        """``n`` samples given one raw observation ``y`` of shape ``(channels, *space)``."""
+    def sample(self, n: int, y: Tensor, temperature: float = 1.0,
+               generator: "Optional[torch.Generator | TiledNoise]" = None) -> Tensor:
+        """``n`` samples given one raw observation ``y`` of shape ``(channels, *space)`` (this
+        rank's subdomain of it for a decomposed model whose observation lives on the grid)."""
+        from ..distributed.decompose import DecomposedFlow
+
         c = torch.as_tensor(y).to(self.dtype)[None]
         if self.normalization is not None:
             c = self.normalization.y_to_normal(c)
+        c = c.to(self.device)
+        part = self.model.partition if isinstance(self.model, DecomposedFlow) else None
         shape = None  # a fully convolutional network trained on patches samples on the observation's grid ...
         if self.x_shape is not None and (tuple(c.shape[2:]) != self.x_shape[1:]
                                          or getattr(self.model, "summary", None) is not None):
             shape = self.x_shape  # ... unless the condition cannot tell the grid (a summary network's output)
-        x = self.model.sample(n, c, temperature=temperature, shape=shape, generator=generator)
+            if part is not None:
+                shape = (shape[0],) + part.local_space_shape
+        with self.precision.autocast(self.device):
+            if isinstance(generator, TiledNoise):
+                x = self._inverse_of_noise(n, c, shape, temperature, generator, part)
+            else:
+                x = self.model.sample(n, c, temperature=temperature, shape=shape, generator=generator)
+        x = x.to("cpu", self.dtype)
         if self.normalization is not None:
             x = self.normalization.x_to_raw(x)
+        return x
+
+    def _inverse_of_noise(self, n: int, c: Tensor, shape, temperature: float, noise: TiledNoise, part) -> Tensor:
+        """``x = f^{-1}(T z; c)`` with ``z`` this rank's block of the grid-independent latents."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        cond = self.model.condition(c)
+        if cond is not None and n > 1:
+            cond = cond.expand((n,) + tuple(cond.shape[1:]))
+        shape = self.model.sample_shape(cond, shape)
+        z_shape = self.model.latent_shape((n,) + tuple(shape), None if cond is None else tuple(cond.shape))
+        local = tuple(z_shape[2:])
+        grid = part.space_grid if part is not None else (1,) * len(local)
+        coords = part.coords if part is not None else (0,) * len(local)
+        space = tuple(m * p for m, p in zip(local, grid))  # the latent's blocks are proportional to x's
+        block = tuple(slice(k * m, (k + 1) * m) for k, m in zip(coords, local))
+        z = noise.draw(n, z_shape[1], space, block).to(self.device, self.dtype)
+        x, _ = self.model.inverse(temperature * z, cond)
         return x
 
 

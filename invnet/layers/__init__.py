@@ -12,13 +12,15 @@ from .hint import HINTCoupling, hint_conditioner_count
 from .hyperbolic import HyperbolicLayer, TiedConvResidual
 from .irim import IRIMCoupling
 from .resampling import LearnableDownsample
+from .spline import SplineCoupling, rq_spline, spline_knots
 from .squeeze import (
     HaarSqueeze, Squeeze, SqueezeBase, depth_to_space, haar_matrix, merge_channels, space_to_depth, split_channels,
 )
 from .structural import ChannelSubset, Inverted
 
 __all__ = [
-    "ActNorm", "Conv1x1", "ChannelPermutation", "AffineCoupling", "AdditiveCoupling", "COUPLINGS", "make_coupling",
+    "ActNorm", "Conv1x1", "ChannelPermutation", "AffineCoupling", "AdditiveCoupling", "SplineCoupling",
+    "rq_spline", "spline_knots", "COUPLINGS", "make_coupling",
     "Squeeze", "HaarSqueeze", "SqueezeBase", "space_to_depth", "depth_to_space", "haar_matrix",
     "split_channels", "merge_channels",
     "LeakyReLU", "Sigmoid", "Logit",

@@ -1,6 +1,6 @@
 """The coupling transforms a flow step can use, by name.
 
-Networks take ``coupling="affine"`` (the default) or ``"additive"`` and build every coupling with
+Networks take ``coupling="affine"`` (the default), ``"additive"`` or ``"spline"`` and build every coupling with
 :func:`make_coupling`, so a new transform is one entry in :data:`COUPLINGS`: a function
 
     ``maker(channels, hidden, ndim, cond_channels, swap, clamp, **conditioner_kwargs) -> InvertibleModule``
@@ -17,6 +17,7 @@ from typing import Callable
 
 from ..core.module import InvertibleModule
 from .coupling import AdditiveCoupling, AffineCoupling
+from .spline import SplineCoupling
 
 __all__ = ["COUPLINGS", "CouplingMaker", "check_coupling", "make_coupling"]
 
@@ -34,9 +35,17 @@ def _additive(channels: int, hidden: int, ndim: int, cond_channels: int, swap: b
     return AdditiveCoupling(channels, hidden, ndim, cond_channels, swap=swap, **conditioner_kwargs)
 
 
-#: Coupling transforms by name: ``"affine"`` (:class:`~invnet.layers.AffineCoupling`, RealNVP/Glow)
-#: and ``"additive"`` (:class:`~invnet.layers.AdditiveCoupling`, NICE, volume preserving).
-COUPLINGS: dict[str, CouplingMaker] = {"affine": _affine, "additive": _additive}
+def _spline(channels: int, hidden: int, ndim: int, cond_channels: int, swap: bool, clamp: float,
+            **kwargs) -> InvertibleModule:
+    # clamp bounds the knot log-slopes as it bounds the affine log-scale; kwargs may also carry
+    # bins, tail_bound, min_bin_width, min_bin_height
+    return SplineCoupling(channels, hidden, ndim, cond_channels, clamp=clamp, swap=swap, **kwargs)
+
+
+#: Coupling transforms by name: ``"affine"`` (:class:`~invnet.layers.AffineCoupling`, RealNVP/Glow),
+#: ``"additive"`` (:class:`~invnet.layers.AdditiveCoupling`, NICE, volume preserving) and
+#: ``"spline"`` (:class:`~invnet.layers.SplineCoupling`, rational-quadratic neural spline flows).
+COUPLINGS: dict[str, CouplingMaker] = {"affine": _affine, "additive": _additive, "spline": _spline}
 
 
 def check_coupling(kind: str) -> str:

@@ -15,24 +15,40 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .schema import (REQUIRED, Key, check_keywords, check_section, constructor_parameters, fraction, nonempty, one_of,
-                     positive, positive_integers)
+from .precision import PRECISIONS, Precision
+from .schema import (REQUIRED, Key, check_keywords, check_section, constructor_parameters, fraction, nonempty,
+                     nonnegative, one_of, positive, positive_integers)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["load_config", "validate_config", "resume_differences", "SECTIONS", "OPEN_SECTIONS", "DTYPES",
+__all__ = ["load_config", "validate_config", "resume_differences", "SECTIONS", "OPEN_SECTIONS", "RENAMED",
            "torch_dtype"]
 
-#: the ``dtype`` names a run may use and their torch types
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+def _grid(v: Any) -> Optional[str]:
+    return None if v and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in v) else \
+        "a list [batch_ranks, p_1, ..., p_d] of positive integers (one rank count per space axis of x)"
+
+
+def _entry_point(v: Any) -> Optional[str]:
+    return None if v.count(":") == 1 and all(v.split(":")) else 'an entry point "package.module:name"'
+
+
+def _device(v: Any) -> Optional[str]:
+    from .device import check_device_name
+
+    return check_device_name(v)
 
 #: the fixed sections, one line per key: Key(type, default (REQUIRED / None: unset), check, resume=may change)
 SECTIONS: dict[str, dict[str, Key]] = {
-    "data": {
-        "path": Key(str, REQUIRED, nonempty, resume=True),  # the file may move; its shapes are checked on resume
+    "data": {  # a file of pairs (path) or a simulator drawing fresh pairs every step (source)
+        "path": Key(str, None, nonempty, resume=True),  # the file may move; its shapes are checked on resume
+        "source": Key(str, None, _entry_point),  # "package.module:function" (invnet.data.simulated)
+        "arguments": Key(dict, None),  # keyword arguments of the simulator
+        "validation_size": Key(int, 0, nonnegative, resume=True),  # simulated validation pairs (fixed)
         "x": Key(str, "x", nonempty),
         "y": Key(str, "y", nonempty),
         "validation_fraction": Key(float, 0.1, fraction),
@@ -52,20 +68,46 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "checkpoint_every_minutes": Key(float, None, positive, resume=True),
         "keep_last": Key(int, 3, positive, resume=True),
         "progress": Key(bool, True, resume=True),
-        "dtype": Key(str, "float32", one_of(*DTYPES)),
+        "device": Key(str, "auto", _device, resume=True),  # a run moves between devices freely
+        "precision": Key(str, "float32", one_of(*PRECISIONS), resume=True),  # e.g. float32 after drift in bfloat16
+        "drift_check_every": Key(int, None, positive, resume=True),
+        "drift_warn_above": Key(float, 1e-4, positive, resume=True),
+        "drift_fail_above": Key(float, 1e-2, positive, resume=True),
+        "loss": Key(str, None, _entry_point),  # loss_fn(model, batch) -> per-sample losses; default: bits/dim
+    },
+    "distributed": {
+        "grid": Key(list[int], None, _grid, resume=True),  # the batch groups are checked on resume (global batch)
+        "backend": Key(str, "auto", one_of("auto", "mpi", "nccl", "gloo"), resume=True),
     },
 }
 
+#: keys an older invnet wrote under another name: section -> {old: new}; read as the new one
+RENAMED = {"training": {"dtype": "precision"}}
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a config's ``dtype`` name.
 
-    >>> torch_dtype("float64")
-    torch.float64
+def _renamed(section: str, table: Any, strict: bool) -> Any:
+    """``table`` with the old key names of :data:`RENAMED` replaced (``strict``: giving both the old
+    and the new name is an error; else the new one wins)."""
+    if not isinstance(table, dict):
+        return table
+    table = dict(table)
+    for old, new in RENAMED.get(section, {}).items():
+        if old in table:
+            if new in table and strict:
+                raise ValueError(f"[{section}] gives both {old!r} (its older name) and {new!r}; keep only {new!r}")
+            value = table.pop(old)
+            table.setdefault(new, value)
+    return table
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The dtype of the parameters and data of a run in ``precision`` (also an older ``dtype``
+    name: ``float32``, ``float64``).
+
+    >>> torch_dtype("float64"), torch_dtype("bfloat16")
+    (torch.float64, torch.float32)
     """
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    return Precision(precision).parameter_dtype
 
 
 def _optimizer_class(name: str) -> type:
@@ -87,13 +129,14 @@ def _scheduler_class(name: str) -> type:
     return cls
 
 
-def _network_class(name: str) -> type:
-    from .. import networks
-    from .network_spec import available_networks
+def _network_class(name: str) -> "type | Callable":
+    from .network_spec import network_class
 
-    if name not in available_networks():
-        raise ValueError(f"[model] unknown type {name!r}; available: {available_networks()}")
-    return getattr(networks, name)
+    try:
+        return network_class(name)
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(message if message.startswith("[model]") else f"[model] {message}") from None
 
 
 @dataclass(frozen=True)
@@ -143,6 +186,26 @@ def _check_open(section: str, spec: OpenSection, given: Any) -> Optional[dict]:
     return table
 
 
+def _check_data_kind(d: dict) -> None:
+    """``[data]`` reads a file (``path``) or calls a simulator (``source``), never both; the
+    simulator and a custom loss must import (checked now, before anything is read or written)."""
+    from ..data.simulated import load_entry_point
+
+    if (d["path"] is None) == (d["source"] is None):
+        raise ValueError('[data] needs either path (a file of pairs) or source (a simulator "package.module:function" '
+                         "drawing fresh pairs every step), not " + ("both" if d["path"] else "neither"))
+    if d["source"] is None:
+        if d["arguments"] is not None or d["validation_size"]:
+            raise ValueError("[data] arguments and validation_size belong to a simulator (source); with a file, "
+                             "validation_fraction holds out pairs")
+        return
+    given = [k for k in ("patch", "max_read_mb") if d[k] is not None]
+    if given:
+        raise ValueError(f"[data] {given} read a file; a simulator (source) draws whole samples")
+    if not callable(load_entry_point(d["source"], "[data] source")):
+        raise ValueError(f"[data] source {d['source']!r} is not a function")
+
+
 def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     """Check a parsed configuration and fill in defaults; relative paths are taken from
     ``base_dir`` (the config file's folder). Raises ``ValueError`` naming the allowed keys, the
@@ -155,7 +218,7 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     >>> validate_config({"data": {"path": "d.h5", "bogus": 1}})
     Traceback (most recent call last):
     ...
-    ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'x', 'y', 'validation_fraction', 'patch', 'seed', 'max_read_mb']
+    ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'source', 'arguments', 'validation_size', 'x', 'y', 'validation_fraction', 'patch', 'seed', 'max_read_mb']
     """
     if not isinstance(cfg, dict):
         raise ValueError(f"a configuration is a table of sections, got {type(cfg).__name__}")
@@ -163,12 +226,20 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     unknown = sorted(set(cfg) - set(allowed))
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; allowed sections: {allowed}")
-    out: dict[str, Any] = {name: check_section(name, cfg.get(name, {}), keys) for name, keys in SECTIONS.items()}
+    out: dict[str, Any] = {name: check_section(name, _renamed(name, cfg.get(name, {}), strict=True), keys)
+                           for name, keys in SECTIONS.items()}
     for name, spec in OPEN_SECTIONS.items():
         out[name] = _check_open(name, spec, cfg.get(name))
     d, t = out["data"], out["training"]
-    d["path"] = os.path.normpath(os.path.join(base_dir, d["path"]))
+    _check_data_kind(d)
+    if d["path"] is not None:
+        d["path"] = os.path.normpath(os.path.join(base_dir, d["path"]))
     t["out_dir"] = os.path.normpath(os.path.join(base_dir, t["out_dir"]))
+    if t["loss"] is not None:
+        from ..data.simulated import load_entry_point
+
+        if not callable(load_entry_point(t["loss"], "[training] loss")):
+            raise ValueError(f"[training] loss {t['loss']!r} is not a function")
     return out
 
 
@@ -195,7 +266,7 @@ def resume_differences(stored: dict, new: dict) -> list[str]:
 
     for section, keys in SECTIONS.items():
         fixed = [k for k, key in keys.items() if not key.resume]
-        compare(section, {k: v for k, v in (stored.get(section) or {}).items() if k in fixed},
+        compare(section, {k: v for k, v in (_renamed(section, stored.get(section), False) or {}).items() if k in fixed},
                 {k: v for k, v in new[section].items() if k in fixed},
                 {k: key.default for k, key in keys.items() if key.default is not REQUIRED})
     for section, spec in OPEN_SECTIONS.items():

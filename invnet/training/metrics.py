@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+from typing import Optional
 
 import torch
 
@@ -12,10 +13,11 @@ from ..data.atomic import atomic_file
 __all__ = ["MetricsLog", "peak_memory_mb"]
 
 
-def peak_memory_mb() -> float:
-    """Peak memory in MiB: the accelerator's peak allocation on CUDA, else the process's peak RSS."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_memory_mb(device: Optional[torch.device] = None) -> float:
+    """Peak memory in MiB: the GPU's peak allocation when ``device`` is a CUDA device, else the
+    process's peak resident memory."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

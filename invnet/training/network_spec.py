@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
@@ -10,7 +10,8 @@ from .. import networks
 from ..networks.base import FlowNetwork
 from .schema import accepted_keywords, check_keywords
 
-__all__ = ["build_network", "resolve_network_spec", "available_networks", "available_summaries", "check_summary"]
+__all__ = ["build_network", "resolve_network_spec", "available_networks", "available_summaries", "check_summary",
+           "network_class"]
 
 
 #: constructor arguments a spec need not give: they are taken from the data
@@ -34,6 +35,28 @@ def available_networks() -> list[str]:
     return sorted(n for n in dir(networks) if isinstance(getattr(networks, n), type)
                   and issubclass(getattr(networks, n), FlowNetwork) and getattr(networks, n) is not FlowNetwork
                   and _configurable(getattr(networks, n)))
+
+
+def network_class(name: str) -> "type | Callable[..., nn.Module]":
+    """What ``[model] type = name`` builds: a network of :mod:`invnet.networks` by its name, or an
+    application's own model by entry point, ``"package.module:Name"`` (a class or a function whose
+    keyword arguments are the other keys of the spec, returning an ``nn.Module``; checkpoints store
+    the name, so the package must be importable wherever the run is resumed or sampled).
+
+    >>> network_class("ConditionalGlow").__name__, network_class("torch.nn:Identity").__name__
+    ('ConditionalGlow', 'Identity')
+    """
+    if isinstance(name, str) and ":" in name:
+        from ..data.simulated import load_entry_point
+
+        found = load_entry_point(name, "[model] type")
+        if not callable(found):
+            raise ValueError(f"[model] type {name!r} is not a class or function")
+        return found
+    if name not in available_networks():
+        raise ValueError(f"unknown network type {name!r}; available: {available_networks()}, or an entry point "
+                         '"package.module:Name" of your own model')
+    return getattr(networks, name)
 
 
 def available_summaries() -> list[str]:
@@ -66,9 +89,7 @@ def resolve_network_spec(spec: dict, x_shape: Sequence[int], y_shape: Sequence[i
     if "type" not in spec:
         raise ValueError(f"the network spec needs a 'type', one of {available_networks()}")
     name = spec["type"]
-    if name not in available_networks():
-        raise ValueError(f"unknown network type {name!r}; available: {available_networks()}")
-    cls = getattr(networks, name)
+    cls = network_class(name)
     kwargs = {k: v for k, v in spec.items() if k != "type"}
     accepted = accepted_keywords(cls)
     inferred = {"channels": int(x_shape[0]), "in_channels": int(x_shape[0]), "cond_channels": int(y_shape[0]),
@@ -103,13 +124,12 @@ def build_network(spec: dict) -> FlowNetwork:
     ('ConditionalCouplingFlow', 1)
     """
     name = spec.get("type")
-    if name not in available_networks():
-        raise ValueError(f"unknown network type {name!r}; available: {available_networks()}")
+    cls = network_class(name)
     kwargs = {k: v for k, v in spec.items() if k != "type"}
     if isinstance(kwargs.get("summary"), dict):
         s = dict(kwargs["summary"])
         kwargs["summary"] = getattr(networks, s.pop("type"))(**s)
     try:
-        return getattr(networks, name)(**kwargs)
+        return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"cannot build {name} from {kwargs}: {err}") from None

@@ -8,52 +8,77 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..data import BatchLoader, Normalization, compute_normalization, open_pairs, train_validation_split
+from ..data import BatchLoader, Normalization, Shard, data_moments, open_pairs, train_validation_split
+from ..data.simulated import SimulatedPairs, load_entry_point, simulated_set
 from ..data.atomic import atomic_file, move_aside
 from ..data.quality import warn_about_data
+from ..distributed.comm import Communicator, SerialComm, agree_on_errors
+from ..distributed.strategy import ParallelStrategy
+from ..networks.base import FlowNetwork
 from .checkpoint import latest_readable_checkpoint, set_aside
-from .comm import Comm, SerialComm
-from .config import torch_dtype
+from .device import device_assignment, resolve_device
 from .network_spec import build_network, resolve_network_spec
 from .run_folder import check_out_dir, check_restart, check_resume, check_same_data, holds_run
+from .precision import Precision
 from .signals import PreemptedError, PreemptionFlag
 from .trainer import Trainer, TrainResult
 
-__all__ = ["trainer_from_config", "train_from_config"]
+__all__ = ["trainer_from_config", "train_from_config", "strategy_from_config"]
 
 
-def _validation_batches(dataset, indices, batch_size, normalization, dtype, seed) -> "callable":
+def _validation_batches(dataset, indices, batch_size, normalization, dtype, seed, shard: Shard,
+                        pin_memory: bool = False) -> "callable":
+    """This rank's validation batches: its batch group's part of ``indices`` (its subdomain of
+    each sample), with fixed patch corners (drawn for all of ``indices``, so that every grid sees
+    the same patches and the global validation loss does not depend on the grid)."""
     corners = None
     if dataset.patch is not None:  # fixed patches, so every validation sees the same data
         rng = np.random.default_rng([seed, 2**31 - 1])
         space = dataset.x.shape[2:]
         corners = [[int(rng.integers(0, s - p + 1)) for s, p in zip(space, dataset.patch)] for _ in indices]
+    mine = shard.samples(np.arange(len(indices)))  # positions in `indices` of this group's samples
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for k in range(0, len(indices), batch_size):
-            cs = None if corners is None else corners[k:k + batch_size]
-            x, y = dataset.read(indices[k:k + batch_size], cs)
+        for k in range(0, len(mine), batch_size):
+            pos = mine[k:k + batch_size]
+            cs = None if corners is None else [corners[int(p)] for p in pos]
+            x, y = dataset.read(np.asarray(indices)[pos], cs, shard)
             x, y = torch.from_numpy(x).to(dtype), torch.from_numpy(y).to(dtype)
-            yield normalization.x_to_normal(x), normalization.y_to_normal(y)
+            x, y = normalization.x_to_normal(x), normalization.y_to_normal(y)
+            yield (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
 
     return batches
 
 
-def _say(comm: Comm, message: str) -> None:
+def _say(comm: Communicator, message: str) -> None:
     if comm.rank == 0:
         print(message, flush=True)
 
 
-def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = True,
+def strategy_from_config(cfg: dict, space_shape: tuple[int, ...], comm: Communicator) -> ParallelStrategy:
+    """The parallel strategy a config's ``[distributed] grid`` describes for samples of
+    ``space_shape`` (absent: data parallel over all ranks); checked before any message."""
+    grid = (cfg.get("distributed") or {}).get("grid")
+    try:
+        return ParallelStrategy(space_shape, grid, comm)
+    except ValueError as err:
+        raise ValueError(f"[distributed] grid: {err}") from None
+
+
+def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: bool = True,
                         config_path: Optional[str] = None) -> Trainer:
     """Build the :class:`Trainer` a validated config describes (see
-    :func:`~invnet.training.config.validate_config`).
+    :func:`~invnet.training.config.validate_config`), on every rank of ``comm``.
 
-    Everything is checked before anything is written: ``out_dir``; on resume, that the config
-    agrees with the run's stored ``config.json`` (:func:`~invnet.training.config.resume_differences`)
-    and that a readable checkpoint exists (newer unreadable ones are skipped, said, and set aside
-    as ``step-*.unreadable-*``); the data (names, shapes, dtypes, finite values) and the
-    normalisation statistics (on resume the stored ones are reused); the network against the data.
+    Everything is checked before anything is written (and the data are read only after the
+    checks that need no data): ``out_dir``; on resume, that the config agrees with the run's
+    stored ``config.json`` (:func:`~invnet.training.config.resume_differences`) and that a
+    readable checkpoint exists (newer unreadable ones are skipped, said, and set aside as
+    ``step-*.unreadable-*``); the parallel grid against the world, the data and the network
+    (:class:`~invnet.distributed.ParallelStrategy`); the device; then the data (names, shapes,
+    dtypes, finite values: each rank checks its own part and a bad value found by one rank stops
+    every rank with its message) and the normalisation statistics (merged over ranks; on resume
+    the stored ones are reused).
 
     ``resume=False`` (``--restart``) starts over: a previous run in ``out_dir`` is first moved aside
     as a whole to ``OUT_DIR.previous-DATE-TIME`` (one atomic rename, so two runs never mix; refused
@@ -74,45 +99,73 @@ def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = T
     restart = not resume and holds_run(out_dir)
     if restart:
         check_restart(cfg, config_path)
-    max_bytes = None if d["max_read_mb"] is None else int(d["max_read_mb"] * 2**20)
-    dataset = open_pairs(d["path"], d["x"], d["y"], d["patch"], max_bytes)
-    train_idx, val_idx = train_validation_split(len(dataset), d["validation_fraction"], d["seed"])
-    if ckpt is not None:
-        check_same_data(ckpt, dataset, train_idx, val_idx, d["path"])
-        normalization = Normalization.from_dict(ckpt.meta["normalization"])
+    precision = Precision(t["precision"])
+    dtype = precision.parameter_dtype
+    simulated = d["source"] is not None
+    if simulated:  # one pair drawn apart from the stream tells the shapes
+        x_shape, y_shape = (tuple(a.shape[1:]) for a in agree_on_errors(comm, lambda: SimulatedPairs(
+            d["source"], 1, t["seed"], d["arguments"], dtype=dtype).probe()))
     else:
-        normalization = compute_normalization(dataset, train_idx)  # also rejects NaN/Inf
-        if len(val_idx):
-            compute_normalization(dataset, val_idx)  # finite-value check of the validation part
-    if comm.rank == 0:
-        warn_about_data(dataset, normalization)
-    dtype = torch_dtype(t["dtype"])
+        max_bytes = None if d["max_read_mb"] is None else int(d["max_read_mb"] * 2**20)
+        dataset = open_pairs(d["path"], d["x"], d["y"], d["patch"], max_bytes)  # names, shapes, dtypes: no data read
+        x_shape, y_shape = dataset.x_shape, dataset.y_shape
+        train_idx, val_idx = train_validation_split(len(dataset), d["validation_fraction"], d["seed"])
+    strategy = strategy_from_config(cfg, x_shape[1:], comm)
+    strategy.check_data(x_shape, y_shape)
+    device = resolve_device(t["device"], comm)
     torch.manual_seed(t["seed"])
-    spec = resolve_network_spec(cfg["model"], dataset.x_shape, dataset.y_shape)
+    spec = resolve_network_spec(cfg["model"], x_shape, y_shape)
     model = build_network(spec).to(dtype)
-    if comm.size > 1 and hasattr(comm, "broadcast"):  # an invnet.distributed communicator: data parallel
-        from ..distributed import broadcast_parameters, use_global_statistics
-
-        use_global_statistics(model, comm)  # ActNorm initialised from the global batch
-        broadcast_parameters(model, comm)  # replicas start identical
-    with torch.no_grad():  # shapes fit? (through the summary network, if any, on a dummy observation)
-        c = model.condition(torch.zeros((1,) + dataset.y_shape, dtype=dtype))
-        model.check_shape((1,) + dataset.x_shape, None if c is None else tuple(c.shape))
+    strategy.check_network(model)  # squeeze levels and decomposability on this grid
+    if isinstance(model, FlowNetwork):  # shapes fit? (through the summary network, if any, on a dummy observation)
+        with torch.no_grad():
+            c = model.condition(torch.zeros((1,) + tuple(y_shape), dtype=dtype))
+            model.check_shape((1,) + tuple(x_shape), None if c is None else tuple(c.shape))
+    shard = strategy.shard()
+    if simulated:
+        n_train, n_val = None, d["validation_size"]
+    else:
+        n_train, n_val = int(len(train_idx)), int(len(val_idx))
+    data_info = {"path": d["path"], "x": d["x"], "y": d["y"], "x_shape": list(x_shape), "y_shape": list(y_shape),
+                 "n_train": n_train, "n_validation": n_val, "validation_fraction": d["validation_fraction"],
+                 "split_seed": d["seed"], "patch": d["patch"]}
+    if simulated:
+        data_info.update(source=d["source"], arguments=d["arguments"] or {}, validation_fraction=None)
+    if ckpt is not None:
+        check_same_data(ckpt, data_info, d["path"] or d["source"])
+        normalization = Normalization.from_dict(ckpt.meta["normalization"])
+    elif simulated:  # the simulator chooses the scale
+        normalization = Normalization.identity(int(x_shape[0]), int(y_shape[0]))
+    else:  # each rank reads its part; a NaN found by one rank stops all with its message
+        moments = agree_on_errors(comm, lambda: data_moments(dataset, train_idx, shard=shard))
+        moments.sum_over_ranks(strategy.sum_over_ranks)
+        normalization = moments.normalization()
+        if len(val_idx):  # the finite-value check of the validation part
+            agree_on_errors(comm, lambda: data_moments(dataset, val_idx, shard=shard))
+    if comm.rank == 0 and not simulated:
+        warn_about_data(dataset, normalization)
     opt_kwargs = {k: v for k, v in cfg["optimizer"].items() if k != "name"}
     optimizer = getattr(torch.optim, cfg["optimizer"]["name"])(model.parameters(), **opt_kwargs)
     scheduler = None
     if cfg["scheduler"] is not None:
         s_kwargs = {k: v for k, v in cfg["scheduler"].items() if k != "name"}
         scheduler = getattr(torch.optim.lr_scheduler, cfg["scheduler"]["name"])(optimizer, **s_kwargs)
-    loader = BatchLoader(dataset, train_idx, t["batch_size"], t["seed"], normalization, dtype, comm.rank, comm.size)
+    pin = device.type == "cuda"
     validation = None
-    if len(val_idx):
-        mine = np.array_split(val_idx, comm.size)[comm.rank]
-        validation = _validation_batches(dataset, mine, t["batch_size"], normalization, dtype, t["seed"])
-    data_info = {"path": d["path"], "x": d["x"], "y": d["y"], "x_shape": list(dataset.x_shape),
-                 "y_shape": list(dataset.y_shape), "n_train": int(len(train_idx)), "n_validation": int(len(val_idx)),
-                 "validation_fraction": d["validation_fraction"], "split_seed": d["seed"], "patch": d["patch"],
-                 "dtype": t["dtype"]}
+    if simulated:
+        loader = SimulatedPairs(d["source"], t["batch_size"], t["seed"], d["arguments"], shard, dtype, pin)
+        if n_val:
+            fixed = agree_on_errors(comm, lambda: simulated_set(d["source"], n_val, t["batch_size"], d["seed"],
+                                                                  d["arguments"], shard, dtype))
+
+            def validation() -> list:  # the same fixed pairs at every validation
+                return fixed
+    else:
+        loader = BatchLoader(dataset, train_idx, t["batch_size"], t["seed"], normalization, dtype, shard, pin)
+        if len(val_idx):
+            validation = _validation_batches(dataset, val_idx, t["batch_size"], normalization, dtype, t["seed"], shard,
+                                             pin)
+    loss_fn = load_entry_point(t["loss"], "[training] loss") if t["loss"] is not None else None
     # ---- everything checked: from here on files are written
     if restart:
         if comm.rank == 0:
@@ -120,11 +173,14 @@ def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = T
             _say(comm, f"--restart: moved the previous run aside to {moved}")
         comm.barrier()
     trainer = Trainer(
-        model, optimizer, loader, out_dir, t["steps"], scheduler=scheduler, validation=validation,
-        normalization=normalization, spec=spec, data_info=data_info, clip_grad_norm=t["clip_grad_norm"],
-        validate_every=t["validate_every"], log_every=t["log_every"],
+        model, optimizer, loader, out_dir, t["steps"], loss_fn=loss_fn, strategy=strategy, device=device,
+        precision=precision,
+        scheduler=scheduler, validation=validation, validate_every=t["validate_every"],
+        drift_check_every=t["drift_check_every"], drift_warn_above=t["drift_warn_above"],
+        drift_fail_above=t["drift_fail_above"], normalization=normalization, spec=spec, data_info=data_info,
+        clip_grad_norm=t["clip_grad_norm"], log_every=t["log_every"],
         checkpoint_every_steps=t["checkpoint_every_steps"], checkpoint_every_minutes=t["checkpoint_every_minutes"],
-        keep_last=t["keep_last"], progress=t["progress"], comm=comm,
+        keep_last=t["keep_last"], progress=t["progress"],
     )
     if ckpt is not None:
         trainer.resume(ckpt)  # loads first (a misfit raises before anything is written), then trims the metrics
@@ -135,13 +191,18 @@ def trainer_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = T
             json.dump(cfg, f, indent=1)
         if ckpt is None and os.path.exists(trainer.metrics.path):
             trainer.metrics.truncate_after(0)  # records of an attempt that never wrote a checkpoint
+    if comm.size > 1 or strategy.decomposed:
+        _say(comm, strategy.describe())
+    if comm.size > 1 or device.type != "cpu":
+        assignment = device_assignment(device, comm)
+        _say(comm, assignment)
     if ckpt is not None:
         _say(comm, f"resuming from step {trainer.step} (checkpoint {ckpt.path})"
              + (", the newest readable one" if unreadable else ""))
     return trainer
 
 
-def train_from_config(cfg: dict, comm: Optional[Comm] = None, resume: bool = True,
+def train_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: bool = True,
                       config_path: Optional[str] = None) -> TrainResult:
     """Build the trainer (resuming from the run's latest checkpoint when there is one) and fit.
 

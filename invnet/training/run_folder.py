@@ -78,12 +78,13 @@ def check_restart(cfg: dict, config_path: Optional[str]) -> None:
                          f"({p}); give the run an out_dir of its own, or move the previous run away yourself")
 
 
-def check_same_data(ckpt: Checkpoint, dataset, train_idx, val_idx, path: str) -> None:
-    """On resume the data may have moved (``path`` may change), but they must look the same."""
+def check_same_data(ckpt: Checkpoint, now: dict, where: str) -> None:
+    """On resume the data may have moved (``[data] path`` may change), but they must look the same:
+    ``now`` (the run's data description, as checkpoints store it) must agree with the stored one
+    in the shapes and sample counts."""
     stored = ckpt.meta.get("data") or {}
-    now = {"x_shape": list(dataset.x_shape), "y_shape": list(dataset.y_shape), "n_train": int(len(train_idx)),
-           "n_validation": int(len(val_idx))}
-    differ = [f"{k} {stored[k]} -> {v}" for k, v in now.items() if k in stored and stored[k] != v]
+    keys = ("x_shape", "y_shape", "n_train", "n_validation")
+    differ = [f"{k} {stored[k]} -> {now[k]}" for k in keys if k in stored and k in now and stored[k] != now[k]]
     if differ:
-        raise ValueError(f"the data in {path} differ from those the run in {ckpt.path} was trained on: "
-                         + ", ".join(differ) + "; point [data] path at the run's data, or start over with --restart")
+        raise ValueError(f"the data of {where} differ from those the run in {ckpt.path} was trained on: "
+                         + ", ".join(differ) + "; point [data] at the run's data, or start over with --restart")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 
 __all__ = [
     "REQUIRED", "Key", "check_section", "check_keywords", "accepted_keywords", "constructor_parameters", "matches", "describe",
-    "positive", "fraction", "nonempty", "one_of", "positive_integers",
+    "positive", "nonnegative", "fraction", "nonempty", "one_of", "positive_integers",
 ]
 
 #: default of a key that must be given
@@ -61,6 +61,10 @@ class Key:
 # ---------------------------------------------------------------- value checks (complaint or None)
 def positive(v: Any) -> Optional[str]:
     return None if v > 0 else "a positive number"
+
+
+def nonnegative(v: Any) -> Optional[str]:
+    return None if v >= 0 else "zero or a positive number"
 
 
 def fraction(v: Any) -> Optional[str]:
@@ -215,11 +219,14 @@ def _signature(klass: Any) -> list[inspect.Parameter]:
     return params[1:] if isinstance(klass, type) else params  # drop self
 
 
-def constructor_parameters(cls: type) -> list[inspect.Parameter]:
+def constructor_parameters(cls: "type | Callable") -> list[inspect.Parameter]:
     """Constructor parameters of ``cls``, following ``**kwargs`` up the class hierarchy (or to
-    where :data:`KEYWORD_TARGETS` says they go)."""
+    where :data:`KEYWORD_TARGETS` says they go); the parameters of a function that builds
+    something (a factory named by entry point)."""
     import importlib
 
+    if not isinstance(cls, type):  # a factory function: its own parameters
+        return [p for p in _signature(cls) if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     found: dict[str, inspect.Parameter] = {}
 
     def add(params: list[inspect.Parameter], skip: tuple[str, ...] = ()) -> None:

@@ -11,7 +11,7 @@ from types import FrameType
 from typing import Optional
 
 __all__ = [
-    "EXIT_OK", "EXIT_USAGE", "EXIT_PREEMPTED", "EXIT_NONFINITE", "EXIT_INTERRUPTED", "PreemptionFlag",
+    "EXIT_OK", "EXIT_USAGE", "EXIT_PREEMPTED", "EXIT_NONFINITE", "EXIT_DRIFT", "EXIT_INTERRUPTED", "PreemptionFlag",
     "NonFiniteLossError", "PreemptedError", "exit_code_for_signal",
 ]
 
@@ -24,6 +24,11 @@ EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
 #: the loss became NaN or Inf: training stopped, the last good checkpoint is kept
 EXIT_NONFINITE = 65
+#: the reconstruction drift of the memory-free backward rose above the stop threshold
+#: (``[training] drift_fail_above``): its gradients cannot be trusted; training stopped before the
+#: update, the last good checkpoint is kept (70 is EX_SOFTWARE of sysexits.h: the computation, not
+#: the input, went wrong)
+EXIT_DRIFT = 70
 #: Ctrl-C (SIGINT): training wrote a checkpoint and stopped (rerun to resume); 130 = 128 + SIGINT, the shell's code
 EXIT_INTERRUPTED = 130
 

@@ -17,6 +17,8 @@ arg = {k: sys.argv[sys.argv.index(k) + 1] for k in ("--run", "--data", "--tmp")}
 out = os.path.join(arg["--tmp"], f"ranks{comm.size}.zarr")
 report = sample_job(arg["--run"], arg["--data"], out, n_samples=6, keep=2, indices=range(5), seed=3, comm=comm)
 v.check("calibration over every rank's observations", report["observations"] == 5 and report["elements"] == 5 * 64)
+v.check("SBC and TARP over every rank's observations",
+        report["sbc"]["observations"] == 5 and report["tarp"]["observations"] == 5)
 comm.barrier()
 if comm.rank == 0:
     g, ref = zarr.open_group(out, mode="r"), zarr.open_group(os.path.join(arg["--tmp"], "serial.zarr"), mode="r")
@@ -26,6 +28,9 @@ if comm.rank == 0:
     # rank 0 draws its block with the serial job's generator: the same numbers
     n0 = -(-5 // comm.size)
     v.check("rank 0's block equals the serial job's", np.array_equal(g["mean"][:n0], ref["mean"][:n0]))
+    # the noise is seeded per observation row (and tile), not per rank: every block does
+    v.check("the whole store equals the serial job's", all(np.array_equal(g[k][...], ref[k][...])
+                                                           for k in ("mean", "std", "samples", "index")))
     v.check("no temporary left", not [n for n in os.listdir(arg["--tmp"]) if ".tmp-" in n])
     v.check("the report written once, for all", g.attrs["calibration"]["observations"] == 5
             and os.path.exists(os.path.join(arg["--tmp"], f"ranks{comm.size}_report.json")))
