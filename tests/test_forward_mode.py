@@ -4,7 +4,7 @@ hand-written reverse mode (dot-product test), in float64, the logdet's tangent i
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from test_core_blocks import CASES, make
+from test_core_blocks import CASES, NOISE, make
 from torch.func import functional_call, jacfwd, jvp, vmap
 
 import invnet
@@ -15,7 +15,7 @@ from invnet.layers import (
     LearnableDownsample, Logit,
 )
 from invnet.networks import (
-    HINT, ConditionalCouplingFlow, ConditionalGlow, ConditionalHINT, Glow, Hyperbolic, InvertibleUNet,
+    HINT, ConditionalCouplingFlow, ConditionalGlow, ConditionalHINT, Glow, Hyperbolic, InvertibleUNet, LearnedLoop,
     MultiscaleConditionalHINT, MultiscaleHINT,
 )
 from invnet.operators import as_operator
@@ -26,7 +26,7 @@ SPACE = {0: (), 1: (8,), 2: (4, 8), 3: (4, 4, 4)}
 
 def block_case(name, nd):
     torch.manual_seed(0)
-    block = randomize_parameters_(make(name, nd), 0.3)
+    block = randomize_parameters_(make(name, nd), NOISE.get(name, 0.3))
     x = torch.randn(3, 5, *SPACE[nd], dtype=D)
     c = torch.randn(3, 3, *SPACE[nd], dtype=D) if name.endswith("_cond") else None
     return block, x, c
@@ -55,6 +55,7 @@ def other_cases():
                                (2, 2, 8, 8)),
         "hyperbolic": (lambda: Hyperbolic(channels=2, ndim=2, layers=2, stages=2, hidden=4), (2, 2, 8, 8), None),
         "iunet": (lambda: InvertibleUNet(2, ndim=2, levels=3, blocks=1, hidden=4), (2, 2, 8, 8), None),
+        "learned_loop": (lambda: LearnedLoop(op, channels=3, iterations=2, hidden=8), (2, 3, 4, 4), (2, 10)),
     }
 
 
