@@ -247,3 +247,41 @@ def test_a_config_grid_that_does_not_fit_is_one_line_and_writes_nothing(tmp_path
     with pytest.raises(ValueError, match=r"\[distributed\] grid: grid \(1, 2, 1\) needs 2 ranks"):
         trainer_from_config(cfg)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_memory_budget_trains_the_same_run_and_plans_once(tmp_path):
+    """``memory_budget`` (the Trainer argument behind ``[training] memory_budget``): float64
+    training with half the activations kept gives the run without a budget, and the network's
+    plan is made once (the first step measures) and kept."""
+    import invnet
+
+    def run(out, budget):
+        torch.manual_seed(0)
+        net = ConditionalCouplingFlow(2, 1, ndim=0, depth=3, hidden=8).double()
+        trainer = Trainer(net, torch.optim.SGD(net.parameters(), 1e-2), SimulatedPairs(16), str(tmp_path / out), 4,
+                          loss_fn=lambda m, b: nats_loss(m, {k: v.double() for k, v in b.items()}),
+                          memory_budget=budget, progress=False, device="cpu")
+        trainer.fit()
+        return trainer, [r["train_loss"] for r in trainer.metrics.read()]
+
+    _, reference = run("none", None)
+    measured, _ = run("measure", "1GB")
+    half = sum(invnet.memory_plans(measured.model)[0].nbytes) // 2
+    trainer, losses = run("half", half)
+    assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-12 * max(abs(v) for v in reference)
+    (plan,) = invnet.memory_plans(trainer.model)
+    assert any(plan.keep) and not all(plan.keep) and plan.kept_bytes <= half
+    with pytest.raises(ValueError, match="memory budget"):
+        run("bad", "lots")
+
+
+def test_memory_budget_config_key(tmp_path):
+    base = {"data": {"path": "d.h5"}, "training": {"out_dir": "r", "steps": 2}}
+    assert validate_config(base)["training"]["memory_budget"] is None
+    for value in ("2GB", 0, 1.5e9, "unlimited"):
+        assert validate_config({**base, "training": {**base["training"], "memory_budget": value}})
+    with pytest.raises(ValueError, match=r"\[training\] memory_budget must be a byte count"):
+        validate_config({**base, "training": {**base["training"], "memory_budget": "2 parsecs"}})
+    old = validate_config(base)
+    new = validate_config({**base, "training": {**base["training"], "memory_budget": "1GB"}})
+    assert resume_differences(json.loads(json.dumps(old)), new) == []  # may change on resume

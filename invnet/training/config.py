@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -35,6 +35,16 @@ def _grid(v: Any) -> Optional[str]:
 
 def _entry_point(v: Any) -> Optional[str]:
     return None if v.count(":") == 1 and all(v.split(":")) else 'an entry point "package.module:name"'
+
+
+def _byte_count(v: Any) -> Optional[str]:
+    from ..core.budget import parse_bytes
+
+    try:
+        parse_bytes(v)
+    except ValueError:
+        return "a byte count such as \"2GB\", \"512MiB\", 1e9, 0 or \"unlimited\""
+    return None
 
 
 def _device(v: Any) -> Optional[str]:
@@ -70,6 +80,7 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "progress": Key(bool, True, resume=True),
         "device": Key(str, "auto", _device, resume=True),  # a run moves between devices freely
         "precision": Key(str, "float32", one_of(*PRECISIONS), resume=True),  # e.g. float32 after drift in bfloat16
+        "memory_budget": Key(Union[str, float], None, _byte_count, resume=True),  # activations kept (invnet.memory_budget)
         "drift_check_every": Key(int, None, positive, resume=True),
         "drift_warn_above": Key(float, 1e-4, positive, resume=True),
         "drift_fail_above": Key(float, 1e-2, positive, resume=True),

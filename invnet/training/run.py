@@ -174,7 +174,7 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
         comm.barrier()
     trainer = Trainer(
         model, optimizer, loader, out_dir, t["steps"], loss_fn=loss_fn, strategy=strategy, device=device,
-        precision=precision,
+        precision=precision, memory_budget=t["memory_budget"],
         scheduler=scheduler, validation=validation, validate_every=t["validate_every"],
         drift_check_every=t["drift_check_every"], drift_warn_above=t["drift_warn_above"],
         drift_fail_above=t["drift_fail_above"], normalization=normalization, spec=spec, data_info=data_info,

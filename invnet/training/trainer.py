@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..core.budget import memory_budget, parse_bytes
 from ..data.normalization import Normalization
 from ..data.source import BatchSource
 from ..distributed.strategy import ParallelStrategy
@@ -126,6 +127,9 @@ class Trainer:
             where the model is).
         precision: a :class:`~invnet.training.precision.Precision` or its name (default: float64
             for a float64 model, else float32).
+        memory_budget: activation bytes the training step may keep instead of recomputing
+            (:func:`invnet.memory_budget`: bytes or ``"2GB"``, ``"unlimited"``; ``None``: the
+            memory-free backward; the first step measures the blocks, later steps follow the plan).
         validation: a callable returning an iterable of this rank's validation batches; the
             validation loss is the global mean over every rank's samples.
         drift_check_every, drift_warn_above, drift_fail_above: the drift guard (off when
@@ -162,6 +166,7 @@ class Trainer:
         strategy: Optional[ParallelStrategy] = None,
         device: Union[str, torch.device, None] = None,
         precision: Union[str, Precision, None] = None,
+        memory_budget: Union[str, float, None] = None,
         scheduler: Optional[Any] = None,
         validation: Optional[Callable[[], Iterable[Any]]] = None,
         validate_every: Optional[int] = None,
@@ -197,6 +202,8 @@ class Trainer:
         if drift_check_every is not None and loss_fn is not None and drift_inputs is None:
             raise ValueError("the drift guard (drift_check_every) with your own loss_fn needs drift_inputs(model, batch) "
                              "-> (flow, x, c): what to rebuild")
+        parse_bytes(memory_budget)  # a bad budget is refused before anything moves
+        self.memory_budget = memory_budget
         self.strategy = strategy if strategy is not None else ParallelStrategy(())
         self.precision = precision if isinstance(precision, Precision) else (
             Precision(precision) if precision is not None else Precision.of_model(model))
@@ -345,7 +352,8 @@ class Trainer:
         t0 = time.perf_counter()
         batch = to_device(self.batches.next_batch(), self.device)
         self.model.train()
-        per_sample = self._losses(batch)
+        with memory_budget(self.memory_budget):  # the forward decides what the backward keeps
+            per_sample = self._losses(batch)
         value = self.strategy.global_mean(per_sample)
         if not math.isfinite(value):
             raise self._nonfinite("training loss", value, " Try a lower learning rate, gradient clipping, or check "
