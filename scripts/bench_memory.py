@@ -441,6 +441,7 @@ def _plot_tradeoff(rows: list[dict], folder: str, plt) -> str:
     for i, r in enumerate(r for r in rows if not r["library"].startswith("invnet@")):
         ax.plot([r["rss_mb"]], [r["time_s"]], "s", color=f"C{i + 1}", label=r["library"])
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels at the decades only: no overlaps
     ax.set_xlabel("peak RSS growth of one step (MB)")
     ax.set_ylabel("step time, median (s)")
     ax.grid(True, which="both", alpha=0.3)
