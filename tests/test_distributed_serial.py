@@ -70,3 +70,14 @@ def test_decomposed_glow_samples_its_block():
     flow = decompose(net, Partition((8, 8), (1, 1, 1), SerialComm()))
     c = torch.randn(1, 1, 8, 8, dtype=torch.float64)
     assert flow.sample(3, c).shape == (3, 1, 8, 8)
+
+
+def test_a_memory_budget_is_refused_for_a_decomposed_network():
+    """Ranks that kept different blocks would exchange different halos in the backward."""
+    flow = decompose(_net(), Partition((8, 8), (1, 1, 1), SerialComm()))
+    x, c = torch.randn(3, 2, 8, 8, dtype=torch.float64), torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    with invnet.memory_budget("1GB"), pytest.raises(ValueError, match="DecomposedFlow does not take a memory budget"):
+        flow(x, c)
+    with invnet.memory_budget(0):
+        z, _ = flow(x, c)  # budget 0 is the memory-free default
+    assert z.shape == (3, 32, 2, 2)

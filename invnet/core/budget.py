@@ -289,6 +289,11 @@ class Tape:
         budget = current_memory_budget()
         if not budget:
             return None
+        if not getattr(module, "memory_budget_supported", True):
+            raise ValueError(
+                f"{type(module).__name__} does not take a memory budget (its ranks must all walk the same "
+                "backward, and each would plan from its own timings); run it without invnet.memory_budget"
+            )
         key = _plan_key(inverse, inp, c)
         cache = _cache(module)
         plan = cache.plans.get((key, budget))

@@ -131,6 +131,10 @@ class DecomposedFlow(FlowNetwork):
     Build with :func:`decompose`.
     """
 
+    #: a memory budget would let each rank choose its kept blocks from its own timings, and ranks
+    #: that keep different blocks exchange different halo messages in the backward
+    memory_budget_supported = False
+
     def __init__(self, network: InvertibleModule, partition: Partition) -> None:
         super().__init__()
         self.network = network

@@ -205,6 +205,9 @@ class Trainer:
         parse_bytes(memory_budget)  # a bad budget is refused before anything moves
         self.memory_budget = memory_budget
         self.strategy = strategy if strategy is not None else ParallelStrategy(())
+        if parse_bytes(memory_budget) and self.strategy.decomposed:
+            raise ValueError("memory_budget cannot be used with a domain-decomposed network (every rank must walk "
+                             "the same backward); leave it unset for this grid")
         self.precision = precision if isinstance(precision, Precision) else (
             Precision(precision) if precision is not None else Precision.of_model(model))
         if device is None:
