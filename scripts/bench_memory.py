@@ -533,7 +533,9 @@ def main(argv=None) -> int:
         args.sizes, args.size_depth, args.size_batch = [8], 1, 1
         args.volumes, args.volume_depth, args.volume_batch = [4], 1, 1
         args.largest_sizes, args.budget_gb = [4, 8], 0.5
-        args.budget_depth, args.accumulate_depths = 2, [1, 2]
+        args.budget_depth = 2
+        if args.accumulate_depths == p.get_default("accumulate_depths"):  # unless given
+            args.accumulate_depths = [1, 2]
     for name in ("batch", "channels", "size", "hidden", "levels", "repeats", "threads", "size_depth", "size_batch",
                  "volume_depth", "volume_batch", "budget_depth"):
         if getattr(args, name) < 1:
