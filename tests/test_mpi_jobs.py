@@ -121,6 +121,26 @@ def test_decomposed_training_equals_serial_and_resumes(tmp_path):
         assert mine.keys() == weights.keys()  # the network's own names: no wrapper, any grid resumes it
         worst = max(rel(mine[k], weights[k]) for k in weights if weights[k].is_floating_point())
         assert worst < 1e-10, f"{name}: weights differ by {worst:.2e}"
+    # the best-by-validation weights of the 4-rank run (the same validations as the serial run:
+    # the global validation loss) are the serial run's
+    serial, parallel = (tmp_path / n / "checkpoints" / "best" for n in ("serial", "batch2split2"))
+    a, b = (json.loads((folder / "meta.json").read_text())["best"] for folder in (serial, parallel))
+    assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 1e-10 * abs(a["val_loss"])
+    mine, theirs = (load_file(str(folder / "model.safetensors")) for folder in (parallel, serial))
+    assert max(rel(mine[k], theirs[k]) for k in theirs if theirs[k].is_floating_point()) < 1e-10
+
+
+@pytest.mark.timeout(300)
+def test_early_stopping_stops_every_rank_at_the_same_step(tmp_path):
+    """min_delta far above any change: only the first validation (step 2) counts as better, so
+    patience 2 stops at step 6 on every rank (the decision is agreed over the ranks), exit 0."""
+    make_volumes(tmp_path / "vol.h5")
+    proc = mpi_train(write_config(tmp_path, "early", 50, 2, (2, 2, 1, 1), "patience = 2\nmin_delta = 1e9"), 4)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("stopped early at step 6: no better validation loss for 2 validations") == 1, proc.stdout
+    assert proc.stdout.count("finished at step 6") == 1
+    assert sorted(os.listdir(tmp_path / "early" / "checkpoints")) == ["best", "step-00000006"]
+    assert json.loads((tmp_path / "early/checkpoints/best/meta.json").read_text())["best"]["step"] == 2
 
 
 def _rank_pids(root_pid: int) -> list[int]:
