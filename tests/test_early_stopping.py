@@ -315,3 +315,18 @@ def test_plateau_scheduler_config(tmp_path, capsys):
     assert main(["train", cfg]) == 0
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert lrs == [1e-3] * 6 + [5e-4] * 2  # bad at 4 and 6: halved after the step-6 validation
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_best_weights_of_a_cuda_run_are_its_weights_at_the_best_step(tmp_path):
+    loss = Scripted()
+    torch.manual_seed(0)
+    net = ConditionalCouplingFlow(2, 1, ndim=0, depth=2, hidden=8).double()
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    trainer = Trainer(net, opt, Pairs(), str(tmp_path / "run"), 10, loss_fn=loss, validation=lambda: ["validation"],
+                      validate_every=2, progress=False, device="cuda")
+    loss.trainer = trainer
+    result = trainer.fit()
+    best = read_checkpoint(result.best_checkpoint)
+    assert best.step == 8 and all(v.device.type == "cpu" for v in best.weights.values())
+    assert same(best.weights, {k: v.cpu() for k, v in loss.weights_at[8].items()})
