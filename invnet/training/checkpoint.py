@@ -40,7 +40,7 @@ from ..data.atomic import atomic_dir, move_aside, remove_leftovers
 __all__ = [
     "Checkpoint", "CheckpointError", "save_checkpoint", "read_checkpoint", "list_checkpoints", "latest_checkpoint",
     "latest_readable_checkpoint", "set_aside", "resolve_checkpoint", "capture_rng", "restore_rng", "BEST",
-    "save_best", "best_checkpoint",
+    "save_best", "best_checkpoint", "read_meta",
 ]
 
 _NAME = re.compile(r"^step-(\d{8,})$")
@@ -207,6 +207,12 @@ def _load_meta(file: str) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise ValueError("expected a JSON object with an integer 'step'")
     return meta
+
+
+def read_meta(folder: str) -> dict:
+    """Only the small JSON part (``meta.json``) of the checkpoint ``folder``: step, spec, best, ...
+    Raises :class:`CheckpointError` naming a missing or damaged file."""
+    return _load(folder, "meta.json", _load_meta)
 
 
 def read_checkpoint(path: str) -> Checkpoint:

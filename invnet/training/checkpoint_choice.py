@@ -7,12 +7,11 @@ last checkpoint is used and the note says so.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Optional
 
-from .checkpoint import best_checkpoint, list_checkpoints
+from .checkpoint import CheckpointError, best_checkpoint, list_checkpoints, read_meta
 
 __all__ = ["choose_checkpoint", "available_checkpoints"]
 
@@ -33,9 +32,8 @@ def _step_of(folder: str) -> Optional[int]:
 
 def _best_meta(folder: str) -> dict:
     try:
-        with open(os.path.join(folder, "meta.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):  # a damaged one: reading the checkpoint later names the file
+        return read_meta(folder)
+    except CheckpointError:  # a damaged one: reading the checkpoint later names the file
         return {}
 
 

@@ -14,10 +14,10 @@ from torch import Tensor, nn
 from ..data.normalization import Normalization
 from ..data.source import BatchSource
 from ..distributed.strategy import ParallelStrategy
-from ..plotting import plot_metrics
 from ..data.atomic import move_aside
-from .checkpoint import (Checkpoint, best_checkpoint, capture_rng, latest_checkpoint, read_checkpoint, restore_rng,
-                         save_best, save_checkpoint)
+from ..plotting import plot_metrics
+from .checkpoint import (Checkpoint, CheckpointError, best_checkpoint, capture_rng, latest_checkpoint, read_checkpoint,
+                         read_meta, restore_rng, save_best, save_checkpoint)
 from .early_stopping import EarlyStopping
 from .device import resolve_device, to_device
 from .loss import LossFn, bits_per_dim_loss, flow_inputs
@@ -363,15 +363,16 @@ class Trainer:
         if best is None:
             return None
         try:
-            step = int(read_checkpoint(best).meta["step"])
-        except (ValueError, KeyError):  # damaged: as if it belonged to another trajectory
+            step = read_meta(best)["step"]
+        except CheckpointError:  # damaged: as if it belonged to another trajectory
             step = None
-        if step is not None and step == self.early_stopping.best_step:
+        recorded = self.early_stopping.best_step
+        if step is not None and step == recorded:
             return best
         moved = move_aside(best, tag="stale")
-        warnings.warn(f"the best checkpoint (step {step}) does not belong to the checkpoint resumed from (best at step "
-                      f"{self.early_stopping.best_step}); set aside as {moved}. The next better validation loss writes "
-                      "a new one")
+        warnings.warn(f"the best checkpoint (step {step}) does not belong to the checkpoint resumed from ("
+                      + ("no best yet" if recorded is None else f"best at step {recorded}") + f"); set aside as {moved}. "
+                      "The next better validation loss writes a new one")
         return None
 
     # ------------------------------------------------------------------ steps
