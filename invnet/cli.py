@@ -81,10 +81,9 @@ def _parse_indices(text: Optional[str]):
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from .distributed import default_comm
     from .inference import report_path, sample_job
     from .training.signals import PreemptionFlag
-
-    from .distributed import default_comm
 
     device = _device_option(args.device)
     comm = default_comm()  # MPI under `mpiexec ... -m invnet sample`: the run's grid, each rank its own chunks

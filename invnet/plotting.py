@@ -74,7 +74,7 @@ def plot_posterior(path: str, truth: Optional[Tensor], observation: Tensor, mean
     plt.close(fig)
 
 
-def plot_error_vs_std(path: str, calibration: "Calibration") -> None:
+def plot_error_vs_std(path: str, calibration: Calibration) -> None:
     """|error| of the posterior mean against the posterior std: element pairs (binned means) and
     per-observation RMSE vs mean std; a calibrated sampler follows E|error| = sqrt(2/pi) std."""
     plt = _plt()

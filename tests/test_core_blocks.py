@@ -6,8 +6,17 @@ import torch
 import invnet
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_
 from invnet.layers import (
-    ActNorm, AdditiveCoupling, AffineCoupling, ChannelPermutation, Conv1x1, HaarSqueeze, LeakyReLU,
-    Logit, Sigmoid, SplineCoupling, Squeeze,
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    ChannelPermutation,
+    Conv1x1,
+    HaarSqueeze,
+    LeakyReLU,
+    Logit,
+    Sigmoid,
+    SplineCoupling,
+    Squeeze,
 )
 
 D = torch.float64

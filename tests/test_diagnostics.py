@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from invnet.inference import (
-    PosteriorDiagnostics, chi2_sf, ks_pvalue, plot_rank_histograms, plot_tarp, rank_uniformity, summarize_posterior,
+    PosteriorDiagnostics,
+    chi2_sf,
+    ks_pvalue,
+    plot_rank_histograms,
+    plot_tarp,
+    rank_uniformity,
+    summarize_posterior,
     tarp_curve,
 )
 

@@ -4,7 +4,11 @@ import torch
 
 import invnet
 from invnet.core.checks import (
-    gradient_error, invertibility_error, logdet_error, randomize_parameters_, saved_bytes,
+    gradient_error,
+    invertibility_error,
+    logdet_error,
+    randomize_parameters_,
+    saved_bytes,
 )
 from invnet.networks import Glow
 

@@ -6,8 +6,15 @@ import torch
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_
 from invnet.layers import COUPLINGS, AdditiveCoupling, AffineCoupling, HINTCoupling
 from invnet.networks import (
-    HINT, ConditionalCouplingFlow, ConditionalGlow, ConditionalHINT, Glow, GlowStep, MultiscaleConditionalHINT,
-    MultiscaleFlow, MultiscaleHINT,
+    HINT,
+    ConditionalCouplingFlow,
+    ConditionalGlow,
+    ConditionalHINT,
+    Glow,
+    GlowStep,
+    MultiscaleConditionalHINT,
+    MultiscaleFlow,
+    MultiscaleHINT,
 )
 from invnet.training.network_spec import build_network, resolve_network_spec
 

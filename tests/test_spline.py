@@ -10,7 +10,14 @@ import torch
 import invnet
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_, saved_bytes
 from invnet.layers import (
-    ActNorm, AdditiveCoupling, AffineCoupling, Conv1x1, HaarSqueeze, SplineCoupling, rq_spline, spline_knots,
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    Conv1x1,
+    HaarSqueeze,
+    SplineCoupling,
+    rq_spline,
+    spline_knots,
 )
 from invnet.networks import HINT, ConditionalCouplingFlow, ConditionalGlow, ConditionalHINT, Glow
 

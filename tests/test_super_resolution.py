@@ -265,10 +265,9 @@ def test_evaluate_reads_an_invnet_train_run(tmp_path):
     """The generic path: pairs -> `invnet train` (ConditionalGlow + ImageSummary) -> evaluate.py."""
     import json
 
-    from invnet.cli import main as invnet_main
-
     from applications.super_resolution.invnet_checkpoint import InvnetTrainModel, is_invnet_checkpoint
     from applications.super_resolution.make_pairs import write_pairs
+    from invnet.cli import main as invnet_main
 
     write_pairs(tmp_path / "pairs.h5", n=48, patch=16, factor=4)
     (tmp_path / "train.toml").write_text(

@@ -25,11 +25,12 @@ import scipy.sparse
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tomography import operator_norm, radon_matrix, random_ellipses, tikhonov_cg, tikhonov_cg_iterates  # noqa: E402
+
 import invnet  # noqa: E402
 from invnet.core.checks import saved_bytes  # noqa: E402
 from invnet.networks import LearnedLoop  # noqa: E402
 from invnet.operators import adjoint_test, as_operator  # noqa: E402
-from tomography import operator_norm, radon_matrix, random_ellipses, tikhonov_cg, tikhonov_cg_iterates  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

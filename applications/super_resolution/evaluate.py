@@ -25,8 +25,8 @@ from torch import Tensor
 
 from .data import TEST_IMAGES, load_skimage
 from .degradation import bicubic_upsample, downsample, project_consistent
-from .metrics import diversity, lr_consistency, psnr, ssim
 from .invnet_checkpoint import InvnetTrainModel, is_invnet_checkpoint
+from .metrics import diversity, lr_consistency, psnr, ssim
 from .model import SRFlow
 from .tiles import sample_tiled
 from .train import build_data, load_checkpoint
@@ -99,7 +99,7 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def save_figure(path: "str | Path", images: dict, rows: int = 4, factor: int = 4) -> None:
+def save_figure(path: str | Path, images: dict, rows: int = 4, factor: int = 4) -> None:
     """A grid figure: one row per image, columns input (LR, shown enlarged by pixel replication),
     bicubic, three samples, posterior mean, per-pixel std (own colour scale), truth."""
     import matplotlib

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from invnet import Chain
-from invnet.networks.density import StandardNormal
 from invnet.layers import ActNorm, AffineCoupling, ConditionalAffine, Conv1x1, HaarSqueeze, ZeroPad
 from invnet.networks import ConditionalGlow
+from invnet.networks.density import StandardNormal
 
 from .degradation import bicubic_upsample, check_factor, check_image
 

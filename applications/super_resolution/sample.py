@@ -31,7 +31,7 @@ from .train import load_checkpoint
 __all__ = ["read_grey", "write_png", "main"]
 
 
-def read_grey(path: "str | Path") -> torch.Tensor:
+def read_grey(path: str | Path) -> torch.Tensor:
     """Read an image file as a grey-level tensor ``(1, 1, H, W)`` in ``[0, 1]``."""
     from skimage.color import rgb2gray
     from skimage.io import imread

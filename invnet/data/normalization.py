@@ -53,7 +53,7 @@ class Normalization:
         return {"x_mean": list(self.x_mean), "x_std": list(self.x_std), "y_mean": list(self.y_mean), "y_std": list(self.y_std)}
 
     @classmethod
-    def identity(cls, x_channels: int, y_channels: int) -> "Normalization":
+    def identity(cls, x_channels: int, y_channels: int) -> Normalization:
         """No normalisation (e.g. for simulated pairs, whose simulator chooses the scale).
 
         >>> Normalization.identity(2, 1).to_dict()
@@ -62,7 +62,7 @@ class Normalization:
         return cls([0.0] * x_channels, [1.0] * x_channels, [0.0] * y_channels, [1.0] * y_channels)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Normalization":
+    def from_dict(cls, d: dict) -> Normalization:
         keys = {"x_mean", "x_std", "y_mean", "y_std"}
         if set(d) != keys:
             raise ValueError(f"normalisation needs exactly the keys {sorted(keys)}, got {sorted(d)}")

@@ -50,7 +50,7 @@ class ZarrResultWriter:
     def create(
         cls, path: str, arrays: dict[str, tuple[Sequence[int], Sequence[int], str]], attrs: Optional[dict] = None,
         overwrite: bool = False,
-    ) -> "ZarrResultWriter":
+    ) -> ZarrResultWriter:
         """Create the store with ``arrays = {name: (shape, chunks, dtype)}`` and attributes."""
         import zarr
 
@@ -68,7 +68,7 @@ class ZarrResultWriter:
         return cls(group)
 
     @classmethod
-    def open(cls, path: str) -> "ZarrResultWriter":
+    def open(cls, path: str) -> ZarrResultWriter:
         import zarr
 
         if not os.path.exists(path):
@@ -82,7 +82,7 @@ class ZarrResultWriter:
     def read(self, name: str) -> np.ndarray:
         return np.asarray(self.group[name][...])
 
-    def write(self, name: str, start: "int | Sequence[int]", data: np.ndarray) -> None:
+    def write(self, name: str, start: int | Sequence[int], data: np.ndarray) -> None:
         """Write ``data`` at ``start`` (a row index, or one index per axis) of array ``name``."""
         if name not in self.group:
             raise ValueError(f"no result array {name!r}; the store holds {sorted(self.group.array_keys())}")

@@ -52,7 +52,7 @@ class Communicator:
         """Wait until every rank of the group arrives."""
         raise NotImplementedError
 
-    def split(self, color: int, key: int) -> "Communicator":
+    def split(self, color: int, key: int) -> Communicator:
         """Sub-communicator of the ranks that passed the same ``color``, ordered by ``key``."""
         raise NotImplementedError
 
@@ -120,7 +120,7 @@ class SerialComm(Communicator):
     def barrier(self) -> None:
         return None
 
-    def split(self, color: int, key: int) -> "Communicator":
+    def split(self, color: int, key: int) -> Communicator:
         return SerialComm()
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
@@ -211,7 +211,7 @@ class MPIComm(Communicator):
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self.comm.bcast(obj, root=root)
 
-    def split(self, color: int, key: int) -> "MPIComm":
+    def split(self, color: int, key: int) -> MPIComm:
         return MPIComm(self.comm.Split(color, key), cuda_aware=self.cuda_aware)
 
     def node_local(self) -> tuple[int, int]:
@@ -319,7 +319,7 @@ class TorchComm(Communicator):
         self._dist.broadcast_object_list(box, src=self._global(root), group=self.group)
         return box[0]
 
-    def split(self, color: int, key: int) -> "TorchComm":
+    def split(self, color: int, key: int) -> TorchComm:
         # new_group is collective over the whole default group: every rank creates every group,
         # in the same order, and keeps its own.
         dist = self._dist

@@ -108,7 +108,7 @@ class _HaloExchange(torch.autograd.Function):
         return g[(slice(None), slice(None)) + tuple(slice(w, m - w) for m in g.shape[2:])], None, None, None
 
 
-def halo_exchange(x: Tensor, width: int, neighbors: "tuple[tuple[Optional[int], Optional[int]], ...]", comm: Communicator) -> Tensor:
+def halo_exchange(x: Tensor, width: int, neighbors: tuple[tuple[Optional[int], Optional[int]], ...], comm: Communicator) -> Tensor:
     """Pad every space axis of ``x`` (``(N, C, *space)``) by ``width`` cells taken from the
     neighbouring ranks (``neighbors[axis] = (lower, upper)`` ranks of ``comm``, ``None`` at the
     global border, where the pad is zero). Differentiable; the backward is the exact adjoint.

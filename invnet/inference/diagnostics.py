@@ -172,7 +172,7 @@ class WatchedSampler:
     """A :class:`~invnet.inference.Sampler` that hands every batch it draws to a
     :class:`PosteriorDiagnostics` before returning it unchanged (see :meth:`PosteriorDiagnostics.watch`)."""
 
-    def __init__(self, sampler: Sampler, diagnostics: "PosteriorDiagnostics") -> None:
+    def __init__(self, sampler: Sampler, diagnostics: PosteriorDiagnostics) -> None:
         self.sampler = sampler
         self.diagnostics = diagnostics
 
@@ -220,7 +220,7 @@ class PosteriorDiagnostics:
     """
 
     def __init__(
-        self, x_shape: Sequence[int], reference_mean: "float | Tensor" = 0.0, reference_std: "float | Tensor" = 1.0,
+        self, x_shape: Sequence[int], reference_mean: float | Tensor = 0.0, reference_std: float | Tensor = 1.0,
         projections: int = 3, max_parameters: int = 16, seed: int = 0,
     ) -> None:
         self.x_shape = tuple(int(v) for v in x_shape)
@@ -251,7 +251,7 @@ class PosteriorDiagnostics:
         self._current: Optional[dict] = None
 
     @classmethod
-    def for_sampler(cls, sampler: Sampler, x_shape: Sequence[int], seed: int = 0, **kwargs) -> "PosteriorDiagnostics":
+    def for_sampler(cls, sampler: Sampler, x_shape: Sequence[int], seed: int = 0, **kwargs) -> PosteriorDiagnostics:
         """Diagnostics whose TARP references follow the per-channel statistics of ``x`` that
         ``sampler`` was trained with (its ``normalization``), standard normal without one."""
         norm = getattr(sampler, "normalization", None)

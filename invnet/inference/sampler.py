@@ -60,7 +60,7 @@ class PosteriorSampler:
 
     def __init__(self, model, normalization: Optional[Normalization] = None,
                  x_shape: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
-                 precision: "Optional[Precision | str]" = None) -> None:
+                 precision: Optional[Precision | str] = None) -> None:
         from ..training.precision import Precision
 
         self.model = model.eval()
@@ -72,8 +72,8 @@ class PosteriorSampler:
             Precision(precision) if precision is not None else Precision.of_model(model))
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: "Optional[str | torch.device]" = None,
-                        strategy: "Optional[ParallelStrategy]" = None) -> "PosteriorSampler":
+    def from_checkpoint(cls, path: str, device: Optional[str | torch.device] = None,
+                        strategy: Optional[ParallelStrategy] = None) -> PosteriorSampler:
         """Rebuild the network from a checkpoint's spec and weights (no code is unpickled), in the
         run's precision, on ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ...; default the CPU),
         decomposed over ``strategy``'s grid when it splits space."""
@@ -110,7 +110,7 @@ class PosteriorSampler:
 
     @torch.no_grad()
     def sample(self, n: int, y: Tensor, temperature: float = 1.0,
-               generator: "Optional[torch.Generator | TiledNoise]" = None) -> Tensor:
+               generator: Optional[torch.Generator | TiledNoise] = None) -> Tensor:
         """``n`` samples given one raw observation ``y`` of shape ``(channels, *space)`` (this
         rank's subdomain of it for a decomposed model whose observation lives on the grid)."""
         from ..distributed.decompose import DecomposedFlow

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule, VJPResult
-from ..core.value_checks import value_checks_enabled
 from ..core.shapes import sum_per_sample
+from ..core.value_checks import value_checks_enabled
 
 __all__ = ["LeakyReLU", "Sigmoid", "Logit"]
 
@@ -41,10 +41,10 @@ class _Elementwise(InvertibleModule):
     def _check_range(self, y: Tensor) -> None:
         """Validate that ``y`` lies in the range of ``f`` (for the inverse)."""
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self.f(x), sum_per_sample(self.log_df(x))
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         self._check_range(y)
         x = self.f_inv(y)
         return x, -sum_per_sample(self.log_df(x))
@@ -122,7 +122,7 @@ class Logit(_Elementwise):
     def log_df(self, x): return -torch.log(x) - torch.log1p(-x)
     def dlog_df(self, x): return -1 / x + 1 / (1 - x)
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         if value_checks_enabled() and bool(((x <= 0) | (x >= 1)).any()):
             raise ValueError("Logit needs inputs strictly inside (0, 1)")
         return super()._forward(x, c)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.module import GradStore
-from ..core.vjp import local_vjp
+from ..core.module import GradStore, VJPResult
 from ..core.shapes import sum_per_sample
+from ..core.vjp import local_vjp
 from .coupling import CouplingBase
 
 __all__ = ["SplineKnots", "spline_knots", "rq_spline", "SplineCoupling"]
@@ -250,12 +250,12 @@ class SplineCoupling(CouplingBase):
         raw = h.reshape((n, self.n_active, 3 * self.bins - 1) + space).movedim(2, -1)
         return spline_knots(raw, self.tail_bound, self.clamp, self.min_bin_width, self.min_bin_height)
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         x_p, x_a = self._split(x)
         y_a, lad = rq_spline(x_a, self._knots(x_p, c))
         return self._merge(x_p, y_a), sum_per_sample(lad)
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         y_p, y_a = self._split(y)
         x_a, lad = rq_spline(y_a, self._knots(y_p, c), inverse=True)
         return self._merge(y_p, x_a), sum_per_sample(lad)
@@ -278,8 +278,8 @@ class SplineCoupling(CouplingBase):
         del o_re, lad, knots
         return self._merge(p, i_a.detach()), self._merge(dp + d_p, d_i), dc
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self._local_vjp(y, dy, dlogdet, c, grads, inverse=False)
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self._local_vjp(x, dx, dlogdet, c, grads, inverse=True)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..core.module import GradStore
+from ..core.module import GradStore, Shape, VJPResult
 from .base import FlowNetwork
 from .conditional_hint import conditional_x_step
 from .multiscale import MultiscaleLevel
@@ -106,7 +106,7 @@ class MultiscaleConditionalHINT(FlowNetwork):
         if ndim == 0:
             self.data_shape = (channels,)
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         shape = super()._check_shape(shape, c_shape, inverse)
         expected = (shape[0], self.cond_channels) + tuple(shape[2:])
         if c_shape is None or tuple(c_shape) != expected:
@@ -191,13 +191,13 @@ class MultiscaleConditionalHINT(FlowNetwork):
         return yl.up(X), yl.up(dX), yl.up(dC)
 
     # -- contract -------------------------------------------------------------------------------------
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self._fwd(0, x, c)
 
-    def _inverse(self, z, c):
+    def _inverse(self, z: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self._inv(0, z, c)
 
-    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
+    def _vjp(self, z: Tensor, dz: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self._back(0, z, dz, dlogdet, c, grads)
 
     def forward_y(self, y: Tensor) -> Tensor:

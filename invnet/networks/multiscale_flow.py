@@ -8,7 +8,7 @@ from typing import Optional, Protocol
 from torch import Tensor
 
 from ..core.chain import Chain
-from ..core.module import GradStore, InvertibleModule
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult
 from ..layers.squeeze import HaarSqueeze, Squeeze, SqueezeBase
 from .base import FlowNetwork
 from .multiscale import MultiscaleLevel
@@ -216,7 +216,7 @@ class MultiscaleFlow(FlowNetwork):
         )
 
     # -- validation ----------------------------------------------------------------------------
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         name = type(self).__name__
         what = "latent z" if inverse else "x"
         x_shape = tuple(shape)
@@ -281,23 +281,23 @@ class MultiscaleFlow(FlowNetwork):
             return t
         return self.outer_squeeze.unsqueeze(t)
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         if self.outer_squeeze is not None:
             x = self.outer_squeeze.squeeze(x)
         return self.body._forward(x, self._cond(c))
 
-    def _inverse(self, z, c):
+    def _inverse(self, z: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         x, logdet = self.body._inverse(z, self._cond(c))
         return self._unsqueeze(x), logdet
 
-    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
+    def _vjp(self, z: Tensor, dz: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         # pass z on without keeping it in this frame, so the levels can free it once rebuilt
         handoff = [z]
         del z
         x, dx, dc = self.body._vjp(handoff.pop(), dz, dlogdet, self._cond(c), grads)
         return self._unsqueeze(x), self._unsqueeze(dx), self._unsqueeze(dc, c)
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         if self.outer_squeeze is not None:
             x, dx = self.outer_squeeze.squeeze(x), self.outer_squeeze.squeeze(dx)
         z, dz, dc = self.body._vjp_inverse(x, dx, dlogdet, self._cond(c), grads)

@@ -16,8 +16,19 @@ from typing import Any, Callable, Optional
 import torch
 
 from .precision import PRECISIONS, Precision
-from .schema import (REQUIRED, Key, check_keywords, check_section, constructor_parameters, fraction, nonempty,
-                     nonnegative, one_of, positive, positive_integers)
+from .schema import (
+    REQUIRED,
+    Key,
+    check_keywords,
+    check_section,
+    constructor_parameters,
+    fraction,
+    nonempty,
+    nonnegative,
+    one_of,
+    positive,
+    positive_integers,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -129,7 +140,7 @@ def _scheduler_class(name: str) -> type:
     return cls
 
 
-def _network_class(name: str) -> "type | Callable":
+def _network_class(name: str) -> type | Callable:
     from .network_spec import network_class
 
     try:

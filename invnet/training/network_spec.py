@@ -37,7 +37,7 @@ def available_networks() -> list[str]:
                   and _configurable(getattr(networks, n)))
 
 
-def network_class(name: str) -> "type | Callable[..., nn.Module]":
+def network_class(name: str) -> type | Callable[..., nn.Module]:
     """What ``[model] type = name`` builds: a network of :mod:`invnet.networks` by its name, or an
     application's own model by entry point, ``"package.module:Name"`` (a class or a function whose
     keyword arguments are the other keys of the spec, returning an ``nn.Module``; checkpoints store

@@ -219,7 +219,7 @@ def _signature(klass: Any) -> list[inspect.Parameter]:
     return params[1:] if isinstance(klass, type) else params  # drop self
 
 
-def constructor_parameters(cls: "type | Callable") -> list[inspect.Parameter]:
+def constructor_parameters(cls: type | Callable) -> list[inspect.Parameter]:
     """Constructor parameters of ``cls``, following ``**kwargs`` up the class hierarchy (or to
     where :data:`KEYWORD_TARGETS` says they go); the parameters of a function that builds
     something (a factory named by entry point)."""

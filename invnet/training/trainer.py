@@ -267,7 +267,7 @@ class Trainer:
                                                self.keep_last)
         return self.last_checkpoint
 
-    def resume(self, checkpoint: "Optional[str | Checkpoint]" = None) -> bool:
+    def resume(self, checkpoint: Optional[str | Checkpoint] = None) -> bool:
         """Restore the latest checkpoint of this run (or ``checkpoint``, a path or one already
         read) onto this trainer's device. Returns False when there is none; raises ``ValueError``
         when it does not fit."""

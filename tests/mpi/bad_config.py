@@ -3,7 +3,6 @@ Run: mpiexec -n N python -m mpi4py tests/mpi/bad_config.py"""
 import sys
 
 import torch
-
 from _common import Verdict, make_comm
 
 import invnet

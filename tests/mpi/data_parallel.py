@@ -6,14 +6,13 @@ import copy
 import sys
 
 import torch
-
 from _common import Verdict, make_comm, rel
 
 import invnet
 from invnet.core.checks import randomize_parameters_
 from invnet.distributed import DataParallel
-from invnet.networks.density import StandardNormal
 from invnet.layers import ActNorm, AffineCoupling, Conv1x1
+from invnet.networks.density import StandardNormal
 
 torch.set_default_dtype(torch.float64)
 comm = make_comm(sys.argv)

@@ -8,15 +8,22 @@ import inspect
 import sys
 
 import torch
-
 from _common import Verdict, make_comm, rel
 
 import invnet
 from invnet.core.checks import randomize_parameters_
 from invnet.distributed import Partition, decompose, sum_over_ranks
+from invnet.layers import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    ChannelPermutation,
+    Conv1x1,
+    HaarSqueeze,
+    LeakyReLU,
+    Squeeze,
+)
 from invnet.networks.density import StandardNormal
-from invnet.layers import (ActNorm, AdditiveCoupling, AffineCoupling, ChannelPermutation, Conv1x1, HaarSqueeze,
-                           LeakyReLU, Squeeze)
 
 torch.set_default_dtype(torch.float64)
 comm = make_comm(sys.argv)
