@@ -50,7 +50,10 @@ class Normalization:
         return (y - _channel_view(y, self.y_mean)) / _channel_view(y, self.y_std)
 
     def to_dict(self) -> dict:
-        return {"x_mean": list(self.x_mean), "x_std": list(self.x_std), "y_mean": list(self.y_mean), "y_std": list(self.y_std)}
+        return {
+            "x_mean": list(self.x_mean), "x_std": list(self.x_std),
+            "y_mean": list(self.y_mean), "y_std": list(self.y_std),
+        }
 
     @classmethod
     def identity(cls, x_channels: int, y_channels: int) -> Normalization:
@@ -141,7 +144,9 @@ def data_moments(dataset: PairDataset, indices: Optional[Sequence[int]] = None, 
             finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
             if not finite.all():
                 bad = int(idx[done + int(np.argmin(finite))])
-                raise ValueError(f"{src.name} ({name}) holds NaN or Inf in sample {bad}; clean the data before training")
+                raise ValueError(
+                    f"{src.name} ({name}) holds NaN or Inf in sample {bad}; clean the data before training"
+                )
         mx.add(xb)
         my.add(yb)
         done += len(xb)

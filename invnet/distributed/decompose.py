@@ -54,7 +54,7 @@ def _replicated_summary(network: nn.Module) -> Optional[nn.Module]:
     return summary if isinstance(summary, nn.Module) and getattr(network, "vector_condition", False) else None
 
 
-def _modules_outside(network: nn.Module, skip: Optional[nn.Module]):
+def _modules_outside(network: nn.Module, skip: Optional[nn.Module]) -> list[tuple[str, nn.Module]]:
     """``named_modules`` of ``network`` without the subtree of ``skip``."""
     inside = set() if skip is None else {id(m) for m in skip.modules()}
     return [(name, m) for name, m in network.named_modules() if id(m) not in inside]

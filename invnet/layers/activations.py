@@ -79,10 +79,10 @@ class LeakyReLU(_Elementwise):
             raise ValueError(f"LeakyReLU slope must be positive to be invertible, got {slope}")
         self.slope = float(slope)
 
-    def f(self, x): return torch.where(x >= 0, x, self.slope * x)
-    def f_inv(self, y): return torch.where(y >= 0, y, y / self.slope)
-    def log_df(self, x): return (x < 0).to(x.dtype) * math.log(self.slope)
-    def dlog_df(self, x): return torch.zeros_like(x)
+    def f(self, x: Tensor) -> Tensor: return torch.where(x >= 0, x, self.slope * x)
+    def f_inv(self, y: Tensor) -> Tensor: return torch.where(y >= 0, y, y / self.slope)
+    def log_df(self, x: Tensor) -> Tensor: return (x < 0).to(x.dtype) * math.log(self.slope)
+    def dlog_df(self, x: Tensor) -> Tensor: return torch.zeros_like(x)
 
 
 class Sigmoid(_Elementwise):
@@ -96,12 +96,12 @@ class Sigmoid(_Elementwise):
     tensor([[0.5000, 0.5000]])
     """
 
-    def f(self, x): return torch.sigmoid(x)
-    def f_inv(self, y): return torch.logit(y)
-    def log_df(self, x): return torch.nn.functional.logsigmoid(x) + torch.nn.functional.logsigmoid(-x)
-    def dlog_df(self, x): return 1 - 2 * torch.sigmoid(x)
+    def f(self, x: Tensor) -> Tensor: return torch.sigmoid(x)
+    def f_inv(self, y: Tensor) -> Tensor: return torch.logit(y)
+    def log_df(self, x: Tensor) -> Tensor: return torch.nn.functional.logsigmoid(x) + torch.nn.functional.logsigmoid(-x)
+    def dlog_df(self, x: Tensor) -> Tensor: return 1 - 2 * torch.sigmoid(x)
 
-    def _check_range(self, y):
+    def _check_range(self, y: Tensor) -> None:
         if value_checks_enabled() and bool(((y <= 0) | (y >= 1)).any()):
             raise ValueError("Sigmoid.inverse needs values strictly inside (0, 1)")
 
@@ -117,10 +117,10 @@ class Logit(_Elementwise):
     tensor([[0., 0.]])
     """
 
-    def f(self, x): return torch.logit(x)
-    def f_inv(self, y): return torch.sigmoid(y)
-    def log_df(self, x): return -torch.log(x) - torch.log1p(-x)
-    def dlog_df(self, x): return -1 / x + 1 / (1 - x)
+    def f(self, x: Tensor) -> Tensor: return torch.logit(x)
+    def f_inv(self, y: Tensor) -> Tensor: return torch.sigmoid(y)
+    def log_df(self, x: Tensor) -> Tensor: return -torch.log(x) - torch.log1p(-x)
+    def dlog_df(self, x: Tensor) -> Tensor: return -1 / x + 1 / (1 - x)
 
     def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         if value_checks_enabled() and bool(((x <= 0) | (x >= 1)).any()):

@@ -96,7 +96,7 @@ class Conv1x1(InvertibleModule):
     True
     """
 
-    def __init__(self, channels: int, parametrization: str = "householder", ndim: Optional[int] = None):
+    def __init__(self, channels: int, parametrization: str = "householder", ndim: Optional[int] = None) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"Conv1x1 needs at least 1 channel, got {channels}")
@@ -238,7 +238,7 @@ class ChannelPermutation(InvertibleModule):
     tensor([[2., 1., 0.]])
     """
 
-    def __init__(self, channels: int, kind: str = "reverse", seed: int = 0, ndim: Optional[int] = None):
+    def __init__(self, channels: int, kind: str = "reverse", seed: int = 0, ndim: Optional[int] = None) -> None:
         super().__init__()
         if kind not in ("reverse", "random"):
             raise ValueError(f"kind must be 'reverse' or 'random', got {kind!r}")

@@ -135,7 +135,7 @@ class MultiscaleConditionalHINT(FlowNetwork):
             c, _ = step._forward(c, None)
         return c
 
-    # -- recursion over scales (x: the x-lane, c: the observation lane, both at scale k) ----------------------------------------------------------------------
+    # -- recursion over scales (x: the x-lane, c: the observation lane, both at scale k) --------------
     def _fwd(self, k: int, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         yl = self._y_level(k)
         X, C = yl.down(x), yl.down(c)
@@ -170,7 +170,9 @@ class MultiscaleConditionalHINT(FlowNetwork):
             logdet = logdet + ld
         return yl.up(X), logdet
 
-    def _back(self, k: int, z, dz, dlogdet, c, grads: GradStore):
+    def _back(
+        self, k: int, z: Tensor, dz: Tensor, dlogdet: Tensor, c: Tensor, grads: GradStore
+    ) -> tuple[Tensor, Tensor, Tensor]:
         yl = self._y_level(k)
         X, dX = yl.down(z), yl.down(dz)
         C = self._y_top(yl, yl.down(c))

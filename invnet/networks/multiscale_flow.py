@@ -3,7 +3,7 @@ the flow steps a *step factory* makes. Glow, HINT and their conditional forms ar
 a step factory and a few defaults."""
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from torch import Tensor
 
@@ -249,7 +249,7 @@ class MultiscaleFlow(FlowNetwork):
             return x_shape
         return self.body.check_shape(self.outer_squeeze.check_shape(x_shape, None, inverse=False), c_sq, False)
 
-    def _check_condition(self, x_shape, c_shape, what, shape) -> None:
+    def _check_condition(self, x_shape: Shape, c_shape: Optional[Shape], what: str, shape: Shape) -> None:
         name = type(self).__name__
         if c_shape is None:
             raise ValueError(f"{name} was built with cond_channels={self.cond_channels} and needs a condition c")
@@ -335,7 +335,7 @@ class MultiscaleFlow(FlowNetwork):
         return (z.shape[0], self.cond_channels) + space
 
     # -- parameter names of earlier releases --------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
         # the documented PyTorch place for renaming old checkpoint keys (as BatchNorm does)
         for old, new in self.legacy_prefixes:
             for key in [k for k in state_dict if k.startswith(prefix + old)]:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..data import BatchLoader, Normalization, Shard, data_moments, open_pairs, train_validation_split
+from ..data import BatchLoader, Normalization, PairDataset, Shard, data_moments, open_pairs, train_validation_split
 from ..data.atomic import atomic_file, move_aside
 from ..data.quality import warn_about_data
 from ..data.simulated import SimulatedPairs, load_entry_point, simulated_set
@@ -26,8 +26,16 @@ from .trainer import Trainer, TrainResult
 __all__ = ["trainer_from_config", "train_from_config", "strategy_from_config"]
 
 
-def _validation_batches(dataset, indices, batch_size, normalization, dtype, seed, shard: Shard,
-                        pin_memory: bool = False) -> callable:
+def _validation_batches(
+    dataset: PairDataset,
+    indices: Sequence[int],
+    batch_size: int,
+    normalization: Normalization,
+    dtype: torch.dtype,
+    seed: int,
+    shard: Shard,
+    pin_memory: bool = False,
+) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """This rank's validation batches: its batch group's part of ``indices`` (its subdomain of
     each sample), with fixed patch corners (drawn for all of ``indices``, so that every grid sees
     the same patches and the global validation loss does not depend on the grid)."""
