@@ -30,8 +30,9 @@ from .trainer import Trainer, TrainResult
 
 __all__ = [
     "Trainer", "TrainResult", "Checkpoint", "CheckpointError", "save_checkpoint", "read_checkpoint",
-    "list_checkpoints", "latest_checkpoint", "latest_readable_checkpoint", "resolve_checkpoint", "Precision", "PRECISIONS",
-    "resolve_device", "to_device", "LossFn", "bits_per_dim_loss", "flow_inputs", "strategy_from_config",
+    "list_checkpoints", "latest_checkpoint", "latest_readable_checkpoint", "resolve_checkpoint",
+    "Precision", "PRECISIONS", "resolve_device", "to_device", "LossFn", "bits_per_dim_loss", "flow_inputs",
+    "strategy_from_config",
     "build_network", "resolve_network_spec", "available_networks", "EXIT_OK", "EXIT_USAGE", "EXIT_PREEMPTED",
     "EXIT_NONFINITE", "EXIT_INTERRUPTED", "NonFiniteLossError", "PreemptionFlag", "PreemptedError",
     "load_config", "validate_config", "resume_differences", "train_from_config", "trainer_from_config",

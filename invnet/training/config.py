@@ -229,7 +229,8 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     >>> validate_config({"data": {"path": "d.h5", "bogus": 1}})
     Traceback (most recent call last):
     ...
-    ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'source', 'arguments', 'validation_size', 'x', 'y', 'validation_fraction', 'patch', 'seed', 'max_read_mb']
+    ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'source', 'arguments', 'validation_size', 'x', 'y',
+    'validation_fraction', 'patch', 'seed', 'max_read_mb']
     """
     if not isinstance(cfg, dict):
         raise ValueError(f"a configuration is a table of sections, got {type(cfg).__name__}")
@@ -283,10 +284,12 @@ def resume_differences(stored: dict, new: dict) -> list[str]:
     for section, spec in OPEN_SECTIONS.items():
         old, now = stored.get(section), new.get(section)
         if (old is None) != (now is None):
-            lines.append(f"[{section}]: {'(none)' if old is None else 'present'} -> {'(none)' if now is None else 'present'}")
+            before, after = ("(none)" if v is None else "present" for v in (old, now))
+            lines.append(f"[{section}]: {before} -> {after}")
         elif old is not None:
             defaults = {}
-            if old.get(spec.field) == now.get(spec.field):  # the same class: an argument given as its default is no change
+            # the same class: an argument given as its default is no change
+            if old.get(spec.field) == now.get(spec.field):
                 try:
                     defaults = {p.name: p.default for p in constructor_parameters(spec.resolve(now[spec.field]))
                                 if p.default is not p.empty}
