@@ -317,7 +317,8 @@ def test_sample_stopped_by_sigterm_leaves_nothing_and_says_rerun(work, capsys, m
     code = main(["sample", str(work / "run"), "--data", str(work / "data.h5"), "--out", str(work / "r.zarr"),
                  "--n", "4"])
     assert code == EXIT_PREEMPTED
-    one_line_error(capsys.readouterr().err, "stopped by SIGTERM; nothing was left half-written (rerun the same command)")
+    one_line_error(capsys.readouterr().err,
+                   "stopped by SIGTERM; nothing was left half-written (rerun the same command)")
     assert snapshot(work) == before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 

@@ -200,7 +200,8 @@ def test_train_and_test_images_are_disjoint():
 
 def test_fashion_mnist_reader_on_a_generated_idx_file(tmp_path, monkeypatch):
     for stem, n in (("train", 5), ("t10k", 3)):
-        payload = struct.pack(">IIII", 0x0803, n, 28, 28) + bytes(range(256)) * (n * 28 * 28 // 256) + bytes(n * 28 * 28 % 256)
+        pixels = bytes(range(256)) * (n * 28 * 28 // 256) + bytes(n * 28 * 28 % 256)
+        payload = struct.pack(">IIII", 0x0803, n, 28, 28) + pixels
         with gzip.open(tmp_path / f"{stem}-images-idx3-ubyte.gz", "wb") as f:
             f.write(payload)
     x = data.load_fashion_mnist("test", root=tmp_path)

@@ -166,7 +166,8 @@ def main() -> None:
     results = {
         "setup": {
             "image": f"{n}x{n}", "angles": args.angles, "arc_degrees": args.arc, "noise_relative": args.noise,
-            "operator": f"sparse Radon matrix {a_csr.shape} (pylops MatrixMult over scipy CSR), norm scaled to 1", "adjoint_test": adj_err,
+            "operator": f"sparse Radon matrix {a_csr.shape} (pylops MatrixMult over scipy CSR), norm scaled to 1",
+            "adjoint_test": adj_err,
             "iterations": args.iterations, "channels": args.channels, "hidden": args.hidden,
             "parameters": sum(p.numel() for p in loop.parameters()), "steps": args.steps, "batch": args.batch,
             "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
@@ -198,8 +199,8 @@ def make_figures(out, losses, test, base, learned, shepp, base_shepp, learned_sh
 
     rows = [(test[i], base[i], learned[i]) for i in range(3)] + [(shepp[0], base_shepp[0], learned_shepp[0])]
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)))
-    for r, (truth, b, l) in enumerate(rows):
-        for c, (img, name) in enumerate(((truth, "truth"), (b, "Tikhonov-CG"), (l, "i-RIM LearnedLoop"))):
+    for r, (truth, tikhonov, irim) in enumerate(rows):
+        for c, (img, name) in enumerate(((truth, "truth"), (tikhonov, "Tikhonov-CG"), (irim, "i-RIM LearnedLoop"))):
             ax = axes[r, c]
             ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
