@@ -77,17 +77,19 @@ def _is_report(path: str) -> bool:
     return isinstance(report, dict) and "coverage" in report and "observations" in report
 
 
+# The checks below name the keyword argument of sample_job and, in parentheses, the flag of
+# `invnet sample` that sets it: the same message serves a caller of the function and a user of the
+# command.
 def _check_arguments(n_samples: int, batch_size: int, temperature: float, keep: int, n_plots: int) -> None:
     if n_samples < 2:
-        raise ValueError(f"--n (samples per observation) must be at least 2, got {n_samples}")
+        raise ValueError(f"n_samples (--n, samples per observation) must be at least 2, got {n_samples}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer, got {batch_size}")
+        raise ValueError(f"batch_size (--batch-size) must be a positive integer, got {batch_size}")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(
-            f"--temperature must be a positive number (1 samples the learned posterior), got {temperature}"
-        )
+        raise ValueError(f"temperature (--temperature) must be a positive number (1 samples the learned "
+                         f"posterior), got {temperature}")
     if keep < 0 or keep > n_samples:
-        raise ValueError(f"--keep must lie in [0, --n={n_samples}], got {keep}")
+        raise ValueError(f"keep (--keep) must lie in [0, n_samples={n_samples}], got {keep}")
     if n_plots < 0:
         raise ValueError(f"n_plots must be non-negative, got {n_plots}")
 
@@ -95,30 +97,30 @@ def _check_arguments(n_samples: int, batch_size: int, temperature: float, keep: 
 def _check_outputs(out: str, plots: Optional[str], figures: list[str], overwrite: bool) -> None:
     """Refuse, before anything is written, outputs that exist and may not be replaced."""
     if not str(out).strip():
-        raise ValueError("--out must name a Zarr store to create, e.g. results.zarr")
+        raise ValueError("out (--out) must name a Zarr store to create, e.g. results.zarr")
     if os.path.lexists(out):
         if not overwrite:
-            raise ValueError(f"{out!r} already exists; choose another --out, or pass --overwrite to replace a store "
-                             "that invnet sample wrote")
+            raise ValueError(f"{out!r} already exists; choose another out (--out), or pass overwrite (--overwrite) "
+                             "to replace a store that invnet sample wrote")
         if not is_sample_store(out):
             kind = "a folder" if os.path.isdir(out) else "a file"
-            raise ValueError(f"--overwrite replaces only a store written by invnet sample, and {out!r} is {kind} that "
-                             "is not one; nothing was changed. Choose another --out")
+            raise ValueError(f"overwrite (--overwrite) replaces only a store written by invnet sample, and {out!r} "
+                             f"is {kind} that is not one; nothing was changed. Choose another out (--out)")
     report = report_path(out)
     if os.path.lexists(report) and not overwrite:
-        raise ValueError(f"{report!r} (where the calibration report goes) already exists; choose another --out, or "
-                         "pass --overwrite to replace an earlier report")
+        raise ValueError(f"{report!r} (where the calibration report goes) already exists; choose another out "
+                         "(--out), or pass overwrite (--overwrite) to replace an earlier report")
     if os.path.lexists(report) and not _is_report(report):
         raise ValueError(f"{report!r} (where the calibration report goes) is not a report invnet sample wrote; "
-                         "--overwrite does not replace it. Choose another --out")
+                         "overwrite (--overwrite) does not replace it. Choose another out (--out)")
     if plots:
         if os.path.lexists(plots) and not os.path.isdir(plots):
-            raise ValueError(f"--plots {plots!r} exists and is not a folder")
+            raise ValueError(f"plots (--plots) {plots!r} exists and is not a folder")
         taken = [f for f in figures if os.path.lexists(os.path.join(plots, f))]
         if taken and not overwrite:
-            raise ValueError(f"--plots {plots!r} already holds {taken[:3]}{' ...' if len(taken) > 3 else ''}; "
-                             "choose another folder or pass --overwrite")
-    check_creatable(out, "--out")
+            raise ValueError(f"plots (--plots) {plots!r} already holds {taken[:3]}{' ...' if len(taken) > 3 else ''}; "
+                             "choose another folder or pass overwrite (--overwrite)")
+    check_creatable(out, "out (--out)")
 
 
 class _Rows:
@@ -144,7 +146,9 @@ def _check_observations(ys: ArraySource, xs: Optional[ArraySource], rows: np.nda
     for i in rows:
         for src in (ys, xs):
             if src is not None and not bool(torch.isfinite(reader.read(src, int(i))).all()):
-                raise ValueError(f"{src.name} holds NaN or Inf in row {int(i)}; drop it (--indices) or clean the data")
+                raise ValueError(
+                    f"{src.name} holds NaN or Inf in row {int(i)}; drop it (indices, --indices) or clean the data"
+                )
 
 
 def _sampling_strategy(
@@ -168,7 +172,7 @@ def _sampling_strategy(
     try:
         strategy = ParallelStrategy(space, grid, comm)
     except ValueError as err:
-        raise ValueError(f"--grid: {err}") from None
+        raise ValueError(f"grid (--grid): {err}") from None
     strategy.check_data((x_shape[0] if x_shape else 1,) + space, ys.shape[1:])
     return strategy
 
