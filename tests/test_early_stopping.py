@@ -97,7 +97,8 @@ def test_early_stopping_counts_validations_since_the_best():
     assert not stop.should_stop
     stop.update(5, 2.4), stop.update(6, 9.0)
     assert stop.should_stop
-    assert stop.message(6) == "stopped early at step 6: no better validation loss for 2 validations (best 2.4 at step 4)"
+    assert stop.message(6) == ("stopped early at step 6: no better validation loss for 2 validations "
+                               "(best 2.4 at step 4)")
     again = EarlyStopping(patience=3)
     again.load_state_dict(stop.state_dict())
     assert (again.best_step, again.bad, again.should_stop) == (4, 2, False)  # more patience on resume goes on
@@ -222,7 +223,8 @@ def write_config(tmp_path, out="run", validation_fraction=0.25, scheduler="", **
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in t.items())
     path = tmp_path / f"{out}.toml"
     path.write_text(f'[data]\npath = "data.h5"\nvalidation_fraction = {validation_fraction}\n'
-                    f'[model]\ntype = "ConditionalCouplingFlow"\ndepth = 1\nhidden = 4\n{scheduler}\n[training]\n{lines}\n')
+                    f'[model]\ntype = "ConditionalCouplingFlow"\ndepth = 1\nhidden = 4\n'
+                    f'{scheduler}\n[training]\n{lines}\n')
     return str(path)
 
 

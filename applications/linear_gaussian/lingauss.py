@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from invnet.networks import ConditionalGlow, ConditionalHINT, FlowNetwork, ImageSummary, VectorSummary
 
@@ -36,7 +34,7 @@ class LinearGaussianProblem:
     noise_std: float
 
     @classmethod
-    def random(cls, dim_x: int = 8, dim_y: int = 6, noise_std: float = 0.3, seed: int = 0) -> "LinearGaussianProblem":
+    def random(cls, dim_x: int = 8, dim_y: int = 6, noise_std: float = 0.3, seed: int = 0) -> LinearGaussianProblem:
         """A random well-posed instance: prior covariance with eigenvalues in [0.5, 2] and random
         eigenvectors, prior mean of size ~0.5, and ``A`` with N(0, 1/dim_x) entries."""
         if dim_x < 2 or dim_y < 1:
@@ -52,14 +50,17 @@ class LinearGaussianProblem:
         return cls(A, prior_mean, prior_cov, float(noise_std))
 
     @classmethod
-    def field(cls, n: int = 16, m: int = 8, noise_std: float = 0.1, length_scale: float = 3.0, seed: int = 0) -> "LinearGaussianProblem":
+    def field(
+        cls, n: int = 16, m: int = 8, noise_std: float = 0.1, length_scale: float = 3.0, seed: int = 0
+    ) -> LinearGaussianProblem:
         r"""A 1D field variant: ``x`` on ``n`` grid points with a squared-exponential prior
         covariance :math:`P_{ij} = e^{-(i-j)^2 / (2 \ell^2)} + 0.05\,\delta_{ij}`, observed as
         ``m`` blurred samples (Gaussian blur of width ``n / m``, every ``n / m``-th point)."""
         if n % m:
             raise ValueError(f"the field size n={n} must be a multiple of the observation size m={m}")
         i = torch.arange(n, dtype=D64)
-        prior_cov = torch.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * length_scale**2)) + 0.05 * torch.eye(n, dtype=D64)
+        squared_distance = (i[:, None] - i[None, :]) ** 2
+        prior_cov = torch.exp(-squared_distance / (2 * length_scale**2)) + 0.05 * torch.eye(n, dtype=D64)
         centres = (torch.arange(m, dtype=D64) + 0.5) * (n / m) - 0.5
         A = torch.exp(-((centres[:, None] - i[None, :]) ** 2) / (2 * (n / m) ** 2))
         A = A / A.sum(1, keepdim=True)

@@ -24,7 +24,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dim-x", type=int, default=8)
     p.add_argument("--dim-y", type=int, default=6)
     p.add_argument("--noise", type=float, default=None, help="noise std (default 0.3 vectors, 0.1 field)")
-    p.add_argument("--field", action="store_true", help="1D field variant: x on --dim-x points, y = --dim-y blurred samples")
+    p.add_argument("--field", action="store_true",
+                   help="1D field variant: x on --dim-x points, y = --dim-y blurred samples")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--summary", type=int, default=0, help="outputs of a learned vector summary of y (0: none)")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
-
 from earth_models import earth_models
 
 __all__ = ["poststack_operator", "simulate", "write_pairs"]

@@ -33,6 +33,7 @@ def main(argv=None) -> dict:
         import tomli as tomllib
 
     from forward import write_pairs
+
     from invnet.inference import sample_job
     from invnet.training import train_from_config, validate_config
 

@@ -11,15 +11,25 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..data.atomic import move_aside
 from ..data.normalization import Normalization
 from ..data.source import BatchSource
 from ..distributed.strategy import ParallelStrategy
-from ..data.atomic import move_aside
 from ..plotting import plot_metrics
-from .checkpoint import (Checkpoint, CheckpointError, best_checkpoint, capture_rng, latest_checkpoint, read_checkpoint,
-                         read_meta, restore_rng, save_best, save_checkpoint)
-from .early_stopping import EarlyStopping
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    best_checkpoint,
+    capture_rng,
+    latest_checkpoint,
+    read_checkpoint,
+    read_meta,
+    restore_rng,
+    save_best,
+    save_checkpoint,
+)
 from .device import resolve_device, to_device
+from .early_stopping import EarlyStopping
 from .loss import LossFn, bits_per_dim_loss, flow_inputs
 from .metrics import MetricsLog, peak_memory_mb
 from .precision import Precision
@@ -165,9 +175,11 @@ class Trainer:
     >>> import tempfile, numpy as np, torch
     >>> from invnet.data import ArraySource, PairDataset, BatchLoader
     >>> from invnet.networks import ConditionalCouplingFlow
-    >>> ds = PairDataset(ArraySource(np.random.randn(16, 2).astype("f4"), "x"), ArraySource(np.random.randn(16, 1).astype("f4"), "y"))
+    >>> x, y = np.random.randn(16, 2).astype("f4"), np.random.randn(16, 1).astype("f4")
+    >>> ds = PairDataset(ArraySource(x, "x"), ArraySource(y, "y"))
     >>> net = ConditionalCouplingFlow(2, 1, ndim=0, depth=2, hidden=8)
-    >>> trainer = Trainer(net, torch.optim.Adam(net.parameters(), 1e-3), BatchLoader(ds, range(16), 8), tempfile.mkdtemp(), steps=3, progress=False)
+    >>> optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    >>> trainer = Trainer(net, optimizer, BatchLoader(ds, range(16), 8), tempfile.mkdtemp(), steps=3, progress=False)
     >>> result = trainer.fit()
     >>> result.status, result.step
     ('finished', 3)
@@ -221,8 +233,8 @@ class Trainer:
             raise ValueError(f"need 0 < drift_warn_above <= drift_fail_above, got {drift_warn_above} and "
                              f"{drift_fail_above}")
         if drift_check_every is not None and loss_fn is not None and drift_inputs is None:
-            raise ValueError("the drift guard (drift_check_every) with your own loss_fn needs drift_inputs(model, batch) "
-                             "-> (flow, x, c): what to rebuild")
+            raise ValueError("the drift guard (drift_check_every) with your own loss_fn needs "
+                             "drift_inputs(model, batch) -> (flow, x, c): what to rebuild")
         plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         for what, wanted in (("patience", patience is not None), ("a ReduceLROnPlateau scheduler", plateau)):
             if wanted and (validation is None or validate_every is None):
@@ -316,7 +328,7 @@ class Trainer:
             "best": None if best.best_step is None else {"step": best.best_step, "val_loss": best.best_loss},
         }
 
-    def resume(self, checkpoint: "Optional[str | Checkpoint]" = None) -> bool:
+    def resume(self, checkpoint: Optional[str | Checkpoint] = None) -> bool:
         """Restore the latest checkpoint of this run (or ``checkpoint``, a path or one already
         read) onto this trainer's device. Returns False when there is none; raises ``ValueError``
         when it does not fit."""
@@ -370,9 +382,9 @@ class Trainer:
         if step is not None and step == recorded:
             return best
         moved = move_aside(best, tag="stale")
-        warnings.warn(f"the best checkpoint (step {step}) does not belong to the checkpoint resumed from ("
-                      + ("no best yet" if recorded is None else f"best at step {recorded}") + f"); set aside as {moved}. "
-                      "The next better validation loss writes a new one")
+        record = "no best yet" if recorded is None else f"best at step {recorded}"
+        warnings.warn(f"the best checkpoint (step {step}) does not belong to the checkpoint resumed from ({record}); "
+                      f"set aside as {moved}. The next better validation loss writes a new one", stacklevel=2)
         return None
 
     # ------------------------------------------------------------------ steps
@@ -501,7 +513,8 @@ class Trainer:
                     stop = received is not None
                     due = self.checkpoint_every_steps is not None and self.step % self.checkpoint_every_steps == 0
                     if self.checkpoint_every_minutes is not None:
-                        due = due or self.strategy.agree(time.monotonic() - last_save >= 60 * self.checkpoint_every_minutes)
+                        minutes_due = time.monotonic() - last_save >= 60 * self.checkpoint_every_minutes
+                        due = due or self.strategy.agree(minutes_due)
                     if stop or due or stopped_early or self.step == self.steps:
                         self.save()
                         last_save = time.monotonic()
