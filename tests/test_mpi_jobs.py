@@ -246,7 +246,13 @@ def test_decomposed_sampling_writes_the_serial_store(tmp_path):
         assert got["chunks"] == chunk and got["attrs"]["grid"] == [int(g) for g in grid.split()]
         for name in ("mean", "std", "samples", "index"):
             assert np.array_equal(got[name], serial[name]), name  # float64 run: the same numbers, bit for bit
-        assert _flat(got["attrs"]["calibration"]) == pytest.approx(_flat(serial["attrs"]["calibration"]), rel=1e-12)
+        # the calibration is the same; SBC and TARP (random projections of whole unknowns) are only
+        # computed when each observation lies on one rank
+        split_report = _flat(got["attrs"]["calibration"])
+        assert not [k for k in split_report if k.startswith(("sbc.", "tarp."))]
+        serial_calibration = {k: v for k, v in _flat(serial["attrs"]["calibration"]).items()
+                              if not k.startswith(("sbc.", "tarp."))}
+        assert split_report == pytest.approx(serial_calibration, rel=1e-12)
         assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
         assert sorted(os.listdir(tmp_path / f"plots{ranks}"))[:2] == ["coverage.png", "error_vs_std.png"]
 
