@@ -33,7 +33,8 @@ class LinearGaussianProblem:
     prior_cov: Tensor
     noise_std: float
     #: a 1D field: the network sees x as (1, dim_x) and y as (1, dim_y) (one channel on a grid)
-    field: bool = False
+    #: (not named ``field``: that is the constructor :meth:`field`, which would become the default)
+    on_grid: bool = False
 
     @classmethod
     def random(cls, dim_x: int = 8, dim_y: int = 6, noise_std: float = 0.3, seed: int = 0) -> "LinearGaussianProblem":
@@ -65,7 +66,7 @@ class LinearGaussianProblem:
         A = A / A.sum(1, keepdim=True)
         g = torch.Generator().manual_seed(seed)
         prior_mean = 0.3 * torch.sin(2 * math.pi * i / n + float(torch.rand(1, generator=g, dtype=D64)) * 6.0)
-        return cls(A, prior_mean, prior_cov, float(noise_std), field=True)
+        return cls(A, prior_mean, prior_cov, float(noise_std), on_grid=True)
 
     @property
     def dim_x(self) -> int:
@@ -106,11 +107,11 @@ class LinearGaussianProblem:
 
     def to_network(self, rows: Tensor) -> Tensor:
         """Rows ``(n, d)`` in the layout the network sees: ``(n, 1, d)`` for a field, else as they are."""
-        return rows[:, None, :] if self.field else rows
+        return rows[:, None, :] if self.on_grid else rows
 
     def from_network(self, t: Tensor) -> Tensor:
         """Inverse of :meth:`to_network`."""
-        return t[:, 0, :] if self.field else t
+        return t[:, 0, :] if self.on_grid else t
 
 
 @functools.lru_cache(maxsize=8)
@@ -134,6 +135,8 @@ def simulate(n: int, generator: torch.Generator, dim_x: int = 8, dim_y: int = 6,
     >>> x, y = simulate(3, torch.Generator().manual_seed(0), dim_x=4, dim_y=2)
     >>> tuple(x.shape), tuple(y.shape)
     ((3, 4), (3, 2))
+    >>> make_problem(4, 2).on_grid, make_problem(16, 8, field=True).on_grid
+    (False, True)
     >>> tuple(simulate(3, torch.Generator(), dim_x=16, dim_y=8, field=True)[0].shape)
     (3, 1, 16)
     """
