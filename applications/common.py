@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from invnet.training import EXIT_USAGE, TrainResult, train_from_config, validate_config
 from invnet.training.signals import exit_code_for_signal
@@ -93,10 +93,14 @@ def load_app_config(args: argparse.Namespace) -> dict:
     return validate_config(raw, os.path.dirname(os.path.abspath(path)))
 
 
-def train(cfg: dict, args: argparse.Namespace, comm: Optional[Any] = None) -> TrainResult:
+def train(cfg: dict, args: argparse.Namespace, comm: Optional[Any] = None,
+          validation: Optional[Callable[[], Iterable[Any]]] = None) -> TrainResult:
     """Train (or resume) the run ``cfg`` describes through the library trainer; a run stopped by a
-    signal (its checkpoint written) ends the process with 75 (SIGTERM/SIGUSR1) or 130 (Ctrl-C)."""
-    result = train_from_config(cfg, comm=comm, resume=not args.restart, config_path=args.config)
+    signal (its checkpoint written) ends the process with 75 (SIGTERM/SIGUSR1) or 130 (Ctrl-C).
+    ``validation``: the application's own validation batches (e.g. held-out images), replacing
+    the config's (:func:`~invnet.training.trainer_from_config`)."""
+    result = train_from_config(cfg, comm=comm, resume=not args.restart, config_path=args.config,
+                               validation=validation)
     if result.status != "finished":
         print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; rerun the same command to "
               "resume", flush=True)
