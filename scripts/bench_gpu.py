@@ -22,9 +22,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
-import bench_memory  # noqa: E402
+import bench_common as bc
+import bench_memory
 
 HERE = os.path.abspath(__file__)
 NO_GPU_MESSAGE = (

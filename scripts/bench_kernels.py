@@ -54,8 +54,7 @@ from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
+import bench_common as bc
 
 HERE = os.path.abspath(__file__)
 NETWORKS = ("glow", "hint", "chain")

@@ -34,9 +34,8 @@ from typing import Any, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
-import bench_models as bm  # noqa: E402
+import bench_common as bc
+import bench_models as bm
 
 HERE = os.path.abspath(__file__)
 

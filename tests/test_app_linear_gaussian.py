@@ -105,3 +105,12 @@ def test_a_config_of_another_problem_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="applications.linear_gaussian:simulate"):
         main(["--config", str(tmp_path / "other.toml")])
     assert not (tmp_path / "run").exists()
+
+
+def test_doctests():
+    import doctest
+
+    from applications.linear_gaussian import problem
+
+    result = doctest.testmod(problem, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -111,3 +111,12 @@ def test_mismatched_geometry_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"\[training\] loss"):
         main(["--config", str(tmp_path / "tiny.toml"), "--set", "training.loss=math:sqrt"])
     assert not (tmp_path / "run").exists()
+
+
+def test_doctests():
+    import doctest
+
+    from applications.limited_angle_tomography import problem
+
+    result = doctest.testmod(problem, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
