@@ -40,12 +40,10 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 

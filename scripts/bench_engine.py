@@ -20,10 +20,8 @@ import os
 import statistics
 import sys
 
+import bench_common as bc
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 

@@ -20,11 +20,9 @@ import os
 import statistics
 import sys
 
+import bench_common as bc
+import bench_memory
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
-import bench_memory  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 NO_GPU_MESSAGE = (

@@ -52,10 +52,8 @@ import os
 import sys
 from typing import Any, Callable
 
+import bench_common as bc
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 NETWORKS = ("glow", "hint", "chain")

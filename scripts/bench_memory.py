@@ -32,11 +32,9 @@ import statistics
 import sys
 from typing import Any, Optional
 
+import bench_common as bc
+import bench_models as bm
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
-import bench_models as bm  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 

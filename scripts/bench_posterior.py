@@ -29,22 +29,19 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+from sbi_problems import NPE_C2ST, PROBLEMS, Problem
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sbi_problems import NPE_C2ST, PROBLEMS, Problem  # noqa: E402
-
-import invnet  # noqa: E402
-from invnet.core.checks import invertibility_error  # noqa: E402
-from invnet.layers import ActNorm, AffineCoupling, Conv1x1, MLPConditioner, SplineCoupling  # noqa: E402
-from invnet.networks import ConditionalGlow, ConditionalHINT, MultiscaleFlow  # noqa: E402
-from invnet.networks.base import FlowNetwork  # noqa: E402
+import invnet
+from invnet.core.checks import invertibility_error
+from invnet.layers import ActNorm, AffineCoupling, Conv1x1, MLPConditioner, SplineCoupling
+from invnet.networks import ConditionalGlow, ConditionalHINT, MultiscaleFlow
+from invnet.networks.base import FlowNetwork
 
 OBSERVATION_SEED = 1_000_003  # the fixed observations of each problem
 TEST_PAIRS = 20_000  # fresh pairs for the test NLL

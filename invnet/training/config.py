@@ -215,8 +215,11 @@ def _check_data_kind(d: dict) -> None:
     given = [k for k in ("patch", "max_read_mb") if d[k] is not None]
     if given:
         raise ValueError(f"[data] {given} read a file; a simulator (source) draws whole samples")
-    if not callable(load_entry_point(d["source"], "[data] source")):
+    simulate = load_entry_point(d["source"], "[data] source")
+    if not callable(simulate):
         raise ValueError(f"[data] source {d['source']!r} is not a function")
+    params = [p.name for p in constructor_parameters(simulate)]  # simulate(n, generator, **arguments)
+    check_keywords("[data] arguments", simulate, d["arguments"] or {}, params[:2])
 
 
 def _check_plateau(scheduler: Optional[dict], d: dict) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -97,7 +97,8 @@ def strategy_from_config(cfg: dict, space_shape: tuple[int, ...], comm: Communic
 
 
 def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: bool = True,
-                        config_path: Optional[str] = None) -> Trainer:
+                        config_path: Optional[str] = None,
+                        validation: Optional[Callable[[], Iterable[Any]]] = None) -> Trainer:
     """Build the :class:`Trainer` a validated config describes (see
     :func:`~invnet.training.config.validate_config`), on every rank of ``comm``.
 
@@ -113,7 +114,11 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
 
     ``resume=False`` (``--restart``) starts over: a previous run in ``out_dir`` is first moved aside
     as a whole to ``OUT_DIR.previous-DATE-TIME`` (one atomic rename, so two runs never mix; refused
-    when ``out_dir`` also holds the data, ``config_path`` or the current folder)."""
+    when ``out_dir`` also holds the data, ``config_path`` or the current folder).
+
+    ``validation``: this rank's validation batches from the caller (a callable returning an
+    iterable of batches in the run's dtype), used instead of the config's held-out pairs; e.g. an
+    application whose simulator draws training pairs validates on fixed held-out images."""
     comm = comm or SerialComm()
     d, t = cfg["data"], cfg["training"]
     out_dir = t["out_dir"]
@@ -182,24 +187,27 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
         s_kwargs = {k: v for k, v in cfg["scheduler"].items() if k != "name"}
         scheduler = getattr(torch.optim.lr_scheduler, cfg["scheduler"]["name"])(optimizer, **s_kwargs)
     pin = device.type == "cuda"
-    validation = None
+    held_out = None
     if simulated:
         loader = SimulatedPairs(d["source"], t["batch_size"], t["seed"], d["arguments"], shard, dtype, pin)
         if n_val:
             fixed = agree_on_errors(comm, lambda: simulated_set(d["source"], n_val, t["batch_size"], d["seed"],
                                                                   d["arguments"], shard, dtype))
 
-            def validation() -> list:  # the same fixed pairs at every validation
+            def held_out() -> list:  # the same fixed pairs at every validation
                 return fixed
     else:
         loader = BatchLoader(dataset, train_idx, t["batch_size"], t["seed"], normalization, dtype, shard, pin)
         if len(val_idx):
-            validation = _validation_batches(dataset, val_idx, t["batch_size"], normalization, dtype, t["seed"], shard,
-                                             pin)
+            held_out = _validation_batches(dataset, val_idx, t["batch_size"], normalization, dtype, t["seed"], shard,
+                                           pin)
+    if validation is not None:  # the caller's held-out set replaces the config's
+        held_out = validation
     loss_fn = load_entry_point(t["loss"], "[training] loss") if t["loss"] is not None else None
-    validate_every, patience = validation_schedule(t, n_train, n_val if validation is not None else 0,
-                                                   strategy.batch_ranks)
-    if validation is None and not simulated and (cfg["scheduler"] or {}).get("name") == "ReduceLROnPlateau":
+    # a caller's held-out set counts as validation pairs (its size: the caller's business)
+    n_held_out = 0 if held_out is None else max(n_val or 0, 1)
+    validate_every, patience = validation_schedule(t, n_train, n_held_out, strategy.batch_ranks)
+    if held_out is None and not simulated and (cfg["scheduler"] or {}).get("name") == "ReduceLROnPlateau":
         raise ValueError(f"[scheduler] ReduceLROnPlateau is stepped with the validation loss, but the "
                          f"{len(dataset)} pairs leave none for validation at validation_fraction "
                          f"{d['validation_fraction']}; raise it or give more pairs")
@@ -212,7 +220,7 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
     trainer = Trainer(
         model, optimizer, loader, out_dir, t["steps"], loss_fn=loss_fn, strategy=strategy, device=device,
         precision=precision,
-        scheduler=scheduler, validation=validation, validate_every=validate_every, patience=patience,
+        scheduler=scheduler, validation=held_out, validate_every=validate_every, patience=patience,
         min_delta=t["min_delta"],
         drift_check_every=t["drift_check_every"], drift_warn_above=t["drift_warn_above"],
         drift_fail_above=t["drift_fail_above"], normalization=normalization, spec=spec, data_info=data_info,
@@ -244,17 +252,18 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
 
 
 def train_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: bool = True,
-                      config_path: Optional[str] = None) -> TrainResult:
+                      config_path: Optional[str] = None,
+                      validation: Optional[Callable[[], Iterable[Any]]] = None) -> TrainResult:
     """Build the trainer (resuming from the run's latest checkpoint when there is one) and fit.
 
     A SIGTERM/SIGUSR1/SIGINT during the setup (checking the data and computing the normalisation
     can take minutes on a large file) stops it at once: status ``"preempted"`` (``"interrupted"``
     for SIGINT), nothing new written, and rerunning the command starts (or resumes) as if the
-    interrupted attempt had not happened."""
+    interrupted attempt had not happened. ``validation``: as in :func:`trainer_from_config`."""
     comm = comm or SerialComm()
     try:
         with PreemptionFlag(raise_on_signal=True):
-            trainer = trainer_from_config(cfg, comm, resume, config_path)
+            trainer = trainer_from_config(cfg, comm, resume, config_path, validation)
     except PreemptedError as err:
         previous = latest_readable_checkpoint(os.path.join(cfg["training"]["out_dir"], "checkpoints"))[0] \
             if resume else None
