@@ -94,14 +94,23 @@ def load_app_config(args: argparse.Namespace) -> dict:
 
 
 def train(cfg: dict, args: argparse.Namespace, comm: Optional[Any] = None) -> TrainResult:
-    """Train (or resume) the run ``cfg`` describes through the library trainer; a run stopped by a
-    signal (its checkpoint written) ends the process with 75 (SIGTERM/SIGUSR1) or 130 (Ctrl-C)."""
+    """Train (or resume) the run ``cfg`` describes through the library trainer, on every rank of
+    ``comm`` (serial when ``None``; only rank 0 prints); a run stopped by a signal (its checkpoint
+    written) ends the process with 75 (SIGTERM/SIGUSR1) or 130 (Ctrl-C), on every rank."""
     result = train_from_config(cfg, comm=comm, resume=not args.restart, config_path=args.config)
+    speaks = comm is None or comm.rank == 0  # under mpiexec, rank 0 speaks for all
     if result.status != "finished":
-        print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; rerun the same command to "
-              "resume", flush=True)
+        if speaks:
+            print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; rerun the same command "
+                  "to resume", flush=True)
+        if comm is not None:
+            comm.barrier()  # a non-zero exit ends an MPI job: no rank may end it before rank 0 has spoken
         raise SystemExit(exit_code_for_signal(result.signal or ""))
-    print(f"trained {result.step} steps; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}", flush=True)
+    if speaks:
+        print(f"trained {result.step} steps; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}",
+              flush=True)
+    if comm is not None:
+        comm.barrier()  # rank 0 writes the checkpoints: no rank reads the run before it is complete
     return result
 
 
