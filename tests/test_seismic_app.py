@@ -76,12 +76,13 @@ def test_simulator_is_a_function_of_its_generator_and_standardised():
 
 TINY = ["--set", "model.hidden=4", "--set", "model.depth=1", "--set", "data.validation_size=8",
         "--set", "training.batch_size=4", "--set", "training.validate_every=2", "--set", "training.progress=false",
-        "--n-test", "2", "--samples", "8"]
+        "--n-test", "2", "--samples", "8", "--no-plots"]
 
 
 def test_2d_application_trains_on_simulated_pairs_resumes_exactly_and_reports(tmp_path, capsys):
     straight = tmp_path / "straight"
-    assert main(["--out", str(straight), "--steps", "4", "--set", "scheduler.T_max=4", *TINY]) == 0
+    assert main(["--out", str(straight), "--steps", "4", "--set", "scheduler.T_max=4", *TINY[:-1]]) == 0  # with figures
+    assert (straight / "figures").is_dir()
     results = json.loads((straight / "results.json").read_text())
     assert results["observations"] == 2 and results["steps"] == 4 and results["shape"] == [32, 32]
     assert np.isfinite(results["rmse_mean_log_impedance"]) and results["mean_posterior_std"] > 0

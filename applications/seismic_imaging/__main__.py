@@ -8,7 +8,7 @@ Trains the network of the config through invnet's trainer on pairs simulated afr
 batch (rerunning the command resumes a stopped run; a finished one is only evaluated again),
 then draws posterior samples for held-out simulations (RUN/test.h5, another seed) into
 RUN/posterior.zarr and writes the calibration numbers to RUN/results.json (or --results) and
-figures to RUN/figures (or --plots).
+figures to RUN/figures (or --plots; none with --no-plots).
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--samples", type=int, default=200, help="posterior samples per held-out observation")
     parser.add_argument("--results", default=None, help="where to write the metrics JSON (default RUN/results.json)")
     parser.add_argument("--plots", default=None, help="folder for the figures (default RUN/figures)")
+    parser.add_argument("--no-plots", action="store_true", help="draw no figures")
     args = parser.parse_args(argv)
     if args.n_test < 1 or args.samples < 2:
         parser.error("--n-test must be positive and --samples at least 2")
@@ -73,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     test = os.path.join(run, "test.h5")
     write_test_set(test, args.n_test, arguments)
     t1 = time.time()
-    plots = args.plots or os.path.join(run, "figures")
+    plots = None if args.no_plots else args.plots or os.path.join(run, "figures")
     report = sample_job(result.checkpoint, test, os.path.join(run, "posterior.zarr"), n_samples=args.samples,
                         batch_size=min(100, args.samples), plots=plots, n_plots=3, overwrite=True)
     t_sample = time.time() - t1

@@ -45,9 +45,11 @@ def observe(models: np.ndarray, noise: float, rng: np.random.Generator) -> np.nd
     >>> observe(earth_models(2, (16, 8), seed=0), 0.02, np.random.default_rng(0)).shape
     (2, 1, 16, 8)
     """
-    shape = tuple(models.shape[2:])
-    op = poststack_operator(shape)
-    clean = np.stack([(op @ m[0].ravel()).reshape(shape)[None] for m in models])
+    n, shape = models.shape[0], tuple(models.shape[2:])
+    # the operator acts on every trace (time axis) alone: the batch is one section of n x lateral traces
+    traces = np.moveaxis(models[:, 0].reshape(n, shape[0], -1), 1, 0).reshape(shape[0], -1)
+    op = poststack_operator((shape[0], traces.shape[1]))
+    clean = np.moveaxis((op @ traces.ravel()).reshape(shape[0], n, -1), 0, 1).reshape((n, 1) + shape)
     return clean + noise * rng.normal(size=clean.shape)
 
 
@@ -59,7 +61,7 @@ def standardization(shape: tuple[int, ...], noise: float) -> tuple[float, float,
     numbers of order one (a simulated source is not normalised by the trainer)."""
     rng = np.random.default_rng(_MOMENT_SEED)
     models = earth_models(_MOMENT_DRAWS, shape, seed=int(rng.integers(2**62)))
-    data = observe(models, noise, rng)
+    data = np.concatenate([observe(models[i:i + 64], noise, rng) for i in range(0, len(models), 64)])  # batch-sized
     return float(models.mean()), float(models.std()), float(data.std())
 
 
