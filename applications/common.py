@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["app_parser", "load_app_config", "train", "parse_assignment", "run_main"]
+__all__ = ["app_parser", "load_app_config", "train", "parse_assignment", "run_main", "require_source"]
 
 
 def app_parser(prog: str, doc: str, default_config: str) -> argparse.ArgumentParser:
@@ -91,6 +91,24 @@ def load_app_config(args: argparse.Namespace) -> dict:
     if args.out is not None:
         raw.setdefault("training", {})["out_dir"] = os.path.abspath(args.out)
     return validate_config(raw, os.path.dirname(os.path.abspath(path)))
+
+
+def require_source(cfg: dict, source: str) -> dict:
+    """The ``[data] arguments`` of ``cfg`` (a dict) after checking that its pairs come from the
+    simulator ``source`` (``"package.module:function"``), the one the application evaluates.
+
+    >>> require_source({"data": {"source": "a.b:simulate", "arguments": None}}, "a.b:simulate")
+    {}
+    >>> require_source({"data": {"source": None, "path": "d.h5"}}, "a.b:simulate")
+    Traceback (most recent call last):
+    ...
+    ValueError: this application's config draws its pairs from [data] source = 'a.b:simulate', got 'd.h5'
+    """
+    data = cfg["data"]
+    if data["source"] != source:
+        raise ValueError(f"this application's config draws its pairs from [data] source = {source!r}, "
+                         f"got {data['source'] or data['path']!r}")
+    return dict(data["arguments"] or {})
 
 
 def train(cfg: dict, args: argparse.Namespace, comm: Optional[Any] = None) -> TrainResult:

@@ -27,7 +27,7 @@ import torch
 from invnet.data.atomic import atomic_file, atomic_path
 from invnet.inference import sample_job
 
-from ..common import app_parser, load_app_config, run_main, train
+from ..common import app_parser, load_app_config, require_source, run_main, train
 from .forward import simulate, standardization
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,10 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.n_test < 1 or args.samples < 2:
         parser.error("--n-test must be positive and --samples at least 2")
     cfg = load_app_config(args)
-    if cfg["data"]["source"] != SOURCE:
-        raise ValueError(f"this application's config draws its pairs from [data] source = {SOURCE!r}, "
-                         f"got {cfg['data']['source'] or cfg['data']['path']!r}")
-    arguments = dict(cfg["data"]["arguments"] or {})
+    arguments = require_source(cfg, SOURCE)
     simulate(1, torch.Generator(), **arguments)  # checks the arguments (and builds the operator) before training
     t0 = time.time()
     result = train(cfg, args)
