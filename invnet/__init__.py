@@ -5,7 +5,13 @@ time whatever the depth. See docs/architecture.md.
 """
 from . import layers, networks
 from .core import (
-    Backward, Chain, InvertibleModule, memory_saving, memory_saving_enabled, value_checks, value_checks_enabled,
+    Backward,
+    Chain,
+    InvertibleModule,
+    memory_saving,
+    memory_saving_enabled,
+    value_checks,
+    value_checks_enabled,
 )
 
 __version__ = "0.1.0"

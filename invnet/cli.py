@@ -2,11 +2,12 @@
 
 Exit codes: 0 success; 2 bad command line, configuration, data or checkpoint (nothing written);
 65 the loss became NaN/Inf (last good checkpoint kept); 70 the reconstruction drift of the
-memory-free backward rose above ``drift_fail_above`` (last good checkpoint kept); 74 an input/output error (disk full, ...;
-files are written atomically, so nothing is half-written); 75 stopped by SIGTERM/SIGUSR1 after
-writing a checkpoint (rerun the same command to resume); 130 Ctrl-C (training writes a checkpoint
-first; a second Ctrl-C stops at once). See :mod:`invnet.training.signals`. Errors are one line on
-stderr, ``invnet COMMAND: error: ...``; warnings ``invnet COMMAND: warning: ...``.
+memory-free backward rose above ``drift_fail_above`` (last good checkpoint kept); 74 an
+input/output error (disk full, ...; files are written atomically, so nothing is half-written);
+75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun the same command to resume);
+130 Ctrl-C (training writes a checkpoint first; a second Ctrl-C stops at once). See
+:mod:`invnet.training.signals`. Errors are one line on stderr, ``invnet COMMAND: error: ...``;
+warnings ``invnet COMMAND: warning: ...``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 import json
 import sys
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, TextIO, Union
 
 __all__ = ["main"]
 
@@ -63,7 +64,7 @@ def _device_option(name: str) -> str:
     return name
 
 
-def _parse_indices(text: Optional[str]):
+def _parse_indices(text: Optional[str]) -> Optional[Sequence[int]]:
     """``'a:b'`` or ``'i,j,k'`` as row indices.
 
     >>> list(_parse_indices("2:5")), _parse_indices("1, 4")
@@ -81,10 +82,9 @@ def _parse_indices(text: Optional[str]):
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from .distributed import default_comm
     from .inference import report_path, sample_job
     from .training.signals import PreemptionFlag
-
-    from .distributed import default_comm
 
     device = _device_option(args.device)
     comm = default_comm()  # MPI under `mpiexec ... -m invnet sample`: the run's grid, each rank its own chunks
@@ -98,9 +98,14 @@ def _sample(args: argparse.Namespace) -> int:
     print(f"posterior mean, std and samples: {args.out}")
     if report:
         cov = report["coverage"]
-        print(f"calibration ({report['observations']} observations): " + ", ".join(
-            f"{float(k):.0%} interval covers {v['empirical']:.3f}" for k, v in cov.items() if k in ("0.5", "0.9", "0.95")
-        ) + f"; ratio E|s-x|^2/E|mean-x|^2 = {report['ratio_sample_to_mean_sq_error']:.3f} (2 if calibrated)")
+        covered = ", ".join(
+            f"{float(level):.0%} interval covers {entry['empirical']:.3f}"
+            for level, entry in cov.items()
+            if level in ("0.5", "0.9", "0.95")
+        )
+        ratio = report["ratio_sample_to_mean_sq_error"]
+        print(f"calibration ({report['observations']} observations): {covered}; "
+              f"ratio E|s-x|^2/E|mean-x|^2 = {ratio:.3f} (2 if calibrated)")
         print(f"report: {report_path(args.out)}")
     if args.plots:
         print(f"plots: {args.plots}")
@@ -161,7 +166,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="arithmetic of training and sampling (bfloat16/float16: autocast for the conditioners)")
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", formatter_class=fmt, help="train a conditional flow from a TOML config (docs/config.md)",
+    train = sub.add_parser("train", formatter_class=fmt,
+                           help="train a conditional flow from a TOML config (docs/config.md)",
                            description="Train, or resume the run in out_dir (rerun the same command after a stop).")
     train.add_argument("config", help="TOML configuration (docs/config.md)")
     train.add_argument("--device", default=None,
@@ -171,7 +177,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="start over: a previous run in out_dir is moved aside to OUT_DIR.previous-DATE-TIME")
     train.set_defaults(func=_train)
 
-    sample = sub.add_parser("sample", formatter_class=fmt, help="posterior samples, mean and std for observations, into Zarr",
+    sample = sub.add_parser("sample", formatter_class=fmt,
+                            help="posterior samples, mean and std for observations, into Zarr",
                             description="Posterior mean, std and samples per observation into a new Zarr store "
                                         "(layout: docs/config.md); calibration when the file holds the truth.")
     sample.add_argument("checkpoint", help="a checkpoint folder or a run folder (latest checkpoint)")
@@ -219,7 +226,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     name = f"invnet {args.command}"
 
-    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    def one_line_warning(message: Union[Warning, str], category: type[Warning], filename: str, lineno: int,
+                         file: Optional[TextIO] = None, line: Optional[str] = None) -> None:
         print(f"{name}: warning: {message}", file=sys.stderr)
 
     previous = warnings.showwarning

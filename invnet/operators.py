@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 __all__ = ["ForwardOperator", "as_operator", "adjoint_test", "misfit_gradient"]
 
@@ -125,7 +126,9 @@ def adjoint_test(
     return abs(lhs - rhs) / max(scale, torch.finfo(torch.float64).tiny)
 
 
-def _matrix_operator(matrix: Tensor, domain_shape: Optional[Sequence[int]], range_shape: Optional[Sequence[int]]):
+def _matrix_operator(
+    matrix: Tensor, domain_shape: Optional[Sequence[int]], range_shape: Optional[Sequence[int]]
+) -> ForwardOperator:
     if matrix.dim() != 2 or not matrix.is_floating_point():
         raise ValueError(f"a matrix operator must be a 2-D floating-point tensor, got shape {tuple(matrix.shape)}")
     m, n = matrix.shape
@@ -161,7 +164,9 @@ def _matrix_operator(matrix: Tensor, domain_shape: Optional[Sequence[int]], rang
     return ForwardOperator(fwd, adj, domain_shape, range_shape, kind="matrix")
 
 
-def _pylops_operator(op: Any, domain_shape: Optional[Sequence[int]], range_shape: Optional[Sequence[int]]):
+def _pylops_operator(
+    op: Any, domain_shape: Optional[Sequence[int]], range_shape: Optional[Sequence[int]]
+) -> ForwardOperator:
     m, n = (int(s) for s in op.shape)
     domain_shape = (n,) if domain_shape is None else tuple(domain_shape)
     range_shape = (m,) if range_shape is None else tuple(range_shape)
@@ -173,7 +178,13 @@ def _pylops_operator(op: Any, domain_shape: Optional[Sequence[int]], range_shape
 
     # pylops works on numpy arrays: the whole batch as columns (matmat/rmatmat) when the operator
     # offers it, else one sample at a time; convert on the way in and out.
-    def apply(vec, mat, t: Tensor, size: int, out_shape: tuple[int, ...]) -> Tensor:
+    def apply(
+        vec: Callable[[np.ndarray], np.ndarray],
+        mat: Optional[Callable[[np.ndarray], np.ndarray]],
+        t: Tensor,
+        size: int,
+        out_shape: tuple[int, ...],
+    ) -> Tensor:
         arr = t.detach().reshape(t.shape[0], size).cpu().numpy()
         if mat is not None:
             out = np.asarray(mat(np.ascontiguousarray(arr.T))).T
@@ -259,12 +270,12 @@ class _MisfitGradient(torch.autograd.Function):
     """g = A^T (A x - y); VJP: dx = A^T A dg, dy = -A dg (the map is linear)."""
 
     @staticmethod
-    def forward(ctx, op: ForwardOperator, x: Tensor, y: Tensor) -> Tensor:
+    def forward(ctx: FunctionCtx, op: ForwardOperator, x: Tensor, y: Tensor) -> Tensor:
         ctx.op = op
         return op.adjoint(op.forward(x) - y)
 
     @staticmethod
-    def backward(ctx, dg: Tensor):
+    def backward(ctx: FunctionCtx, dg: Tensor):
         op = ctx.op
         a_dg = op.forward(dg)
         dx = op.adjoint(a_dg) if ctx.needs_input_grad[1] else None

@@ -156,7 +156,8 @@ def one_run(space: tuple[int, ...], args, comm, trace: bool) -> dict:
         lives = None
         if live is not None:
             table = torch.zeros(3, comm.size, dtype=torch.float64)
-            table[:, comm.rank] = torch.tensor([live["peak_mb"], live["end_mb"], live["at_rest_mb"]], dtype=torch.float64)
+            mine = [live["peak_mb"], live["end_mb"], live["at_rest_mb"]]
+            table[:, comm.rank] = torch.tensor(mine, dtype=torch.float64)
             lives = comm.allreduce_sum(table)
         return {
             "ranks": comm.size, "volume": list(space), "local": list(trainer.strategy.local_space_shape),

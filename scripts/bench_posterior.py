@@ -404,13 +404,15 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
         "c2st_mean": float(np.mean(vals)) if vals else None, "c2st_std": float(np.std(vals)) if vals else None,
         "c2st": vals, "test_nll_raw": test_nll,
         "observations": a.observations, "npe_published": NPE_C2ST.get((problem.name, budget)),
-        "inside_support": float(np.mean([scores[str(j)]["inside_support"] for j in range(a.observations)])) if vals else None,
+        "inside_support": (float(np.mean([scores[str(j)]["inside_support"] for j in range(a.observations)]))
+                           if vals else None),
         "epochs": train_log["epochs"], "best_epoch": train_log["best_epoch"],
         "train_seconds": train_log["train_seconds"], "best_val_nll_raw": train_log["best_val_nll_raw"],
         "final_train_nll_raw": train_log["final_train_nll_raw"], "float32_reconstruction_error": recon,
         "parameters": sum(p.numel() for p in net.parameters()),
-        "settings": {k: getattr(a, k) for k in ("hidden", "depth", "bins", "tail_bound", "clamp", "spline_clamp", "residual_blocks", "linear_skip",
-                                                "lr", "batch", "weight_decay", "ema", "patience", "plateau", "clip", "validation")},
+        "settings": {k: getattr(a, k) for k in ("hidden", "depth", "bins", "tail_bound", "clamp", "spline_clamp",
+                                                "residual_blocks", "linear_skip", "lr", "batch", "weight_decay", "ema",
+                                                "patience", "plateau", "clip", "validation")},
     }
     if hasattr(problem, "posterior_entropy"):  # exact: the test NLL's floor, and the KL gap itself
         record["posterior_entropy"] = problem.posterior_entropy()
@@ -428,7 +430,8 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
 def markdown_table(results: list[dict]) -> str:
     """The results as a Markdown table, one row per configuration (problem, budget, model)."""
     lines = ["| problem | budget | model | tag | C2ST (mean +- sd, observations) | NPE published | KL gap (nats) | "
-             "test NLL | epochs (best) | train s | float32 recon. error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "test NLL | epochs (best) | train s | float32 recon. error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(MODELS)}
     for r in sorted(results, key=lambda r: (r["problem"], r["budget"], order.get(r["model"], 99), r.get("tag", ""))):
         c2 = (f"{r['c2st_mean']:.3f} +- {r['c2st_std']:.3f} ({r['observations']})" if r.get("c2st_mean") is not None
@@ -436,7 +439,8 @@ def markdown_table(results: list[dict]) -> str:
         kl = "-" if r.get("kl_gap") is None else f"{r['kl_gap']:.3f}" + (
             f" +- {r['kl_gap_se']:.3f}" if r.get("kl_gap_se") is not None else "")
         lines.append(f"| {r['problem']} | {r['budget']:g} | {r['model']} | {r.get('tag') or ''} | {c2} | "
-                     f"{r['npe_published'] or '-'} | {kl} | {r['test_nll_raw']:.3f} | {r['epochs']} ({r['best_epoch']}) | "
+                     f"{r['npe_published'] or '-'} | {kl} | {r['test_nll_raw']:.3f} | "
+                     f"{r['epochs']} ({r['best_epoch']}) | "
                      f"{r['train_seconds']:.0f} | {r['float32_reconstruction_error']:.1e} |")
     return "\n".join(lines)
 
@@ -461,7 +465,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    p.add_argument("--ema", type=float, default=0.0, help="decay of an exponential moving average of the weights (0: off)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of an exponential moving average of the weights (0: off)")
     p.add_argument("--patience", type=int, default=20, help="epochs without a better validation loss")
     p.add_argument("--plateau", type=int, default=0, help="halve the learning rate after this many bad epochs (0: off)")
     p.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0: off)")
@@ -507,8 +512,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 gap = f", KL gap {record['kl_gap']:.4f}" if "kl_gap" in record else ""
                 c2 = (f"C2ST {record['c2st_mean']:.3f} +- {record['c2st_std']:.3f} over {a.observations} observations"
                       if a.observations else "no C2ST")
-                print(f"[{key}] test NLL {record['test_nll_raw']:.4f}{gap}; {c2}" + (f" (NPE published: {npe})" if npe else ""),
-                      flush=True)
+                published = f" (NPE published: {npe})" if npe else ""
+                print(f"[{key}] test NLL {record['test_nll_raw']:.4f}{gap}; {c2}{published}", flush=True)
 
 
 if __name__ == "__main__":

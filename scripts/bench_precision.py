@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
-
 from bench_common import interleaved_times, measure_step_memory, run_fresh, set_threads, write_json_atomic  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16", "float16")

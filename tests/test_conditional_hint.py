@@ -214,7 +214,7 @@ def test_multiscale_conditional_hint_joint_density_and_memory():
     sizes = []
     for n in nets:
         n(xs, ys)
-        sizes.append(saved_bytes(lambda: -n.log_prob(xs.clone().requires_grad_(True), ys).sum()))
+        sizes.append(saved_bytes(lambda net=n: -net.log_prob(xs.clone().requires_grad_(True), ys).sum()))
     assert sizes[0] == sizes[1]
     with pytest.raises(ValueError, match="divisible by 2\\*\\*levels"):
         nets[0](torch.randn(2, 1, 8, 6), torch.randn(2, 1, 8, 6))

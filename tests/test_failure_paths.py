@@ -102,7 +102,8 @@ def test_sample_overwrite_never_deletes_a_folder_it_did_not_write(work, capsys):
     before = snapshot(work)
     code = main(["sample", str(run), "--data", str(work / "data.h5"), "--out", str(run), "--overwrite", "--n", "4"])
     assert code == EXIT_USAGE
-    one_line_error(capsys.readouterr().err, "--overwrite replaces only a store written by invnet sample", str(run))
+    one_line_error(capsys.readouterr().err, "overwrite (--overwrite) replaces only a store written by invnet sample",
+                   str(run))
     assert snapshot(work) == before
 
 
@@ -253,10 +254,10 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ partial outputs of sample
 @pytest.mark.parametrize("args, words", [
-    (["--batch-size", "0"], ["--batch-size must be a positive integer"]),
-    (["--temperature", "-1"], ["--temperature must be a positive number"]),
-    (["--temperature", "nan"], ["--temperature must be a positive number"]),
-    (["--keep", "9", "--n", "4"], ["--keep must lie in [0, --n=4]"]),
+    (["--batch-size", "0"], ["batch_size (--batch-size) must be a positive integer"]),
+    (["--temperature", "-1"], ["temperature (--temperature) must be a positive number"]),
+    (["--temperature", "nan"], ["temperature (--temperature) must be a positive number"]),
+    (["--keep", "9", "--n", "4"], ["keep (--keep) must lie in [0, n_samples=4]"]),
     (["--indices", "0:99"], ["indices must lie in [0, 24)"]),
     (["--indices", "a:b"], ["--indices must be 'a:b' or 'i,j,k'"]),
 ])
@@ -317,7 +318,8 @@ def test_sample_stopped_by_sigterm_leaves_nothing_and_says_rerun(work, capsys, m
     code = main(["sample", str(work / "run"), "--data", str(work / "data.h5"), "--out", str(work / "r.zarr"),
                  "--n", "4"])
     assert code == EXIT_PREEMPTED
-    one_line_error(capsys.readouterr().err, "stopped by SIGTERM; nothing was left half-written (rerun the same command)")
+    one_line_error(capsys.readouterr().err,
+                   "stopped by SIGTERM; nothing was left half-written (rerun the same command)")
     assert snapshot(work) == before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 

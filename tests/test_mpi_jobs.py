@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_mpi import HAVE_MPI4PY, MPIEXEC, ROOT, assert_ok, launch
 
 pytestmark = [
@@ -170,7 +169,7 @@ def test_a_signal_to_one_rank_checkpoints_and_stops_every_rank(tmp_path, sig, co
     assert len(ckpts) == 1, ckpts
     step = int(ckpts[0].split("-")[1])
     assert records(tmp_path / "run")[-1]["step"] == step
-    assert out.count(f"wrote checkpoint") == 1 and ("interrupted" if code == 130 else "preempted") in out
+    assert out.count("wrote checkpoint") == 1 and ("interrupted" if code == 130 else "preempted") in out
 
 
 @pytest.mark.timeout(300)

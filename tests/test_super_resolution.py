@@ -200,7 +200,8 @@ def test_train_and_test_images_are_disjoint():
 
 def test_fashion_mnist_reader_on_a_generated_idx_file(tmp_path, monkeypatch):
     for stem, n in (("train", 5), ("t10k", 3)):
-        payload = struct.pack(">IIII", 0x0803, n, 28, 28) + bytes(range(256)) * (n * 28 * 28 // 256) + bytes(n * 28 * 28 % 256)
+        pixels = bytes(range(256)) * (n * 28 * 28 // 256) + bytes(n * 28 * 28 % 256)
+        payload = struct.pack(">IIII", 0x0803, n, 28, 28) + pixels
         with gzip.open(tmp_path / f"{stem}-images-idx3-ubyte.gz", "wb") as f:
             f.write(payload)
     x = data.load_fashion_mnist("test", root=tmp_path)
@@ -265,10 +266,9 @@ def test_evaluate_reads_an_invnet_train_run(tmp_path):
     """The generic path: pairs -> `invnet train` (ConditionalGlow + ImageSummary) -> evaluate.py."""
     import json
 
-    from invnet.cli import main as invnet_main
-
     from applications.super_resolution.invnet_checkpoint import InvnetTrainModel, is_invnet_checkpoint
     from applications.super_resolution.make_pairs import write_pairs
+    from invnet.cli import main as invnet_main
 
     write_pairs(tmp_path / "pairs.h5", n=48, patch=16, factor=4)
     (tmp_path / "train.toml").write_text(

@@ -25,11 +25,12 @@ import scipy.sparse
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tomography import operator_norm, radon_matrix, random_ellipses, tikhonov_cg, tikhonov_cg_iterates  # noqa: E402
+
 import invnet  # noqa: E402
 from invnet.core.checks import saved_bytes  # noqa: E402
 from invnet.networks import LearnedLoop  # noqa: E402
 from invnet.operators import adjoint_test, as_operator  # noqa: E402
-from tomography import operator_norm, radon_matrix, random_ellipses, tikhonov_cg, tikhonov_cg_iterates  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -165,7 +166,8 @@ def main() -> None:
     results = {
         "setup": {
             "image": f"{n}x{n}", "angles": args.angles, "arc_degrees": args.arc, "noise_relative": args.noise,
-            "operator": f"sparse Radon matrix {a_csr.shape} (pylops MatrixMult over scipy CSR), norm scaled to 1", "adjoint_test": adj_err,
+            "operator": f"sparse Radon matrix {a_csr.shape} (pylops MatrixMult over scipy CSR), norm scaled to 1",
+            "adjoint_test": adj_err,
             "iterations": args.iterations, "channels": args.channels, "hidden": args.hidden,
             "parameters": sum(p.numel() for p in loop.parameters()), "steps": args.steps, "batch": args.batch,
             "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
@@ -197,8 +199,8 @@ def make_figures(out, losses, test, base, learned, shepp, base_shepp, learned_sh
 
     rows = [(test[i], base[i], learned[i]) for i in range(3)] + [(shepp[0], base_shepp[0], learned_shepp[0])]
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)))
-    for r, (truth, b, l) in enumerate(rows):
-        for c, (img, name) in enumerate(((truth, "truth"), (b, "Tikhonov-CG"), (l, "i-RIM LearnedLoop"))):
+    for r, (truth, tikhonov, irim) in enumerate(rows):
+        for c, (img, name) in enumerate(((truth, "truth"), (tikhonov, "Tikhonov-CG"), (irim, "i-RIM LearnedLoop"))):
             ax = axes[r, c]
             ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])

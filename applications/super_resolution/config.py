@@ -6,9 +6,10 @@ the defaults below, unknown tables or keys are an error (a typo should not pass 
 from __future__ import annotations
 
 import copy
-import tomllib
 from pathlib import Path
 from typing import Any, Optional
+
+import tomllib
 
 __all__ = ["DEFAULTS", "load_config", "merge_config"]
 
@@ -60,7 +61,7 @@ def merge_config(overrides: Optional[dict] = None) -> dict:
     return cfg
 
 
-def load_config(path: "str | Path") -> dict:
+def load_config(path: str | Path) -> dict:
     """Read a TOML config file and merge it with the defaults."""
     with open(path, "rb") as f:
         return merge_config(tomllib.load(f))

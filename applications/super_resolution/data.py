@@ -122,7 +122,7 @@ def fixed_patches(images: Sequence[Tensor], size: int, per_image: int, seed: int
     return torch.stack(out)
 
 
-def read_idx(path: "str | Path") -> np.ndarray:
+def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (the MNIST format: magic ``0x0000TTDD``, big-endian sizes, raw data),
     gzipped or not, as a numpy array. Only unsigned-byte data (type ``0x08``) is supported.
 
@@ -149,7 +149,7 @@ def read_idx(path: "str | Path") -> np.ndarray:
     return data.reshape(dims)
 
 
-def load_fashion_mnist(split: str = "train", root: Optional["str | Path"] = None, limit: Optional[int] = None) -> Tensor:
+def load_fashion_mnist(split: str = "train", root: Optional[str | Path] = None, limit: Optional[int] = None) -> Tensor:
     """Fashion-MNIST images ``(N, 1, 28, 28)`` in ``[0, 1]`` from Debian's ``dataset-fashion-mnist``.
 
     Args:

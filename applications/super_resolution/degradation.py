@@ -12,7 +12,6 @@ Its right inverse is pixel replication :math:`U` (:math:`D U = I`), so
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

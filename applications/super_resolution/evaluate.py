@@ -25,8 +25,8 @@ from torch import Tensor
 
 from .data import TEST_IMAGES, load_skimage
 from .degradation import bicubic_upsample, downsample, project_consistent
-from .metrics import diversity, lr_consistency, psnr, ssim
 from .invnet_checkpoint import InvnetTrainModel, is_invnet_checkpoint
+from .metrics import diversity, lr_consistency, psnr, ssim
 from .model import SRFlow
 from .tiles import sample_tiled
 from .train import build_data, load_checkpoint
@@ -99,7 +99,7 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def save_figure(path: "str | Path", images: dict, rows: int = 4, factor: int = 4) -> None:
+def save_figure(path: str | Path, images: dict, rows: int = 4, factor: int = 4) -> None:
     """A grid figure: one row per image, columns input (LR, shown enlarged by pixel replication),
     bicubic, three samples, posterior mean, per-pixel std (own colour scale), truth."""
     import matplotlib
@@ -130,14 +130,16 @@ def save_figure(path: "str | Path", images: dict, rows: int = 4, factor: int = 4
 
 def _markdown(m: dict) -> str:
     lines = [
-        f"{m['images']} held-out patches, {m['factor']}x, posterior mean of {m['samples']} samples at T={m['temperature']}"
+        f"{m['images']} held-out patches, {m['factor']}x, "
+        f"posterior mean of {m['samples']} samples at T={m['temperature']}"
         + ("" if m["test_bits_per_dim"] is None else f"; test NLL {m['test_bits_per_dim']:.3f} bits/dim"),
         "",
         "| estimate | PSNR (dB) | SSIM | LR consistency (dB) |",
         "|---|---|---|---|",
     ]
     for key, label in (("bicubic", "bicubic"), ("bicubic_consistent", "bicubic + LR projection"),
-                       ("posterior_mean", "flow: posterior mean"), ("single_sample", f"flow: one sample, T={m['temperature']}"),
+                       ("posterior_mean", "flow: posterior mean"),
+                       ("single_sample", f"flow: one sample, T={m['temperature']}"),
                        ("single_sample_T0.8", "flow: one sample, T=0.8")):
         if key == "single_sample_T0.8" and m["temperature"] == 0.8:
             continue  # the row above already is at T=0.8
@@ -198,11 +200,14 @@ def _tiled_example(model: SRFlow, cfg: dict, test: Tensor, samples: int, tempera
     else:
         name = "mosaic of 16 test images"
         tiles16 = test[:16]
-        crop = torch.cat([torch.cat(list(tiles16[4 * r:4 * r + 4]), dim=2) for r in range(4)], dim=1)[None].to(args.device)
+        rows = [torch.cat(list(tiles16[4 * r:4 * r + 4]), dim=2) for r in range(4)]
+        crop = torch.cat(rows, dim=1)[None].to(args.device)
     y = downsample(crop, f)
     g = torch.Generator(device=args.device).manual_seed(1)
     s = sample_tiled(model, y, n=samples, temperature=temperature, tile=args.tile, overlap=args.overlap, generator=g)
-    large = {"lr": y, "bicubic": bicubic_upsample(y, f), "samples": s[:3], "mean": s.mean(0), "std": s.std(0), "truth": crop}
+    large = {
+        "lr": y, "bicubic": bicubic_upsample(y, f), "samples": s[:3], "mean": s.mean(0), "std": s.std(0), "truth": crop,
+    }
     large["metrics"] = {
         "image": name, "size": list(crop.shape[2:]), "tile": args.tile, "overlap": args.overlap,
         "bicubic_psnr": float(psnr(large["bicubic"], crop)[0]), "mean_psnr": float(psnr(large["mean"], crop)[0]),

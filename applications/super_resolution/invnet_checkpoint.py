@@ -47,7 +47,7 @@ class InvnetTrainModel:
         device: where to run the network.
     """
 
-    def __init__(self, path: str, device: "str | torch.device" = "cpu") -> None:
+    def __init__(self, path: str, device: str | torch.device = "cpu") -> None:
         self.sampler = PosteriorSampler.from_checkpoint(path)  # reads the weights once
         path = resolve_checkpoint(path)
         with open(os.path.join(path, "meta.json")) as f:  # the checkpoint's small JSON part

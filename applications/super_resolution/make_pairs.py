@@ -26,7 +26,7 @@ from .degradation import check_factor, downsample
 __all__ = ["write_pairs", "main"]
 
 
-def write_pairs(path: "str | Path", n: int, patch: int = 32, factor: int = 4, seed: int = 0, chunk: int = 1024) -> None:
+def write_pairs(path: str | Path, n: int, patch: int = 32, factor: int = 4, seed: int = 0, chunk: int = 1024) -> None:
     """Write ``n`` pairs ``x`` ``(n, 1, patch, patch)`` and ``y`` ``(n, 1, patch/factor, patch/factor)``
     (float32) to the HDF5 file ``path``, atomically."""
     check_factor(factor)

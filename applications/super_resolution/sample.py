@@ -31,7 +31,7 @@ from .train import load_checkpoint
 __all__ = ["read_grey", "write_png", "main"]
 
 
-def read_grey(path: "str | Path") -> torch.Tensor:
+def read_grey(path: str | Path) -> torch.Tensor:
     """Read an image file as a grey-level tensor ``(1, 1, H, W)`` in ``[0, 1]``."""
     from skimage.color import rgb2gray
     from skimage.io import imread
@@ -88,7 +88,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         y = downsample(x, f)
     y = y.to(args.device)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    s = sample_tiled(model, y, n=args.n, temperature=args.temperature, tile=args.tile, overlap=args.overlap, generator=g)
+    s = sample_tiled(model, y, n=args.n, temperature=args.temperature, tile=args.tile, overlap=args.overlap,
+                     generator=g)
     out = Path(args.out)
     for k in range(args.n):
         write_png(out / f"sample_{k}.png", s[k, 0, 0])
@@ -102,7 +103,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{args.n} candidates of size {tuple(s.shape[-2:])} in {out}")
     print(f"LR consistency of sample 0: {float(lr_consistency(s[0], y, f)[0]):.1f} dB")
     if truth is not None:
-        print(f"PSNR: bicubic {float(psnr(bic, truth)[0]):.2f} dB, posterior mean {float(psnr(mean, truth)[0]):.2f} dB, "
+        print(f"PSNR: bicubic {float(psnr(bic, truth)[0]):.2f} dB, "
+              f"posterior mean {float(psnr(mean, truth)[0]):.2f} dB, "
               f"sample 0 {float(psnr(s[0], truth)[0]):.2f} dB")
     return 0
 

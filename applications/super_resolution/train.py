@@ -66,7 +66,7 @@ def build_model(cfg: dict) -> SRFlow:
     return SRFlow(channels=1, **cfg["model"])
 
 
-def save_checkpoint(path: "str | Path", model: SRFlow, cfg: dict, extra: Optional[dict] = None) -> None:
+def save_checkpoint(path: str | Path, model: SRFlow, cfg: dict, extra: Optional[dict] = None) -> None:
     """Write weights, model sizes and config to ``path`` atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def save_checkpoint(path: "str | Path", model: SRFlow, cfg: dict, extra: Optiona
             os.remove(tmp)
 
 
-def load_checkpoint(path: "str | Path", device: "str | torch.device" = "cpu") -> tuple[SRFlow, dict]:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[SRFlow, dict]:
     """Rebuild the model from a checkpoint written by :func:`save_checkpoint` (``weights_only``)."""
     state = torch.load(path, map_location=device, weights_only=True)
     hparams = {"injector": False, **state["hparams"]}  # checkpoints from before the injector

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
 from .handover import HandOver
 from .precision import AutocastState, conditioner_call, full_precision, recorded_autocast
@@ -307,7 +308,9 @@ class _MemorySavingCall(torch.autograd.Function):
     clipping, gradient scalers and reducers see them)."""
 
     @staticmethod
-    def forward(ctx, module: InvertibleModule, inverse: bool, inp: Tensor, c: Optional[Tensor], *params: Tensor):
+    def forward(
+        ctx: FunctionCtx, module: InvertibleModule, inverse: bool, inp: Tensor, c: Optional[Tensor], *params: Tensor
+    ):
         out, logdet = module._inverse(inp, c) if inverse else module._forward(inp, c)
         ctx.module = module
         ctx.inverse = inverse
@@ -319,7 +322,7 @@ class _MemorySavingCall(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout: Tensor, dlogdet: Tensor):
+    def backward(ctx: FunctionCtx, dout: Tensor, dlogdet: Tensor):
         (c,) = ctx.saved_tensors
         grads = GradStore()
         vjp = ctx.module._vjp_inverse if ctx.inverse else ctx.module._vjp

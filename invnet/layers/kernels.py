@@ -51,6 +51,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 __all__ = ["conv", "pointwise", "reference_kernels", "fast_kernels_enabled", "reference_kernel_chosen"]
 
@@ -187,7 +188,7 @@ class _FoldSlabs(torch.autograd.Function):
     (the overlapping cells receive both)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int, reach: int) -> Tensor:
+    def forward(ctx: FunctionCtx, x: Tensor, dim: int, reach: int) -> Tensor:
         length = x.shape[dim] - reach
         half = (length + 1) // 2
         ctx.meta = (x.shape, dim, reach, length, half)
@@ -201,7 +202,7 @@ class _FoldSlabs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
+    def backward(ctx: FunctionCtx, g: Tensor):
         shape, dim, reach, length, half = ctx.meta
         dx = torch.empty(shape, dtype=g.dtype, device=g.device, memory_format=_CHANNELS_LAST[len(shape) - 2])
         first = dx[0].narrow(dim - 1, 0, half + reach)

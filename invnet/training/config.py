@@ -16,8 +16,19 @@ from typing import Any, Callable, Optional
 import torch
 
 from .precision import PRECISIONS, Precision
-from .schema import (REQUIRED, Key, check_keywords, check_section, constructor_parameters, fraction, nonempty,
-                     nonnegative, one_of, positive, positive_integers)
+from .schema import (
+    REQUIRED,
+    Key,
+    check_keywords,
+    check_section,
+    constructor_parameters,
+    fraction,
+    nonempty,
+    nonnegative,
+    one_of,
+    positive,
+    positive_integers,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -129,7 +140,7 @@ def _scheduler_class(name: str) -> type:
     return cls
 
 
-def _network_class(name: str) -> "type | Callable":
+def _network_class(name: str) -> type | Callable:
     from .network_spec import network_class
 
     try:
@@ -221,7 +232,8 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     >>> validate_config({"data": {"path": "d.h5", "bogus": 1}})
     Traceback (most recent call last):
     ...
-    ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'source', 'arguments', 'validation_size', 'x', 'y', 'validation_fraction', 'patch', 'seed', 'max_read_mb']
+    ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'source', 'arguments', 'validation_size', 'x', 'y',
+    'validation_fraction', 'patch', 'seed', 'max_read_mb']
     """
     if not isinstance(cfg, dict):
         raise ValueError(f"a configuration is a table of sections, got {type(cfg).__name__}")
@@ -275,10 +287,12 @@ def resume_differences(stored: dict, new: dict) -> list[str]:
     for section, spec in OPEN_SECTIONS.items():
         old, now = stored.get(section), new.get(section)
         if (old is None) != (now is None):
-            lines.append(f"[{section}]: {'(none)' if old is None else 'present'} -> {'(none)' if now is None else 'present'}")
+            before, after = ("(none)" if v is None else "present" for v in (old, now))
+            lines.append(f"[{section}]: {before} -> {after}")
         elif old is not None:
             defaults = {}
-            if old.get(spec.field) == now.get(spec.field):  # the same class: an argument given as its default is no change
+            # the same class: an argument given as its default is no change
+            if old.get(spec.field) == now.get(spec.field):
                 try:
                     defaults = {p.name: p.default for p in constructor_parameters(spec.resolve(now[spec.field]))
                                 if p.default is not p.empty}

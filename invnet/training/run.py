@@ -3,31 +3,39 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..data import BatchLoader, Normalization, Shard, data_moments, open_pairs, train_validation_split
-from ..data.simulated import SimulatedPairs, load_entry_point, simulated_set
+from ..data import BatchLoader, Normalization, PairDataset, Shard, data_moments, open_pairs, train_validation_split
 from ..data.atomic import atomic_file, move_aside
 from ..data.quality import warn_about_data
+from ..data.simulated import SimulatedPairs, load_entry_point, simulated_set
 from ..distributed.comm import Communicator, SerialComm, agree_on_errors
 from ..distributed.strategy import ParallelStrategy
 from ..networks.base import FlowNetwork
 from .checkpoint import latest_readable_checkpoint, set_aside
 from .device import device_assignment, resolve_device
 from .network_spec import build_network, resolve_network_spec
-from .run_folder import check_out_dir, check_restart, check_resume, check_same_data, holds_run
 from .precision import Precision
+from .run_folder import check_out_dir, check_restart, check_resume, check_same_data, holds_run
 from .signals import PreemptedError, PreemptionFlag
 from .trainer import Trainer, TrainResult
 
 __all__ = ["trainer_from_config", "train_from_config", "strategy_from_config"]
 
 
-def _validation_batches(dataset, indices, batch_size, normalization, dtype, seed, shard: Shard,
-                        pin_memory: bool = False) -> "callable":
+def _validation_batches(
+    dataset: PairDataset,
+    indices: Sequence[int],
+    batch_size: int,
+    normalization: Normalization,
+    dtype: torch.dtype,
+    seed: int,
+    shard: Shard,
+    pin_memory: bool = False,
+) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """This rank's validation batches: its batch group's part of ``indices`` (its subdomain of
     each sample), with fixed patch corners (drawn for all of ``indices``, so that every grid sees
     the same patches and the global validation loss does not depend on the grid)."""

@@ -141,9 +141,11 @@ class Trainer:
     >>> import tempfile, numpy as np, torch
     >>> from invnet.data import ArraySource, PairDataset, BatchLoader
     >>> from invnet.networks import ConditionalCouplingFlow
-    >>> ds = PairDataset(ArraySource(np.random.randn(16, 2).astype("f4"), "x"), ArraySource(np.random.randn(16, 1).astype("f4"), "y"))
+    >>> x, y = np.random.randn(16, 2).astype("f4"), np.random.randn(16, 1).astype("f4")
+    >>> ds = PairDataset(ArraySource(x, "x"), ArraySource(y, "y"))
     >>> net = ConditionalCouplingFlow(2, 1, ndim=0, depth=2, hidden=8)
-    >>> trainer = Trainer(net, torch.optim.Adam(net.parameters(), 1e-3), BatchLoader(ds, range(16), 8), tempfile.mkdtemp(), steps=3, progress=False)
+    >>> optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    >>> trainer = Trainer(net, optimizer, BatchLoader(ds, range(16), 8), tempfile.mkdtemp(), steps=3, progress=False)
     >>> result = trainer.fit()
     >>> result.status, result.step
     ('finished', 3)
@@ -195,8 +197,8 @@ class Trainer:
             raise ValueError(f"need 0 < drift_warn_above <= drift_fail_above, got {drift_warn_above} and "
                              f"{drift_fail_above}")
         if drift_check_every is not None and loss_fn is not None and drift_inputs is None:
-            raise ValueError("the drift guard (drift_check_every) with your own loss_fn needs drift_inputs(model, batch) "
-                             "-> (flow, x, c): what to rebuild")
+            raise ValueError("the drift guard (drift_check_every) with your own loss_fn needs "
+                             "drift_inputs(model, batch) -> (flow, x, c): what to rebuild")
         self.strategy = strategy if strategy is not None else ParallelStrategy(())
         self.precision = precision if isinstance(precision, Precision) else (
             Precision(precision) if precision is not None else Precision.of_model(model))
@@ -267,7 +269,7 @@ class Trainer:
                                                self.keep_last)
         return self.last_checkpoint
 
-    def resume(self, checkpoint: "Optional[str | Checkpoint]" = None) -> bool:
+    def resume(self, checkpoint: Optional[str | Checkpoint] = None) -> bool:
         """Restore the latest checkpoint of this run (or ``checkpoint``, a path or one already
         read) onto this trainer's device. Returns False when there is none; raises ``ValueError``
         when it does not fit."""
@@ -406,7 +408,8 @@ class Trainer:
                     stop = received is not None
                     due = self.checkpoint_every_steps is not None and self.step % self.checkpoint_every_steps == 0
                     if self.checkpoint_every_minutes is not None:
-                        due = due or self.strategy.agree(time.monotonic() - last_save >= 60 * self.checkpoint_every_minutes)
+                        minutes_due = time.monotonic() - last_save >= 60 * self.checkpoint_every_minutes
+                        due = due or self.strategy.agree(minutes_due)
                     if stop or due or self.step == self.steps:
                         self.save()
                         last_save = time.monotonic()
