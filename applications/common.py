@@ -31,7 +31,8 @@ def app_parser(prog: str, doc: str, default_config: str) -> argparse.ArgumentPar
     parser = argparse.ArgumentParser(prog=f"python -m applications.{prog}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config,
-                        help=f"TOML config read by invnet's config machinery (docs/config.md; default {default_config})")
+                        help=f"TOML config read by invnet's config machinery (docs/config.md; default "
+                             f"{default_config})")
     parser.add_argument("--out", default=None,
                         help="run folder (checkpoints/, metrics.jsonl, metrics.png, results); overrides "
                              "[training] out_dir, which is relative to the config file")

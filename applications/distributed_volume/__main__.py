@@ -72,7 +72,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         with atomic_file(out) as f:
             f.write(json.dumps(report, indent=1) + "\n")
         cov = report.get("coverage", {})
-        print(f"posterior of {report.get('observations')} test volumes: RMSE of the mean {report.get('rmse_mean'):.4f}, "
+        print(f"posterior of {report.get('observations')} test volumes: RMSE of the mean "
+              f"{report.get('rmse_mean'):.4f}, "
               f"mean std {report.get('mean_posterior_std'):.4f}, 90% interval covers "
               f"{cov.get('0.9', {}).get('empirical', float('nan')):.3f}; store {store}; results {out}", flush=True)
     comm.barrier()

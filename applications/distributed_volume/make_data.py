@@ -1,7 +1,7 @@
 """Synthetic 3D pairs for the distributed-volume application: smooth random "earth" volumes x and
 blurred, noisy observations y = B x + noise (B: a 3-cell box blur, a local operator).
 
-    python -m applications.distributed_volume.make_data                       # into applications/distributed_volume/data
+    python -m applications.distributed_volume.make_data          # into applications/distributed_volume/data
     python -m applications.distributed_volume.make_data --out /tmp/dv --size 32 --samples 64 --format zarr
 
 Writes OUT/train.h5 and OUT/test.h5 (or OUT/train.zarr and OUT/test.zarr), each with the arrays

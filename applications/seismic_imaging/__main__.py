@@ -76,7 +76,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         batch_size=min(100, args.samples), plots=plots, n_plots=3, overwrite=True)
     t_sample = time.time() - t1
     defaults = {k: p.default for k, p in inspect.signature(simulate).parameters.items()}
-    shape, noise = [int(s) for s in arguments.get("shape", defaults["shape"])], arguments.get("noise", defaults["noise"])
+    shape = [int(s) for s in arguments.get("shape", defaults["shape"])]
+    noise = arguments.get("noise", defaults["noise"])
     _, x_std, _ = standardization(tuple(shape), float(noise))
     with h5py.File(test, "r") as f:  # the prior mean (zero in standardised units) as the estimate
         rmse_prior = float(np.sqrt((f["x"][...].astype(np.float64) ** 2).mean()))
@@ -87,11 +88,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         units="rmse_mean and mean_posterior_std in standardised units (log-impedance / x_std); *_log_impedance "
               "in log-impedance",
         x_std=x_std, shape=shape, noise=noise, n_test=args.n_test, network=cfg["model"],
-        steps=result.step, batch_size=cfg["training"]["batch_size"], pairs_seen=result.step * cfg["training"]["batch_size"],
+        steps=result.step, batch_size=cfg["training"]["batch_size"],
+        pairs_seen=result.step * cfg["training"]["batch_size"],
         validation_size=cfg["data"]["validation_size"], final_train_bpd=result.last_train_loss,
         final_val_bpd=result.last_val_loss, checkpoint=result.checkpoint,
         seconds={"train": round(t_train, 1), "sample": round(t_sample, 1)},
-        command="python -m " + " ".join(["applications.seismic_imaging"] + list(argv if argv is not None else sys.argv[1:])),
+        command=" ".join(["python -m applications.seismic_imaging", *(argv if argv is not None else sys.argv[1:])]),
     )
     out = args.results or os.path.join(run, "results.json")
     with atomic_file(out) as f:
