@@ -88,8 +88,9 @@ def _sample(args: argparse.Namespace) -> int:
 
     device = _device_option(args.device)
     comm = default_comm()  # MPI under `mpiexec ... -m invnet sample`: the run's grid, each rank its own chunks
+    checkpoint = _chosen_checkpoint(args, comm.rank == 0)
     with PreemptionFlag(raise_on_signal=True):  # SIGTERM/SIGUSR1/Ctrl-C: stop now, the partial store is removed
-        report = sample_job(args.checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
+        report = sample_job(checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
                             temperature=args.temperature, keep=args.keep, indices=_parse_indices(args.indices),
                             x_name=args.x, y_name=args.y, plots=args.plots, seed=args.seed, overwrite=args.overwrite,
                             progress=not args.no_progress, comm=comm, grid=args.grid, device=device)
@@ -112,10 +113,22 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chosen_checkpoint(args: argparse.Namespace, say: bool) -> str:
+    """The checkpoint ``--checkpoint`` picks in the run folder (best by default); ``say``: print
+    which (on stdout; on stderr for ``info``, whose stdout is JSON)."""
+    from .training.checkpoint_choice import choose_checkpoint
+
+    path, note = choose_checkpoint(args.checkpoint, args.which)
+    if say:
+        print(f"using the {note}: {path}" if not note.startswith("checkpoint ") else f"using {note}",
+              file=sys.stderr if args.command == "info" else sys.stdout, flush=True)
+    return path
+
+
 def _info(args: argparse.Namespace) -> int:
     from .training.checkpoint import read_checkpoint
 
-    ckpt = read_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint(_chosen_checkpoint(args, True))
     n_params = sum(int(t.numel()) for t in ckpt.weights.values() if t.is_floating_point())
     info = {"checkpoint": ckpt.path, "step": ckpt.step, "saved_at": ckpt.meta.get("saved_at"),
             "network": ckpt.meta.get("spec"), "parameters_and_buffers": n_params, "data": ckpt.meta.get("data"),
@@ -123,6 +136,7 @@ def _info(args: argparse.Namespace) -> int:
             "loss_name": ckpt.meta.get("loss_name", "bpd"),
             "last_train_loss": ckpt.meta.get("last_train_loss", ckpt.meta.get("last_train_bpd")),
             "last_val_loss": ckpt.meta.get("last_val_loss", ckpt.meta.get("last_val_bpd")),
+            "best": ckpt.meta.get("best"),
             "data_position": ckpt.state.get("loader")}
     print(json.dumps(info, indent=1))
     return 0
@@ -135,6 +149,12 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def _checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", dest="which", default=None, metavar="best|last|step-N",
+                        help="which checkpoint of the run folder: best (lowest validation loss; the default, or the "
+                             "last when the run had no validation), last, or step-N")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -181,7 +201,9 @@ def _build_parser() -> argparse.ArgumentParser:
                             help="posterior samples, mean and std for observations, into Zarr",
                             description="Posterior mean, std and samples per observation into a new Zarr store "
                                         "(layout: docs/config.md); calibration when the file holds the truth.")
-    sample.add_argument("checkpoint", help="a checkpoint folder or a run folder (latest checkpoint)")
+    sample.add_argument("checkpoint",
+                        help="a run folder (its checkpoint chosen by --checkpoint) or one checkpoint folder")
+    _checkpoint_option(sample)
     sample.add_argument("--data", required=True, help="HDF5 file or Zarr store with the observations")
     sample.add_argument("--out", required=True, help="Zarr store to create (e.g. results.zarr)")
     sample.add_argument("--n", type=int, default=100, help="samples per observation")
@@ -204,7 +226,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=_sample)
 
     info = sub.add_parser("info", formatter_class=fmt, help="describe a checkpoint")
-    info.add_argument("checkpoint", help="a checkpoint folder or a run folder (latest checkpoint)")
+    info.add_argument("checkpoint",
+                      help="a run folder (its checkpoint chosen by --checkpoint) or one checkpoint folder")
+    _checkpoint_option(info)
     info.set_defaults(func=_info)
     return parser
 

@@ -165,7 +165,8 @@ def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int, device: st
     store = os.path.join(out_dir, "posterior.zarr")
     plots = os.path.join(out_dir, "plots")
     t1 = time.time()
-    report = sample_job(result.checkpoint, data, store, n_samples=p["n_samples"], batch_size=min(100, p["n_samples"]),
+    chosen = result.best_checkpoint or result.checkpoint  # the best-by-validation weights, as `invnet sample` takes
+    report = sample_job(chosen, data, store, n_samples=p["n_samples"], batch_size=min(100, p["n_samples"]),
                         indices=obs, plots=plots, seed=seed, overwrite=True, progress=True, device=device)
     t_sample, t_total, cpu = time.time() - t1, time.time() - t0, time.process_time() - cpu0
     report = dict(report, status="finished", size=size, train_seconds=round(t_train, 1),

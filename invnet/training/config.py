@@ -73,7 +73,9 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "batch_size": Key(int, 16, positive),
         "seed": Key(int, 0),
         "clip_grad_norm": Key(float, None, positive),
-        "validate_every": Key(int, None, positive, resume=True),
+        "validate_every": Key(int, None, positive, resume=True),  # unset: once per epoch (docs/config.md)
+        "patience": Key(int, 20, nonnegative, resume=True),  # validations without a better loss; 0: never stop
+        "min_delta": Key(float, 0.0, nonnegative, resume=True),  # how much lower counts as better
         "log_every": Key(int, 10, positive, resume=True),
         "checkpoint_every_steps": Key(int, None, positive, resume=True),
         "checkpoint_every_minutes": Key(float, None, positive, resume=True),
@@ -134,9 +136,9 @@ def _scheduler_class(name: str) -> type:
     cls = getattr(torch.optim.lr_scheduler, name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler)):
         raise ValueError(f"[scheduler] unknown name {name!r}; use a class of torch.optim.lr_scheduler "
-                         "(e.g. CosineAnnealingLR, StepLR, ExponentialLR, OneCycleLR)")
-    if name in ("LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler", "ReduceLROnPlateau"):
-        raise ValueError(f"[scheduler] {name} needs Python objects or a metric; not usable from a config")
+                         "(e.g. CosineAnnealingLR, StepLR, ExponentialLR, OneCycleLR, ReduceLROnPlateau)")
+    if name in ("LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler"):
+        raise ValueError(f"[scheduler] {name} needs Python objects; not usable from a config")
     return cls
 
 
@@ -220,6 +222,28 @@ def _check_data_kind(d: dict) -> None:
     check_keywords("[data] arguments", simulate, d["arguments"] or {}, params[:2])
 
 
+def _check_plateau(scheduler: Optional[dict], d: dict) -> None:
+    """ReduceLROnPlateau is stepped with the validation loss: it needs validation pairs and
+    ``mode = "min"``, and its numbers are checked now (torch would complain only when the job builds it)."""
+    if scheduler is None or scheduler["name"] != "ReduceLROnPlateau":
+        return
+    simulated = d["source"] is not None
+    if (not simulated and d["validation_fraction"] == 0) or (simulated and not d["validation_size"]):
+        raise ValueError("[scheduler] ReduceLROnPlateau is stepped with the validation loss, but the run has no "
+                         "validation pairs: set [data] " + ("validation_fraction > 0" if d["source"] is None
+                                                            else "validation_size > 0"))
+    if scheduler.get("mode", "min") != "min":
+        raise ValueError("[scheduler] ReduceLROnPlateau mode must be \"min\": it is stepped with a loss")
+    factor = scheduler.get("factor", 0.1)
+    if not 0 < factor < 1:
+        raise ValueError(f"[scheduler] ReduceLROnPlateau factor must lie in (0, 1) (the new lr is lr x factor), got "
+                         f"{factor!r}")
+    for key in ("patience", "cooldown"):
+        v = scheduler.get(key, 0)
+        if v < 0:
+            raise ValueError(f"[scheduler] ReduceLROnPlateau {key} must be >= 0 (validations), got {v!r}")
+
+
 def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     """Check a parsed configuration and fill in defaults; relative paths are taken from
     ``base_dir`` (the config file's folder). Raises ``ValueError`` naming the allowed keys, the
@@ -247,6 +271,7 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
         out[name] = _check_open(name, spec, cfg.get(name))
     d, t = out["data"], out["training"]
     _check_data_kind(d)
+    _check_plateau(out["scheduler"], d)
     if d["path"] is not None:
         d["path"] = os.path.normpath(os.path.join(base_dir, d["path"]))
     t["out_dir"] = os.path.normpath(os.path.join(base_dir, t["out_dir"]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -61,6 +62,28 @@ def _validation_batches(
 def _say(comm: Communicator, message: str) -> None:
     if comm.rank == 0:
         print(message, flush=True)
+
+
+def validation_schedule(t: dict, n_train: Optional[int], n_val: int,
+                        batch_ranks: int) -> tuple[Optional[int], Optional[int]]:
+    """``(validate_every, patience)`` for the Trainer from ``[training]``: ``validate_every`` unset
+    means once per epoch (``n_train`` pairs in global batches of ``batch_size x batch_ranks``); a
+    simulator has no epochs, and then every ten validation sets' worth of fresh pairs (so the
+    validation, a forward pass, costs a few percent of the training). Without validation pairs
+    there is nothing to stop on (patience ``None``); ``patience = 0`` also means never stop.
+
+    >>> validation_schedule({"validate_every": None, "patience": 20, "batch_size": 16}, 900, 100, 1)
+    (56, 20)
+    >>> validation_schedule({"validate_every": None, "patience": 0, "batch_size": 16}, None, 100, 2)
+    (32, None)
+    """
+    if not n_val:
+        return t["validate_every"], None
+    every = t["validate_every"]
+    if every is None:
+        global_batch = t["batch_size"] * batch_ranks
+        every = max(1, n_train // global_batch) if n_train is not None else max(1, math.ceil(10 * n_val / global_batch))
+    return every, (t["patience"] or None)
 
 
 def strategy_from_config(cfg: dict, space_shape: tuple[int, ...], comm: Communicator) -> ParallelStrategy:
@@ -174,6 +197,12 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
             validation = _validation_batches(dataset, val_idx, t["batch_size"], normalization, dtype, t["seed"], shard,
                                              pin)
     loss_fn = load_entry_point(t["loss"], "[training] loss") if t["loss"] is not None else None
+    validate_every, patience = validation_schedule(t, n_train, n_val if validation is not None else 0,
+                                                   strategy.batch_ranks)
+    if validation is None and not simulated and (cfg["scheduler"] or {}).get("name") == "ReduceLROnPlateau":
+        raise ValueError(f"[scheduler] ReduceLROnPlateau is stepped with the validation loss, but the "
+                         f"{len(dataset)} pairs leave none for validation at validation_fraction "
+                         f"{d['validation_fraction']}; raise it or give more pairs")
     # ---- everything checked: from here on files are written
     if restart:
         if comm.rank == 0:
@@ -183,7 +212,8 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
     trainer = Trainer(
         model, optimizer, loader, out_dir, t["steps"], loss_fn=loss_fn, strategy=strategy, device=device,
         precision=precision,
-        scheduler=scheduler, validation=validation, validate_every=t["validate_every"],
+        scheduler=scheduler, validation=validation, validate_every=validate_every, patience=patience,
+        min_delta=t["min_delta"],
         drift_check_every=t["drift_check_every"], drift_warn_above=t["drift_warn_above"],
         drift_fail_above=t["drift_fail_above"], normalization=normalization, spec=spec, data_info=data_info,
         clip_grad_norm=t["clip_grad_norm"], log_every=t["log_every"],
@@ -204,6 +234,9 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
     if comm.size > 1 or device.type != "cpu":
         assignment = device_assignment(device, comm)
         _say(comm, assignment)
+    if validation is None:
+        _say(comm, "no validation pairs: no early stopping and no best checkpoint (invnet sample and info will use "
+                   "the last checkpoint)")
     if ckpt is not None:
         _say(comm, f"resuming from step {trainer.step} (checkpoint {ckpt.path})"
              + (", the newest readable one" if unreadable else ""))
