@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["app_parser", "load_app_config", "train", "parse_assignment", "run_main"]
+__all__ = ["app_parser", "load_app_config", "train", "parse_assignment", "run_main", "require_source"]
 
 
 def app_parser(prog: str, doc: str, default_config: str) -> argparse.ArgumentParser:
@@ -94,19 +94,46 @@ def load_app_config(args: argparse.Namespace) -> dict:
     return validate_config(raw, os.path.dirname(os.path.abspath(path)))
 
 
+def require_source(cfg: dict, source: str) -> dict:
+    """The ``[data] arguments`` of ``cfg`` (a dict) after checking that its pairs come from the
+    simulator ``source`` (``"package.module:function"``), the one the application evaluates.
+
+    >>> require_source({"data": {"source": "a.b:simulate", "arguments": None}}, "a.b:simulate")
+    {}
+    >>> require_source({"data": {"source": None, "path": "d.h5"}}, "a.b:simulate")
+    Traceback (most recent call last):
+    ...
+    ValueError: this application's config draws its pairs from [data] source = 'a.b:simulate', got 'd.h5'
+    """
+    data = cfg["data"]
+    if data["source"] != source:
+        raise ValueError(f"this application's config draws its pairs from [data] source = {source!r}, "
+                         f"got {data['source'] or data['path']!r}")
+    return dict(data["arguments"] or {})
+
+
 def train(cfg: dict, args: argparse.Namespace, comm: Optional[Any] = None,
           validation: Optional[Callable[[], Iterable[Any]]] = None) -> TrainResult:
-    """Train (or resume) the run ``cfg`` describes through the library trainer; a run stopped by a
-    signal (its checkpoint written) ends the process with 75 (SIGTERM/SIGUSR1) or 130 (Ctrl-C).
+    """Train (or resume) the run ``cfg`` describes through the library trainer, on every rank of
+    ``comm`` (serial when ``None``; only rank 0 prints); a run stopped by a signal (its checkpoint
+    written) ends the process with 75 (SIGTERM/SIGUSR1) or 130 (Ctrl-C), on every rank.
     ``validation``: the application's own validation batches (e.g. held-out images), replacing
     the config's (:func:`~invnet.training.trainer_from_config`)."""
     result = train_from_config(cfg, comm=comm, resume=not args.restart, config_path=args.config,
                                validation=validation)
+    speaks = comm is None or comm.rank == 0  # under mpiexec, rank 0 speaks for all
     if result.status != "finished":
-        print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; rerun the same command to "
-              "resume", flush=True)
+        if speaks:
+            print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; rerun the same command "
+                  "to resume", flush=True)
+        if comm is not None:
+            comm.barrier()  # a non-zero exit ends an MPI job: no rank may end it before rank 0 has spoken
         raise SystemExit(exit_code_for_signal(result.signal or ""))
-    print(f"trained {result.step} steps; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}", flush=True)
+    if speaks:
+        print(f"trained {result.step} steps; checkpoint: {result.checkpoint}; metrics: {result.metrics_path}",
+              flush=True)
+    if comm is not None:
+        comm.barrier()  # rank 0 writes the checkpoints: no rank reads the run before it is complete
     return result
 
 

@@ -70,9 +70,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = load_app_config(args)
     arguments = check_config(cfg)
     result = train(cfg, args)
-    loop = PosteriorSampler.from_checkpoint(result.checkpoint).model
+    loop = PosteriorSampler.from_checkpoint(result.sampling_checkpoint).model
     results, panels = evaluate(loop, images=args.eval_images, seed=args.eval_seed, **arguments)
-    results["training"] = {"checkpoint": result.checkpoint, "steps": result.step,
+    results["training"] = {"checkpoint": result.sampling_checkpoint, "steps": result.step,
                            "final_train_mse": result.last_train_loss, "final_val_mse": result.last_val_loss,
                            "batch_size": cfg["training"]["batch_size"], "torch_threads": torch.get_num_threads()}
     out = args.results or cfg["training"]["out_dir"]

@@ -39,9 +39,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                          f"got {cfg['data']['source'] or cfg['data']['path']!r}")
     problem = make_problem(**(cfg["data"]["arguments"] or {}))  # checks the arguments before training
     result = train(cfg, args)
-    net = PosteriorSampler.from_checkpoint(result.checkpoint).model.eval()
+    net = PosteriorSampler.from_checkpoint(result.sampling_checkpoint).model.eval()
     metrics = evaluate(net, problem, n_y=args.eval_y, n_samples=args.eval_samples)
-    metrics.update(checkpoint=result.checkpoint, steps=result.step, final_train_bpd=result.last_train_loss,
+    metrics.update(checkpoint=result.sampling_checkpoint, steps=result.step, final_train_bpd=result.last_train_loss,
                    final_val_bpd=result.last_val_loss, network=cfg["model"], data=cfg["data"]["arguments"],
                    batch_size=cfg["training"]["batch_size"])
     text = json.dumps(metrics, indent=2)

@@ -61,6 +61,12 @@ class TrainResult:
     best_val_loss: Optional[float] = None
     best_checkpoint: Optional[str] = None
 
+    @property
+    def sampling_checkpoint(self) -> Optional[str]:
+        """The weights to sample with, as ``invnet sample`` chooses by default: the best by
+        validation when the run has them, else the last checkpoint."""
+        return self.best_checkpoint or self.checkpoint
+
 
 def _state_on_cpu(obj: Any) -> Any:
     """``obj`` (nested dicts, lists, tuples of tensors and numbers) with every tensor on the CPU:
