@@ -5,12 +5,20 @@ time whatever the depth. See docs/architecture.md.
 """
 from . import layers, networks
 from .core import (
-    Backward, Chain, InvertibleModule, memory_budget, memory_plans, memory_saving, memory_saving_enabled, value_checks, value_checks_enabled,
+    Backward,
+    Chain,
+    InvertibleModule,
+    memory_budget,
+    memory_plans,
+    memory_saving,
+    memory_saving_enabled,
+    value_checks,
+    value_checks_enabled,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "InvertibleModule", "Chain", "Backward", "memory_saving", "memory_budget", "memory_plans", "memory_saving_enabled", "value_checks",
-    "value_checks_enabled", "layers", "networks",
+    "InvertibleModule", "Chain", "Backward", "memory_saving", "memory_budget", "memory_plans",
+    "memory_saving_enabled", "value_checks", "value_checks_enabled", "layers", "networks",
 ]

@@ -2,11 +2,12 @@
 
 Exit codes: 0 success; 2 bad command line, configuration, data or checkpoint (nothing written);
 65 the loss became NaN/Inf (last good checkpoint kept); 70 the reconstruction drift of the
-memory-free backward rose above ``drift_fail_above`` (last good checkpoint kept); 74 an input/output error (disk full, ...;
-files are written atomically, so nothing is half-written); 75 stopped by SIGTERM/SIGUSR1 after
-writing a checkpoint (rerun the same command to resume); 130 Ctrl-C (training writes a checkpoint
-first; a second Ctrl-C stops at once). See :mod:`invnet.training.signals`. Errors are one line on
-stderr, ``invnet COMMAND: error: ...``; warnings ``invnet COMMAND: warning: ...``.
+memory-free backward rose above ``drift_fail_above`` (last good checkpoint kept); 74 an
+input/output error (disk full, ...; files are written atomically, so nothing is half-written);
+75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun the same command to resume);
+130 Ctrl-C (training writes a checkpoint first; a second Ctrl-C stops at once). See
+:mod:`invnet.training.signals`. Errors are one line on stderr, ``invnet COMMAND: error: ...``;
+warnings ``invnet COMMAND: warning: ...``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 import json
 import sys
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, TextIO, Union
 
 __all__ = ["main"]
 
@@ -63,7 +64,7 @@ def _device_option(name: str) -> str:
     return name
 
 
-def _parse_indices(text: Optional[str]):
+def _parse_indices(text: Optional[str]) -> Optional[Sequence[int]]:
     """``'a:b'`` or ``'i,j,k'`` as row indices.
 
     >>> list(_parse_indices("2:5")), _parse_indices("1, 4")
@@ -81,15 +82,15 @@ def _parse_indices(text: Optional[str]):
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from .distributed import default_comm
     from .inference import report_path, sample_job
     from .training.signals import PreemptionFlag
 
-    from .distributed import default_comm
-
     device = _device_option(args.device)
     comm = default_comm()  # MPI under `mpiexec ... -m invnet sample`: the run's grid, each rank its own chunks
+    checkpoint = _chosen_checkpoint(args, comm.rank == 0)
     with PreemptionFlag(raise_on_signal=True):  # SIGTERM/SIGUSR1/Ctrl-C: stop now, the partial store is removed
-        report = sample_job(args.checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
+        report = sample_job(checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
                             temperature=args.temperature, keep=args.keep, indices=_parse_indices(args.indices),
                             x_name=args.x, y_name=args.y, plots=args.plots, seed=args.seed, overwrite=args.overwrite,
                             progress=not args.no_progress, comm=comm, grid=args.grid, device=device)
@@ -98,19 +99,36 @@ def _sample(args: argparse.Namespace) -> int:
     print(f"posterior mean, std and samples: {args.out}")
     if report:
         cov = report["coverage"]
-        print(f"calibration ({report['observations']} observations): " + ", ".join(
-            f"{float(k):.0%} interval covers {v['empirical']:.3f}" for k, v in cov.items() if k in ("0.5", "0.9", "0.95")
-        ) + f"; ratio E|s-x|^2/E|mean-x|^2 = {report['ratio_sample_to_mean_sq_error']:.3f} (2 if calibrated)")
+        covered = ", ".join(
+            f"{float(level):.0%} interval covers {entry['empirical']:.3f}"
+            for level, entry in cov.items()
+            if level in ("0.5", "0.9", "0.95")
+        )
+        ratio = report["ratio_sample_to_mean_sq_error"]
+        print(f"calibration ({report['observations']} observations): {covered}; "
+              f"ratio E|s-x|^2/E|mean-x|^2 = {ratio:.3f} (2 if calibrated)")
         print(f"report: {report_path(args.out)}")
     if args.plots:
         print(f"plots: {args.plots}")
     return 0
 
 
+def _chosen_checkpoint(args: argparse.Namespace, say: bool) -> str:
+    """The checkpoint ``--checkpoint`` picks in the run folder (best by default); ``say``: print
+    which (on stdout; on stderr for ``info``, whose stdout is JSON)."""
+    from .training.checkpoint_choice import choose_checkpoint
+
+    path, note = choose_checkpoint(args.checkpoint, args.which)
+    if say:
+        print(f"using the {note}: {path}" if not note.startswith("checkpoint ") else f"using {note}",
+              file=sys.stderr if args.command == "info" else sys.stdout, flush=True)
+    return path
+
+
 def _info(args: argparse.Namespace) -> int:
     from .training.checkpoint import read_checkpoint
 
-    ckpt = read_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint(_chosen_checkpoint(args, True))
     n_params = sum(int(t.numel()) for t in ckpt.weights.values() if t.is_floating_point())
     info = {"checkpoint": ckpt.path, "step": ckpt.step, "saved_at": ckpt.meta.get("saved_at"),
             "network": ckpt.meta.get("spec"), "parameters_and_buffers": n_params, "data": ckpt.meta.get("data"),
@@ -118,6 +136,7 @@ def _info(args: argparse.Namespace) -> int:
             "loss_name": ckpt.meta.get("loss_name", "bpd"),
             "last_train_loss": ckpt.meta.get("last_train_loss", ckpt.meta.get("last_train_bpd")),
             "last_val_loss": ckpt.meta.get("last_val_loss", ckpt.meta.get("last_val_bpd")),
+            "best": ckpt.meta.get("best"),
             "data_position": ckpt.state.get("loader")}
     print(json.dumps(info, indent=1))
     return 0
@@ -130,6 +149,12 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def _checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", dest="which", default=None, metavar="best|last|step-N",
+                        help="which checkpoint of the run folder: best (lowest validation loss; the default, or the "
+                             "last when the run had no validation), last, or step-N")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -161,7 +186,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="arithmetic of training and sampling (bfloat16/float16: autocast for the conditioners)")
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", formatter_class=fmt, help="train a conditional flow from a TOML config (docs/config.md)",
+    train = sub.add_parser("train", formatter_class=fmt,
+                           help="train a conditional flow from a TOML config (docs/config.md)",
                            description="Train, or resume the run in out_dir (rerun the same command after a stop).")
     train.add_argument("config", help="TOML configuration (docs/config.md)")
     train.add_argument("--device", default=None,
@@ -171,10 +197,13 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="start over: a previous run in out_dir is moved aside to OUT_DIR.previous-DATE-TIME")
     train.set_defaults(func=_train)
 
-    sample = sub.add_parser("sample", formatter_class=fmt, help="posterior samples, mean and std for observations, into Zarr",
+    sample = sub.add_parser("sample", formatter_class=fmt,
+                            help="posterior samples, mean and std for observations, into Zarr",
                             description="Posterior mean, std and samples per observation into a new Zarr store "
                                         "(layout: docs/config.md); calibration when the file holds the truth.")
-    sample.add_argument("checkpoint", help="a checkpoint folder or a run folder (latest checkpoint)")
+    sample.add_argument("checkpoint",
+                        help="a run folder (its checkpoint chosen by --checkpoint) or one checkpoint folder")
+    _checkpoint_option(sample)
     sample.add_argument("--data", required=True, help="HDF5 file or Zarr store with the observations")
     sample.add_argument("--out", required=True, help="Zarr store to create (e.g. results.zarr)")
     sample.add_argument("--n", type=int, default=100, help="samples per observation")
@@ -197,7 +226,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=_sample)
 
     info = sub.add_parser("info", formatter_class=fmt, help="describe a checkpoint")
-    info.add_argument("checkpoint", help="a checkpoint folder or a run folder (latest checkpoint)")
+    info.add_argument("checkpoint",
+                      help="a run folder (its checkpoint chosen by --checkpoint) or one checkpoint folder")
+    _checkpoint_option(info)
     info.set_defaults(func=_info)
     return parser
 
@@ -219,7 +250,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     name = f"invnet {args.command}"
 
-    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    def one_line_warning(message: Union[Warning, str], category: type[Warning], filename: str, lineno: int,
+                         file: Optional[TextIO] = None, line: Optional[str] = None) -> None:
         print(f"{name}: warning: {message}", file=sys.stderr)
 
     previous = warnings.showwarning

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 __all__ = ["ForwardOperator", "as_operator", "adjoint_test", "misfit_gradient"]
 
@@ -125,7 +126,9 @@ def adjoint_test(
     return abs(lhs - rhs) / max(scale, torch.finfo(torch.float64).tiny)
 
 
-def _matrix_operator(matrix: Tensor, domain_shape: Optional[Sequence[int]], range_shape: Optional[Sequence[int]]):
+def _matrix_operator(
+    matrix: Tensor, domain_shape: Optional[Sequence[int]], range_shape: Optional[Sequence[int]]
+) -> ForwardOperator:
     if matrix.dim() != 2 or not matrix.is_floating_point():
         raise ValueError(f"a matrix operator must be a 2-D floating-point tensor, got shape {tuple(matrix.shape)}")
     m, n = matrix.shape
@@ -161,7 +164,9 @@ def _matrix_operator(matrix: Tensor, domain_shape: Optional[Sequence[int]], rang
     return ForwardOperator(fwd, adj, domain_shape, range_shape, kind="matrix")
 
 
-def _pylops_operator(op: Any, domain_shape: Optional[Sequence[int]], range_shape: Optional[Sequence[int]]):
+def _pylops_operator(
+    op: Any, domain_shape: Optional[Sequence[int]], range_shape: Optional[Sequence[int]]
+) -> ForwardOperator:
     m, n = (int(s) for s in op.shape)
     domain_shape = (n,) if domain_shape is None else tuple(domain_shape)
     range_shape = (m,) if range_shape is None else tuple(range_shape)
@@ -173,7 +178,13 @@ def _pylops_operator(op: Any, domain_shape: Optional[Sequence[int]], range_shape
 
     # pylops works on numpy arrays: the whole batch as columns (matmat/rmatmat) when the operator
     # offers it, else one sample at a time; convert on the way in and out.
-    def apply(vec, mat, t: Tensor, size: int, out_shape: tuple[int, ...]) -> Tensor:
+    def apply(
+        vec: Callable[[np.ndarray], np.ndarray],
+        mat: Optional[Callable[[np.ndarray], np.ndarray]],
+        t: Tensor,
+        size: int,
+        out_shape: tuple[int, ...],
+    ) -> Tensor:
         arr = t.detach().reshape(t.shape[0], size).cpu().numpy()
         if mat is not None:
             out = np.asarray(mat(np.ascontiguousarray(arr.T))).T
@@ -264,11 +275,11 @@ class _MisfitGradient(torch.autograd.Function):
         return op.adjoint(op.forward(x) - y)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
         ctx.op = inputs[0]
 
     @staticmethod
-    def backward(ctx, dg: Tensor):
+    def backward(ctx: FunctionCtx, dg: Tensor):
         op = ctx.op
         a_dg = op.forward(dg)
         dx = op.adjoint(a_dg) if ctx.needs_input_grad[1] else None
@@ -276,7 +287,7 @@ class _MisfitGradient(torch.autograd.Function):
         return None, dx, dy
 
     @staticmethod
-    def jvp(ctx, _, dx: Optional[Tensor], dy: Optional[Tensor]) -> Tensor:
+    def jvp(ctx: FunctionCtx, _op_tangent: None, dx: Optional[Tensor], dy: Optional[Tensor]) -> Tensor:
         op = ctx.op
         if dx is None:
             return op.adjoint(-dy)
@@ -284,7 +295,8 @@ class _MisfitGradient(torch.autograd.Function):
         return op.adjoint(a_dx if dy is None else a_dx - dy)
 
     @staticmethod
-    def vmap(info, in_dims, op: ForwardOperator, x: Tensor, y: Tensor):
+    def vmap(info: Any, in_dims: tuple[Optional[int], ...], op: ForwardOperator, x: Tensor,
+             y: Tensor) -> tuple[Tensor, int]:  # info: torch's VmapInfo (batch_size, randomness)
         _, x_dim, y_dim = in_dims
         xs = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
         ys = y.movedim(y_dim, 0) if y_dim is not None else y.expand(info.batch_size, *y.shape)

@@ -4,6 +4,7 @@ crash never leaves half an image."""
 from __future__ import annotations
 
 import math
+import types
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -13,12 +14,14 @@ from torch import Tensor
 from .data.atomic import atomic_path
 
 if TYPE_CHECKING:  # imported for annotations only; plotting must not pull in the sampling job
+    from matplotlib.figure import Figure
+
     from .inference.calibration import Calibration
 
 __all__ = ["plot_metrics", "plot_posterior", "plot_error_vs_std", "plot_coverage", "plot_rank_histograms", "plot_tarp"]
 
 
-def _plt():
+def _plt() -> types.ModuleType:  # matplotlib.pyplot, with the Agg backend
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +30,7 @@ def _plt():
     return plt
 
 
-def _savefig(fig, path: str) -> None:
+def _savefig(fig: Figure, path: str) -> None:
     with atomic_path(path, durable=False) as tmp:  # a figure is cheap to redraw: no fsync
         fig.savefig(tmp, dpi=110)
 
@@ -48,8 +51,8 @@ def plot_posterior(path: str, truth: Optional[Tensor], observation: Tensor, mean
     """Panels: truth, observation, posterior mean, std, |error|, and up to 3 samples (channel 0;
     the middle section along the last axis of 3D volumes; 1D fields as curves)."""
     plt = _plt()
-    panels = ([("truth", truth)] if truth is not None else []) + [("observation", observation), ("posterior mean", mean),
-                                                                  ("posterior std", std)]
+    panels = [("truth", truth)] if truth is not None else []
+    panels += [("observation", observation), ("posterior mean", mean), ("posterior std", std)]
     if truth is not None:
         panels.append(("|mean - truth|", (torch.as_tensor(mean) - torch.as_tensor(truth)).abs()))
     panels += [(f"sample {i + 1}", s) for i, s in enumerate(samples[:3])]
@@ -74,7 +77,7 @@ def plot_posterior(path: str, truth: Optional[Tensor], observation: Tensor, mean
     plt.close(fig)
 
 
-def plot_error_vs_std(path: str, calibration: "Calibration") -> None:
+def plot_error_vs_std(path: str, calibration: Calibration) -> None:
     """|error| of the posterior mean against the posterior std: element pairs (binned means) and
     per-observation RMSE vs mean std; a calibrated sampler follows E|error| = sqrt(2/pi) std."""
     plt = _plt()

@@ -40,12 +40,10 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 
@@ -156,7 +154,8 @@ def one_run(space: tuple[int, ...], args, comm, trace: bool) -> dict:
         lives = None
         if live is not None:
             table = torch.zeros(3, comm.size, dtype=torch.float64)
-            table[:, comm.rank] = torch.tensor([live["peak_mb"], live["end_mb"], live["at_rest_mb"]], dtype=torch.float64)
+            mine = [live["peak_mb"], live["end_mb"], live["at_rest_mb"]]
+            table[:, comm.rank] = torch.tensor(mine, dtype=torch.float64)
             lives = comm.allreduce_sum(table)
         return {
             "ranks": comm.size, "volume": list(space), "local": list(trainer.strategy.local_space_shape),

@@ -20,10 +20,8 @@ import os
 import statistics
 import sys
 
+import bench_common as bc
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 
@@ -127,7 +125,8 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['depth']} | {r.get('saving_saved_mb', float('nan')):.2f} | {r.get('plain_saved_mb', float('nan')):.1f} | "
+            f"| {r['depth']} | {r.get('saving_saved_mb', float('nan')):.2f} | "
+            f"{r.get('plain_saved_mb', float('nan')):.1f} | "
             f"{r.get('saving_rss_mb', float('nan')):.1f} | {r.get('plain_rss_mb', float('nan')):.1f} | "
             f"{r.get('saving_time_s', float('nan')):.3f} | {r.get('plain_time_s', float('nan')):.3f} | "
             f"{r.get('time_ratio', float('nan')):.2f} |"
@@ -174,7 +173,8 @@ def main(argv=None) -> int:
                 print(f"round {rnd} K={depth} {measure} ({mode}): {msg}", flush=True)
     rows = summarize(results)
     record = {
-        "benchmark": "engine", "command": "python scripts/bench_engine.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "benchmark": "engine",
+        "command": "python scripts/bench_engine.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": base, "versions": bc.versions(), "results": results, "summary": rows,
     }
     bc.write_json_atomic(args.out, record)

@@ -20,11 +20,9 @@ import os
 import statistics
 import sys
 
+import bench_common as bc
+import bench_memory
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
-import bench_memory  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 NO_GPU_MESSAGE = (
@@ -83,7 +81,8 @@ def main(argv=None) -> int:
             msg = r.get("error") or f"{r['peak_growth_mb'] / 1024:.2f} GB, {r['time_median_s']:.3f} s"
             print(f"[{cfg['sweep']}] K={cfg['depth']} {cfg['size']}^2 {lib}: {msg}", flush=True)
     record = {
-        "benchmark": "gpu", "command": "python scripts/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "benchmark": "gpu",
+        "command": "python scripts/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {k: v for k, v in vars(args).items() if k != "worker"}, "versions": bc.versions(), "results": results,
     }
     bc.write_json_atomic(args.out, record)

@@ -52,10 +52,8 @@ import os
 import sys
 from typing import Any, Callable
 
+import bench_common as bc
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 NETWORKS = ("glow", "hint", "chain")
@@ -245,7 +243,7 @@ def worker(cfg: dict) -> dict:
                 runs.append((f"{name}{'-cudnn-benchmark' if bench else ''}", _with_cudnn_benchmark(step, bench)))
     else:
         runs = list(steps.items())
-    for name, step in runs:
+    for _, step in runs:
         step()  # warm-up (ActNorm initialisation, oneDNN primitive caches, cuDNN search)
     if cfg.get("profile_only"):
         out["conv_calls"] = {name: conv_calls(step) for name, step in runs}
@@ -316,12 +314,28 @@ CONDITIONER_CASES = [
 ]
 
 
+def _rule_and_reference_steps(
+    net: torch.nn.Module, x: torch.Tensor, g: torch.Tensor
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One forward + backward of ``net`` at ``x`` (output cotangent ``g``) with invnet's kernel
+    rule, and the same under PyTorch's own choice of kernels."""
+    from invnet.layers.kernels import reference_kernels
+
+    def rule() -> None:
+        net(x).backward(g)
+
+    def reference() -> None:
+        with reference_kernels():
+            net(x).backward(g)
+
+    return rule, reference
+
+
 def conditioner_table(repeats: int, size_cap: int = 0) -> list[dict]:
     """One ConvConditioner's forward + backward per case, kernel rule against PyTorch's own choice,
     timed round-robin in this process (CPU time and wall time). ``size_cap`` > 0 caps every space
     size (smoke tests)."""
     from invnet.layers import ConvConditioner
-    from invnet.layers.kernels import reference_kernels
 
     rows = []
     for batch, cin, hidden, cout, space in CONDITIONER_CASES:
@@ -332,13 +346,7 @@ def conditioner_table(repeats: int, size_cap: int = 0) -> list[dict]:
         x = torch.randn(batch, cin, *space, requires_grad=True)
         g = torch.randn(batch, cout, *space)
 
-        def rule() -> None:
-            net(x).backward(g)
-
-        def reference() -> None:
-            with reference_kernels():
-                net(x).backward(g)
-
+        rule, reference = _rule_and_reference_steps(net, x, g)
         for f in (rule, reference):
             f()
         t = bc.interleaved_times({"rule": rule, "reference": reference}, repeats, torch.device("cpu"))

@@ -41,11 +41,9 @@ import statistics
 import sys
 from typing import Any, Optional
 
+import bench_common as bc
+import bench_models as bm
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_common as bc  # noqa: E402
-import bench_models as bm  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 
@@ -387,8 +385,8 @@ def plot(summary: dict, libs: list[str], folder: str) -> list[str]:
         for lib in libs:
             ks = [r["depth"] for r in rows if r.get(f"{lib}_rss_mb") is not None]
             axes[0].plot(ks, [r[f"{lib}_rss_mb"] for r in rows if r.get(f"{lib}_rss_mb") is not None], "o-", label=lib)
-            ks_t = [r["depth"] for r in rows if r.get(f"{lib}_time_s") is not None]
-            axes[1].plot(ks_t, [r[f"{lib}_time_s"] for r in rows if r.get(f"{lib}_time_s") is not None], "o-", label=lib)
+            timed = [r for r in rows if r.get(f"{lib}_time_s") is not None]
+            axes[1].plot([r["depth"] for r in timed], [r[f"{lib}_time_s"] for r in timed], "o-", label=lib)
         for ax, lab in zip(axes, ("peak RSS growth of one step (MB)", "step time, median (s)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -523,7 +521,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/benchmarks/memory_cpu.json")
     p.add_argument("--plots", default=None, help="folder for PNG plots (none by default)")
     p.add_argument("--merge", nargs="+", default=None,
-                   help="JSON records of earlier runs (e.g. sweeps run in parallel): summarise them together, measure nothing")
+                   help="JSON records of earlier runs (e.g. sweeps run in parallel): summarise them together, "
+                        "measure nothing")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))

@@ -51,7 +51,7 @@ def level_channels(channels: int, levels: int, ndim: int) -> list[int]:
     """Channels inside each scale after its squeeze (half are factored out between scales)."""
     out = []
     c = channels
-    for lvl in range(levels):
+    for _ in range(levels):
         c = c * 2**ndim
         out.append(c)
         c = c // 2
@@ -112,7 +112,8 @@ def _lu_parameters(channels: int, generator: torch.Generator):
     q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator, dtype=torch.float64))
     p, low, up = torch.linalg.lu(q)
     diag = torch.diagonal(up)
-    return p.float(), torch.tril(low, -1).float(), torch.triu(up, 1).float(), torch.sign(diag).float(), torch.log(diag.abs()).float()
+    return (p.float(), torch.tril(low, -1).float(), torch.triu(up, 1).float(), torch.sign(diag).float(),
+            torch.log(diag.abs()).float())
 
 
 class NormflowsGlow(nn.Module):

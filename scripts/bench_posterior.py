@@ -19,34 +19,29 @@ command to continue; a larger --observations extends the finished configurations
 
 Needs scikit-learn (``pip install scikit-learn``, the ``posterior-bench`` extra).
 
-TODO(trainer): the training loop here (validation split, early stopping, best weights, reduce on
-plateau) belongs in invnet.training once the trainer stops on validation (issue 17); then build
-the run from a config and drop ``train_flow``.
+Training goes through invnet's own :class:`~invnet.training.Trainer` with the settings
+``invnet train`` uses by default (validation once per epoch, early stopping with patience 20, the
+best-by-validation weights), so the benchmark measures the product.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+from sbi_problems import NPE_C2ST, PROBLEMS, Problem
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sbi_problems import NPE_C2ST, PROBLEMS, Problem  # noqa: E402
-
-import invnet  # noqa: E402
-from invnet.core.checks import invertibility_error  # noqa: E402
-from invnet.layers import ActNorm, AffineCoupling, Conv1x1, MLPConditioner, SplineCoupling  # noqa: E402
-from invnet.networks import ConditionalGlow, ConditionalHINT, MultiscaleFlow  # noqa: E402
-from invnet.networks.base import FlowNetwork  # noqa: E402
+import invnet
+from invnet.core.checks import invertibility_error
+from invnet.layers import ActNorm, AffineCoupling, Conv1x1, MLPConditioner, SplineCoupling
+from invnet.networks import ConditionalGlow, ConditionalHINT, MultiscaleFlow
+from invnet.networks.base import FlowNetwork
 
 OBSERVATION_SEED = 1_000_003  # the fixed observations of each problem
 TEST_PAIRS = 20_000  # fresh pairs for the test NLL
@@ -149,18 +144,44 @@ def build_model(name: str, dim: int, cond: int, a: argparse.Namespace) -> FlowNe
 
 
 # ------------------------------------------------------------------------------------------------
-# training: validation split, early stopping, best weights (to move onto invnet.training)
+# training: invnet's Trainer (validation every epoch, early stopping, best weights, reduce on plateau)
 def _nll(net, theta, y, batch):
     with torch.no_grad():
         return float(torch.cat([-net.log_prob(theta[i:i + batch], y[i:i + batch])
                                 for i in range(0, len(theta), batch)]).mean())
 
 
-def train_flow(net: FlowNetwork, theta: np.ndarray, y: np.ndarray, a: argparse.Namespace, seed: int) -> dict:
-    """Maximum likelihood on standardised pairs with a 10% validation split, early stopping after
-    ``a.patience`` epochs without a better validation loss, the best weights restored, and the
-    learning rate halved after ``a.plateau`` epochs without improvement. Returns the log and the
+class _EpochLoss:
+    """The loss in nats, -log q(theta | y) per sample, that also sums the training part (the
+    trainer sets ``model.train()`` for steps, ``eval()`` for validation) for the epoch means."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def __call__(self, model, batch):
+        theta, y = batch
+        per_sample = -model.log_prob(theta, y)
+        if model.training:
+            self.total, self.count = self.total + float(per_sample.detach().sum()), self.count + len(per_sample)
+        return per_sample
+
+    def take(self) -> float:
+        mean = self.total / max(self.count, 1)
+        self.total, self.count = 0.0, 0
+        return mean
+
+
+def train_flow(net: FlowNetwork, theta: np.ndarray, y: np.ndarray, a: argparse.Namespace, seed: int,
+               run_dir: str) -> dict:
+    """Maximum likelihood on standardised pairs through :class:`invnet.training.Trainer`, as
+    ``invnet train`` does: a 10% validation split validated once per epoch, early stopping after
+    ``a.patience`` validations without a better loss, the best weights (``run_dir/checkpoints/best``)
+    loaded into ``net``, and (``a.plateau``) ReduceLROnPlateau halving the learning rate after
+    ``a.plateau`` bad validations. A killed run resumes from ``run_dir``. Returns the log and the
     standardisation."""
+    from invnet.data import ArraySource, BatchLoader, PairDataset
+    from invnet.training import Trainer, read_checkpoint
+
     gen = torch.Generator().manual_seed(seed)
     n = len(theta)
     perm = torch.randperm(n, generator=gen).numpy()
@@ -171,52 +192,64 @@ def train_flow(net: FlowNetwork, theta: np.ndarray, y: np.ndarray, a: argparse.N
     tt = torch.tensor((theta - stats["theta_mean"]) / stats["theta_std"], dtype=torch.float32)
     yy = torch.tensor((y - stats["y_mean"]) / stats["y_std"], dtype=torch.float32)
     t_tr, y_tr, t_val, y_val = tt[tr], yy[tr], tt[val], yy[val]
-    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=a.plateau) if a.plateau else None
-    best, best_state, best_epoch, bad, history = math.inf, None, 0, 0, []
     batch = min(a.batch, len(tr))
+    per_epoch = len(tr) // batch  # steps; the ragged last batch of an epoch is dropped
+    loss, history = _EpochLoss(), []
+    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=a.plateau, threshold=0.0,
+                                                       threshold_mode="abs") if a.plateau else None
+
+    def validation():  # called once per epoch, after its steps: the epoch's mean training loss first
+        history.append([len(history) + 1, loss.take(), None, opt.param_groups[0]["lr"]])
+        return [(t_val[i:i + 4096], y_val[i:i + 4096]) for i in range(0, len(t_val), 4096)]
+
+    pairs = PairDataset(ArraySource(t_tr.numpy(), "theta"), ArraySource(y_tr.numpy(), "y"))
     t0 = time.time()
     with invnet.memory_saving(a.memory_saving):
         net(t_tr[:min(len(tr), 1024)], y_tr[:min(len(tr), 1024)])  # ActNorm's data-dependent init
-        # optional exponential moving average of the weights (Polyak averaging), made after the
-        # initialisation: validation, early stopping and the kept weights then use the average,
-        # which has less variance than the iterate
-        ema = torch.optim.swa_utils.AveragedModel(
-            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(a.ema)) if a.ema else None
-        for epoch in range(1, a.max_epochs + 1):
-            net.train()
-            order = torch.randperm(len(tr), generator=gen)
-            total = 0.0
-            for i in range(0, len(tr) - batch + 1, batch):  # drop the ragged last batch
-                idx = order[i:i + batch]
-                loss = -net.log_prob(t_tr[idx], y_tr[idx]).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if a.clip:
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), a.clip)
-                opt.step()
-                if ema is not None:
-                    ema.update_parameters(net)
-                total += float(loss.detach()) * len(idx)
-            net.eval()
-            judged = net if ema is None else ema.module
-            v = _nll(judged, t_val, y_val, 4096)
-            history.append((epoch, total / (len(tr) // batch * batch), v, opt.param_groups[0]["lr"]))
-            if sched is not None:
-                sched.step(v)
-            if v < best:
-                best, best_state, best_epoch, bad = v, copy.deepcopy(judged.state_dict()), epoch, 0
-            else:
-                bad += 1
-            if bad >= a.patience or not math.isfinite(v) or time.time() - t0 > a.max_minutes * 60:
-                break
-    net.load_state_dict(best_state)
+        trainer = Trainer(net, opt, BatchLoader(pairs, range(len(tr)), batch, seed=seed), run_dir,
+                          a.max_epochs * per_epoch, loss_fn=loss, loss_name="nll", scheduler=sched,
+                          validation=validation, validate_every=per_epoch, patience=a.patience,
+                          clip_grad_norm=a.clip or None, log_every=per_epoch, checkpoint_every_minutes=10.0,
+                          progress=False, device="cpu")
+        trainer.resume()  # a run killed while training goes on where it was
+        with _time_cap(a.max_minutes) as capped:
+            result = trainer.fit()
+    if result.status != "finished" and not capped():
+        raise SystemExit(f"training stopped by {result.signal}; rerun the same command to resume it")
+    for row, record in zip(history, [r for r in trainer.metrics.read() if "val_nll" in r][-len(history):]):
+        row[2] = record["val_nll"]
+    net.load_state_dict(read_checkpoint(result.best_checkpoint).weights)
     net.eval()
     log_std = float(np.log(stats["theta_std"]).sum())  # raw NLL = standardised NLL + sum log std
-    return {"epochs": epoch, "best_epoch": best_epoch, "train_seconds": time.time() - t0,
-            "best_val_nll_raw": best + log_std, "final_train_nll_raw": history[-1][1] + log_std,
-            "history": [[e, tl + log_std, vl + log_std, lr] for e, tl, vl, lr in history],
+    return {"epochs": result.step // per_epoch, "best_epoch": result.best_step // per_epoch,
+            "stopped_early": result.stopped_early, "train_seconds": time.time() - t0,
+            "best_val_nll_raw": result.best_val_loss + log_std,
+            "final_train_nll_raw": history[-1][1] + log_std,
+            "history": [[e, tl + log_std, vl + log_std, lr] for e, tl, vl, lr in history if vl is not None],
             "stats": {k: v.tolist() for k, v in stats.items()}}
+
+
+@contextlib.contextmanager
+def _time_cap(minutes: float):
+    """After ``minutes``, send this process SIGUSR1: the trainer finishes its step, writes a
+    checkpoint (with the best weights) and returns, as a batch system's warning would make it.
+    Yields a function telling whether the cap was reached."""
+    import signal
+
+    reached = []
+
+    def alarm(signum, frame):
+        reached.append(True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, minutes * 60)
+    try:
+        yield lambda: bool(reached)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def sample_posterior(net: FlowNetwork, problem: Problem, y_obs: np.ndarray, stats: dict, n: int,
@@ -365,7 +398,7 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
     else:
         rng = np.random.default_rng(a.seed * 7777 + budget + sum(map(ord, problem.name)))
         theta, y = problem.joint(budget, rng)
-        train_log = train_flow(net, theta, y, a, a.seed)
+        train_log = train_flow(net, theta, y, a, a.seed, os.path.join(folder, "run"))
         tmp = weights + ".tmp"
         torch.save(net.state_dict(), tmp)
         os.replace(tmp, weights)
@@ -404,13 +437,15 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
         "c2st_mean": float(np.mean(vals)) if vals else None, "c2st_std": float(np.std(vals)) if vals else None,
         "c2st": vals, "test_nll_raw": test_nll,
         "observations": a.observations, "npe_published": NPE_C2ST.get((problem.name, budget)),
-        "inside_support": float(np.mean([scores[str(j)]["inside_support"] for j in range(a.observations)])) if vals else None,
+        "inside_support": (float(np.mean([scores[str(j)]["inside_support"] for j in range(a.observations)]))
+                           if vals else None),
         "epochs": train_log["epochs"], "best_epoch": train_log["best_epoch"],
         "train_seconds": train_log["train_seconds"], "best_val_nll_raw": train_log["best_val_nll_raw"],
         "final_train_nll_raw": train_log["final_train_nll_raw"], "float32_reconstruction_error": recon,
         "parameters": sum(p.numel() for p in net.parameters()),
-        "settings": {k: getattr(a, k) for k in ("hidden", "depth", "bins", "tail_bound", "clamp", "spline_clamp", "residual_blocks", "linear_skip",
-                                                "lr", "batch", "weight_decay", "ema", "patience", "plateau", "clip", "validation")},
+        "settings": {k: getattr(a, k) for k in ("hidden", "depth", "bins", "tail_bound", "clamp", "spline_clamp",
+                                                "residual_blocks", "linear_skip", "lr", "batch", "weight_decay",
+                                                "patience", "plateau", "clip", "validation")},
     }
     if hasattr(problem, "posterior_entropy"):  # exact: the test NLL's floor, and the KL gap itself
         record["posterior_entropy"] = problem.posterior_entropy()
@@ -428,7 +463,8 @@ def run_config(problem: Problem, budget: int, model: str, a: argparse.Namespace)
 def markdown_table(results: list[dict]) -> str:
     """The results as a Markdown table, one row per configuration (problem, budget, model)."""
     lines = ["| problem | budget | model | tag | C2ST (mean +- sd, observations) | NPE published | KL gap (nats) | "
-             "test NLL | epochs (best) | train s | float32 recon. error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "test NLL | epochs (best) | train s | float32 recon. error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(MODELS)}
     for r in sorted(results, key=lambda r: (r["problem"], r["budget"], order.get(r["model"], 99), r.get("tag", ""))):
         c2 = (f"{r['c2st_mean']:.3f} +- {r['c2st_std']:.3f} ({r['observations']})" if r.get("c2st_mean") is not None
@@ -436,7 +472,8 @@ def markdown_table(results: list[dict]) -> str:
         kl = "-" if r.get("kl_gap") is None else f"{r['kl_gap']:.3f}" + (
             f" +- {r['kl_gap_se']:.3f}" if r.get("kl_gap_se") is not None else "")
         lines.append(f"| {r['problem']} | {r['budget']:g} | {r['model']} | {r.get('tag') or ''} | {c2} | "
-                     f"{r['npe_published'] or '-'} | {kl} | {r['test_nll_raw']:.3f} | {r['epochs']} ({r['best_epoch']}) | "
+                     f"{r['npe_published'] or '-'} | {kl} | {r['test_nll_raw']:.3f} | "
+                     f"{r['epochs']} ({r['best_epoch']}) | "
                      f"{r['train_seconds']:.0f} | {r['float32_reconstruction_error']:.1e} |")
     return "\n".join(lines)
 
@@ -461,9 +498,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    p.add_argument("--ema", type=float, default=0.0, help="decay of an exponential moving average of the weights (0: off)")
-    p.add_argument("--patience", type=int, default=20, help="epochs without a better validation loss")
-    p.add_argument("--plateau", type=int, default=0, help="halve the learning rate after this many bad epochs (0: off)")
+    p.add_argument("--patience", type=int, default=20, help="epochs (validations) without a better validation loss")
+    p.add_argument("--plateau", type=int, default=0,
+                   help="ReduceLROnPlateau: halve the learning rate after more than this many bad epochs (0: off)")
     p.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0: off)")
     p.add_argument("--validation", type=float, default=0.1)
     p.add_argument("--max-epochs", type=int, default=2000)
@@ -507,8 +544,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 gap = f", KL gap {record['kl_gap']:.4f}" if "kl_gap" in record else ""
                 c2 = (f"C2ST {record['c2st_mean']:.3f} +- {record['c2st_std']:.3f} over {a.observations} observations"
                       if a.observations else "no C2ST")
-                print(f"[{key}] test NLL {record['test_nll_raw']:.4f}{gap}; {c2}" + (f" (NPE published: {npe})" if npe else ""),
-                      flush=True)
+                published = f" (NPE published: {npe})" if npe else ""
+                print(f"[{key}] test NLL {record['test_nll_raw']:.4f}{gap}; {c2}{published}", flush=True)
 
 
 if __name__ == "__main__":

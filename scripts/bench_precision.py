@@ -19,15 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import torch  # noqa: E402
-
-from bench_common import interleaved_times, measure_step_memory, run_fresh, set_threads, write_json_atomic  # noqa: E402
+import torch
+from bench_common import interleaved_times, measure_step_memory, run_fresh, set_threads, write_json_atomic
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 

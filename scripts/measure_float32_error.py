@@ -9,8 +9,16 @@ import torch
 import invnet
 from invnet.core.checks import randomize_parameters_, relative_error
 from invnet.layers import (
-    ActNorm, AdditiveCoupling, AffineCoupling, ChannelPermutation, Conv1x1, HaarSqueeze, LeakyReLU, Sigmoid,
-    SplineCoupling, Squeeze,
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    ChannelPermutation,
+    Conv1x1,
+    HaarSqueeze,
+    LeakyReLU,
+    Sigmoid,
+    SplineCoupling,
+    Squeeze,
 )
 
 

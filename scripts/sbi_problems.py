@@ -103,7 +103,9 @@ class TwoMoons(Problem):
 
     @staticmethod
     def _offset(theta):
-        return np.stack([-np.abs(theta[:, 0] + theta[:, 1]) / math.sqrt(2), (theta[:, 1] - theta[:, 0]) / math.sqrt(2)], 1)
+        along = -np.abs(theta[:, 0] + theta[:, 1]) / math.sqrt(2)
+        across = (theta[:, 1] - theta[:, 0]) / math.sqrt(2)
+        return np.stack([along, across], 1)
 
     def simulate(self, theta, rng):
         n = theta.shape[0]

@@ -21,7 +21,8 @@ fi
 # Checked from / so that the source tree on the current directory does not count as installed.
 installed=$(cd / && "$PY" -c 'import invnet, pathlib; print(pathlib.Path(invnet.__file__).resolve().parent.parent)' 2>/dev/null || true)
 if [ "$installed" != "$(pwd -P)" ] || ! command -v invnet >/dev/null 2>&1 \
-    || ! (cd / && "$PY" -c "import h5py, zarr, safetensors, tqdm, matplotlib, mpi4py, pytest_timeout, skimage, pylops") >/dev/null 2>&1; then
+    || ! (cd / && "$PY" -c "import h5py, zarr, safetensors, tqdm, matplotlib, mpi4py, pytest_timeout, skimage, pylops") >/dev/null 2>&1 \
+    || ! "$PY" -m ruff --version >/dev/null 2>&1; then
     echo "[setup] installing invnet and its dependencies"
     "$PY" -m pip install -q -e ".[all]"
 fi

@@ -203,7 +203,7 @@ def test_bench_posterior_tiny_and_resumable(tmp_path):
     assert table.returncode == 0 and table.stdout.count("| two_moons | 300 |") == 2
 
 
-def test_bench_posterior_observations_and_references_stay_matched(tmp_path):
+def test_bench_posterior_observations_and_references_stay_matched(tmp_path, monkeypatch):
     """Observation j is the same however many are asked for, and a cached reference made for
     another observation is refused (a run extended to more observations keeps its scores)."""
     import importlib.util
@@ -211,6 +211,7 @@ def test_bench_posterior_observations_and_references_stay_matched(tmp_path):
     import numpy as np
 
     _sbi_problems()
+    monkeypatch.syspath_prepend(SCRIPTS)  # its sibling sbi_problems (a script run as a file has its folder on the path)
     spec = importlib.util.spec_from_file_location("invnet_bench_posterior", os.path.join(SCRIPTS, "bench_posterior.py"))
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench

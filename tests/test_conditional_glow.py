@@ -4,7 +4,11 @@ import torch
 
 import invnet
 from invnet.core.checks import (
-    gradient_error, invertibility_error, logdet_error, randomize_parameters_, relative_error,
+    gradient_error,
+    invertibility_error,
+    logdet_error,
+    randomize_parameters_,
+    relative_error,
 )
 from invnet.networks import ConditionalGlow, ImageSummary, VectorSummary
 

@@ -214,7 +214,7 @@ def test_multiscale_conditional_hint_joint_density_and_memory():
     sizes = []
     for n in nets:
         n(xs, ys)
-        sizes.append(saved_bytes(lambda: -n.log_prob(xs.clone().requires_grad_(True), ys).sum()))
+        sizes.append(saved_bytes(lambda net=n: -net.log_prob(xs.clone().requires_grad_(True), ys).sum()))
     assert sizes[0] == sizes[1]
     with pytest.raises(ValueError, match="divisible by 2\\*\\*levels"):
         nets[0](torch.randn(2, 1, 8, 6), torch.randn(2, 1, 8, 6))
@@ -223,18 +223,15 @@ def test_multiscale_conditional_hint_joint_density_and_memory():
 
 
 def test_linear_gaussian_application_builds_conditional_hint():
-    import importlib.util
     import pathlib
-    import sys
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "applications" / "linear_gaussian" / "lingauss.py"
-    spec = importlib.util.spec_from_file_location("invnet_app_lingauss_hint", path)
-    app = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = app  # dataclasses look their module up
-    spec.loader.exec_module(app)
-    net = app.build_network("hint", 4, 3, hidden=8, depth=1)
-    y = torch.randn(5, 3)
-    assert isinstance(net, ConditionalHINT) and net.log_prob(torch.randn(5, 4), y).shape == (5,)
-    assert net.sample(7, y[:1]).shape == (7, 4)
-    with pytest.raises(ValueError, match="summary"):
-        app.build_network("hint", 4, 3, hidden=8, depth=1, summary=2)
+    from applications.linear_gaussian import simulate
+    from invnet.training import build_network, load_config, resolve_network_spec
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "applications" / "linear_gaussian" / "config_hint.toml"
+    cfg = load_config(str(path))
+    x, y = simulate(5, torch.Generator().manual_seed(0), **cfg["data"]["arguments"])
+    spec = resolve_network_spec(dict(cfg["model"], hidden=8, depth=1), x.shape[1:], y.shape[1:])
+    net = build_network(spec).double()
+    assert isinstance(net, ConditionalHINT) and net.log_prob(x, y).shape == (5,)
+    assert net.sample(7, y[:1]).shape == (7, 8)

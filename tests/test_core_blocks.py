@@ -6,8 +6,17 @@ import torch
 import invnet
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_
 from invnet.layers import (
-    ActNorm, AdditiveCoupling, AffineCoupling, ChannelPermutation, Conv1x1, HaarSqueeze, LeakyReLU,
-    Logit, Sigmoid, SplineCoupling, Squeeze,
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    ChannelPermutation,
+    Conv1x1,
+    HaarSqueeze,
+    LeakyReLU,
+    Logit,
+    Sigmoid,
+    SplineCoupling,
+    Squeeze,
 )
 
 D = torch.float64
@@ -35,7 +44,8 @@ def make(name, nd, channels=5, cond=3):
 
 
 BLOCKS = ["actnorm", "conv1x1_householder", "conv1x1_lu", "affine", "affine_cond", "additive",
-          "additive_cond", "spline", "spline_cond", "leaky", "sigmoid", "permutation", "squeeze", "squeeze_patch", "haar"]
+          "additive_cond", "spline", "spline_cond", "leaky", "sigmoid", "permutation", "squeeze", "squeeze_patch",
+          "haar"]
 # Spline parameters enter through softmax and exp: noise of 0.3 on every weight makes log-slopes
 # beyond -15, where any inverse loses digits to the map's conditioning (tests/test_spline.py
 # checks the inverse's error against that conditioning instead).

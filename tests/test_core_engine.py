@@ -11,7 +11,7 @@ D = torch.float64
 
 def glow_like(depth, channels=4, hidden=16, nd=2, cond=0):
     blocks = []
-    for i in range(depth):
+    for _ in range(depth):
         blocks += [ActNorm(channels), Conv1x1(channels), AffineCoupling(channels, hidden, nd, cond_channels=cond)]
     return invnet.Chain(*blocks)
 
@@ -45,7 +45,7 @@ def test_loss_backward_matches_plain_autograd_and_reaches_hooks():
     for enabled in (True, False):
         flow.zero_grad()
         seen = []
-        hook = flow.blocks[2].conditioner.conv_in.weight.register_hook(lambda g: seen.append(g))
+        hook = flow.blocks[2].conditioner.conv_in.weight.register_hook(seen.append)
         xi, ci = x.clone().requires_grad_(), c.clone().requires_grad_()
         with invnet.memory_saving(enabled):
             z, logdet = flow(xi, ci)

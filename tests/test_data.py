@@ -7,8 +7,15 @@ import torch
 import zarr
 
 from invnet.data import (
-    BatchLoader, Shard, ZarrResultWriter, chunk_aligned_range, compute_normalization, data_moments, open_array,
-    open_pairs, train_validation_split,
+    BatchLoader,
+    Shard,
+    ZarrResultWriter,
+    chunk_aligned_range,
+    compute_normalization,
+    data_moments,
+    open_array,
+    open_pairs,
+    train_validation_split,
 )
 
 

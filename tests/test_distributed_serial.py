@@ -7,8 +7,7 @@ import torch
 
 import invnet
 from invnet.core.checks import randomize_parameters_
-from invnet.distributed import (HaloPad, Partition, SerialComm, decompose, default_comm, halo_exchange,
-                                validate_grid)
+from invnet.distributed import HaloPad, Partition, SerialComm, decompose, default_comm, halo_exchange, validate_grid
 from invnet.layers import ActNorm, AffineCoupling, HaarSqueeze, Squeeze, ZeroPad
 
 

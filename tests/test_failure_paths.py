@@ -102,7 +102,8 @@ def test_sample_overwrite_never_deletes_a_folder_it_did_not_write(work, capsys):
     before = snapshot(work)
     code = main(["sample", str(run), "--data", str(work / "data.h5"), "--out", str(run), "--overwrite", "--n", "4"])
     assert code == EXIT_USAGE
-    one_line_error(capsys.readouterr().err, "--overwrite replaces only a store written by invnet sample", str(run))
+    one_line_error(capsys.readouterr().err, "overwrite (--overwrite) replaces only a store written by invnet sample",
+                   str(run))
     assert snapshot(work) == before
 
 
@@ -139,7 +140,7 @@ def test_restart_moves_the_previous_run_aside_and_never_mixes_runs(work, capsys)
     assert len(moved) == 1, out
     aside = moved[0].split("aside to ")[1].strip()
     assert os.path.basename(aside).startswith("run.previous-") and snapshot(aside) == old  # all of it, unchanged
-    assert sorted(os.listdir(work / "run" / "checkpoints")) == ["step-00000002"]
+    assert sorted(os.listdir(work / "run" / "checkpoints")) == ["best", "step-00000002"]  # (validated at the end)
     steps = [json.loads(line)["step"] for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     assert main(["info", str(work / "run")]) == 0
@@ -174,13 +175,14 @@ def test_resume_with_more_steps_says_where_it_resumes(work, capsys):
 
 # ------------------------------------------------------------------------------ corrupt checkpoints
 @pytest.mark.parametrize("name", ["model.safetensors", "state.pt", "meta.json"])
-def test_a_damaged_checkpoint_file_is_named_in_sample_and_info(work, capsys, name):
-    damaged = work / "run" / "checkpoints" / "step-00000003" / name
+@pytest.mark.parametrize("folder, pick", [("best", []), ("step-00000003", ["--checkpoint", "last"])])
+def test_a_damaged_checkpoint_file_is_named_in_sample_and_info(work, capsys, name, folder, pick):
+    damaged = work / "run" / "checkpoints" / folder / name
     damaged.write_bytes(damaged.read_bytes()[:20])  # truncated
     before = snapshot(work)
-    assert main(["info", str(work / "run")]) == EXIT_USAGE
+    assert main(["info", str(work / "run")] + pick) == EXIT_USAGE
     one_line_error(capsys.readouterr().err, str(damaged), "unreadable")
-    code = main(["sample", str(work / "run"), "--data", str(work / "data.h5"), "--out", str(work / "r.zarr")])
+    code = main(["sample", str(work / "run"), "--data", str(work / "data.h5"), "--out", str(work / "r.zarr")] + pick)
     assert code == EXIT_USAGE
     one_line_error(capsys.readouterr().err, str(damaged))
     assert snapshot(work) == before
@@ -190,13 +192,16 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(work, capsys):
     bad = work / "run" / "checkpoints" / "step-00000003"
     (bad / "model.safetensors").write_bytes(b"\0" * 10)
     assert main(["train", write_config(work, steps=4)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "skipping an unreadable checkpoint" in out and "model.safetensors" in out
     assert "resuming from step 2" in out and "finished at step 4" in out
     names = sorted(os.listdir(work / "run" / "checkpoints"))
     aside = [n for n in names if n.startswith("step-00000003.unreadable-")]  # the damaged one, kept for a look
     assert len(aside) == 1 and os.path.getsize(work / "run" / "checkpoints" / aside[0] / "model.safetensors") == 10
-    assert [n for n in names if n not in aside] == ["step-00000002", "step-00000003", "step-00000004"]
+    # the best weights written with step 3 belonged to the lost trajectory: set aside too, and rewritten
+    stale = [n for n in names if n.startswith("best.stale-")]
+    assert len(stale) == 1 and "does not belong to the checkpoint resumed from" in err
+    assert [n for n in names if n not in aside + stale] == ["best", "step-00000002", "step-00000003", "step-00000004"]
     steps = [json.loads(line)["step"] for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
@@ -253,10 +258,10 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ partial outputs of sample
 @pytest.mark.parametrize("args, words", [
-    (["--batch-size", "0"], ["--batch-size must be a positive integer"]),
-    (["--temperature", "-1"], ["--temperature must be a positive number"]),
-    (["--temperature", "nan"], ["--temperature must be a positive number"]),
-    (["--keep", "9", "--n", "4"], ["--keep must lie in [0, --n=4]"]),
+    (["--batch-size", "0"], ["batch_size (--batch-size) must be a positive integer"]),
+    (["--temperature", "-1"], ["temperature (--temperature) must be a positive number"]),
+    (["--temperature", "nan"], ["temperature (--temperature) must be a positive number"]),
+    (["--keep", "9", "--n", "4"], ["keep (--keep) must lie in [0, n_samples=4]"]),
     (["--indices", "0:99"], ["indices must lie in [0, 24)"]),
     (["--indices", "a:b"], ["--indices must be 'a:b' or 'i,j,k'"]),
 ])
@@ -317,7 +322,8 @@ def test_sample_stopped_by_sigterm_leaves_nothing_and_says_rerun(work, capsys, m
     code = main(["sample", str(work / "run"), "--data", str(work / "data.h5"), "--out", str(work / "r.zarr"),
                  "--n", "4"])
     assert code == EXIT_PREEMPTED
-    one_line_error(capsys.readouterr().err, "stopped by SIGTERM; nothing was left half-written (rerun the same command)")
+    one_line_error(capsys.readouterr().err,
+                   "stopped by SIGTERM; nothing was left half-written (rerun the same command)")
     assert snapshot(work) == before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 

@@ -11,12 +11,28 @@ import invnet
 from invnet.core.checks import randomize_parameters_
 from invnet.core.forward_mode import ForwardModeError
 from invnet.layers import (
-    ActNorm, ChannelSubset, ConditionalAffine, HaarSqueeze, HINTCoupling, HyperbolicLayer, Inverted, IRIMCoupling,
-    LearnableDownsample, Logit,
+    ActNorm,
+    ChannelSubset,
+    ConditionalAffine,
+    HaarSqueeze,
+    HINTCoupling,
+    HyperbolicLayer,
+    Inverted,
+    IRIMCoupling,
+    LearnableDownsample,
+    Logit,
 )
 from invnet.networks import (
-    HINT, ConditionalCouplingFlow, ConditionalGlow, ConditionalHINT, Glow, Hyperbolic, InvertibleUNet, LearnedLoop,
-    MultiscaleConditionalHINT, MultiscaleHINT,
+    HINT,
+    ConditionalCouplingFlow,
+    ConditionalGlow,
+    ConditionalHINT,
+    Glow,
+    Hyperbolic,
+    InvertibleUNet,
+    LearnedLoop,
+    MultiscaleConditionalHINT,
+    MultiscaleHINT,
 )
 from invnet.operators import as_operator
 

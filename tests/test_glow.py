@@ -4,7 +4,11 @@ import torch
 
 import invnet
 from invnet.core.checks import (
-    gradient_error, invertibility_error, logdet_error, randomize_parameters_, saved_bytes,
+    gradient_error,
+    invertibility_error,
+    logdet_error,
+    randomize_parameters_,
+    saved_bytes,
 )
 from invnet.networks import Glow
 
@@ -36,7 +40,9 @@ def test_other_squeezes(squeeze):
     assert logdet_error(net, x) < 1e-10
 
 
-@pytest.mark.parametrize("ndim,channels,levels,space", [(0, 5, 2, ()), (1, 3, 3, (8,)), (2, 1, 2, (8, 8)), (3, 2, 1, (4, 4, 4))])
+@pytest.mark.parametrize(
+    "ndim,channels,levels,space", [(0, 5, 2, ()), (1, 3, 3, (8,)), (2, 1, 2, (8, 8)), (3, 2, 1, (4, 4, 4))]
+)
 def test_memory_saving_gradients_equal_plain_autograd(ndim, channels, levels, space):
     net = _net(ndim, channels, levels)
     x = torch.randn(3, channels, *space, dtype=D64)

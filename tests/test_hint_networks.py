@@ -1,5 +1,4 @@
 """HINT and MultiscaleHINT networks: exactness, stateless latents, memory, density and sampling."""
-import math
 
 import pytest
 import torch

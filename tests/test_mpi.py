@@ -77,7 +77,9 @@ def test_decomposed_equals_serial(ranks):
 def test_one_failing_rank_ends_the_job(ranks):
     proc, seconds = launch("failure.py", ranks, timeout=60)
     out = proc.stdout + proc.stderr
-    assert proc.returncode not in (0, -9, 137), f"exit {proc.returncode} (0: went on; 137: hung until killed)\n{out[-3000:]}"
+    assert proc.returncode not in (0, -9, 137), (
+        f"exit {proc.returncode} (0: went on; 137: hung until killed)\n{out[-3000:]}"
+    )
     assert "deliberate failure" in out and "UNREACHABLE" not in out
     assert seconds < 45, f"the job took {seconds:.1f} s to end"
 

@@ -6,8 +6,15 @@ import torch
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_
 from invnet.layers import COUPLINGS, AdditiveCoupling, AffineCoupling, HINTCoupling
 from invnet.networks import (
-    HINT, ConditionalCouplingFlow, ConditionalGlow, ConditionalHINT, Glow, GlowStep, MultiscaleConditionalHINT,
-    MultiscaleFlow, MultiscaleHINT,
+    HINT,
+    ConditionalCouplingFlow,
+    ConditionalGlow,
+    ConditionalHINT,
+    Glow,
+    GlowStep,
+    MultiscaleConditionalHINT,
+    MultiscaleFlow,
+    MultiscaleHINT,
 )
 from invnet.training.network_spec import build_network, resolve_network_spec
 
@@ -28,10 +35,12 @@ def _exact(net, x, c=None, logdet=True):
 ADDITIVE = [
     (lambda: Glow(2, hidden=6, levels=2, depth=2, ndim=1, coupling="additive"), (2, 2, 8), None),
     (lambda: Glow(3, hidden=6, levels=1, depth=2, ndim=0, cond_channels=2, coupling="additive"), (3, 3), (3, 2)),
-    (lambda: ConditionalGlow(1, 2, hidden=6, levels=2, depth=1, ndim=2, coupling="additive"), (2, 1, 4, 4), (2, 2, 4, 4)),
+    (lambda: ConditionalGlow(1, 2, hidden=6, levels=2, depth=1, ndim=2, coupling="additive"),
+     (2, 1, 4, 4), (2, 2, 4, 4)),
     (lambda: ConditionalCouplingFlow(1, 2, ndim=2, depth=2, hidden=6, coupling="additive"), (2, 1, 4, 4), (2, 2, 4, 4)),
     (lambda: HINT(5, 6, depth=2, ndim=1, cond_channels=1, coupling="additive"), (2, 5, 3), (2, 1, 3)),
-    (lambda: MultiscaleHINT(1, 6, levels=2, depth=1, ndim=1, cond_channels=1, coupling="additive"), (2, 1, 8), (2, 1, 8)),
+    (lambda: MultiscaleHINT(1, 6, levels=2, depth=1, ndim=1, cond_channels=1, coupling="additive"),
+     (2, 1, 8), (2, 1, 8)),
     (lambda: ConditionalHINT(3, 2, 6, depth=2, ndim=0, coupling="additive"), (2, 3), (2, 2)),
     (lambda: MultiscaleConditionalHINT(1, 1, 6, levels=2, depth=1, ndim=1, coupling="additive"), (2, 1, 8), (2, 1, 8)),
 ]

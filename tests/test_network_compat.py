@@ -37,7 +37,8 @@ def test_old_weights_load_and_give_the_same_map(entry):
     again = _build(entry)
     again.load_state_dict(net.state_dict(), strict=True)
     renamed = old_keys != set(net.state_dict())
-    assert renamed == (entry["type"] in ("HINT", "MultiscaleHINT", "ConditionalCouplingFlow", "MultiscaleConditionalHINT"))
+    renaming_types = ("HINT", "MultiscaleHINT", "ConditionalCouplingFlow", "MultiscaleConditionalHINT")
+    assert renamed == (entry["type"] in renaming_types)
 
 
 def test_old_names_load_inside_a_wrapper():

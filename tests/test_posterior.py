@@ -5,11 +5,16 @@ import pytest
 import torch
 
 from invnet.data import Normalization
-from invnet.networks import ConditionalCouplingFlow
 from invnet.inference import (
-    Calibration, PosteriorSampler, RunningMoments, plot_coverage, plot_error_vs_std, plot_posterior,
+    Calibration,
+    PosteriorSampler,
+    RunningMoments,
+    plot_coverage,
+    plot_error_vs_std,
+    plot_posterior,
     summarize_posterior,
 )
+from invnet.networks import ConditionalCouplingFlow
 
 SIGMA = 0.5  # observation noise of the conjugate Gaussian problem x ~ N(0, I), y = x + SIGMA e
 

@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-
 from test_failure_paths import make_pairs
 
 from invnet.cli import main

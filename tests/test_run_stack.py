@@ -13,8 +13,16 @@ import torch
 from invnet.data import ArraySource, BatchLoader, PairDataset
 from invnet.distributed import ParallelStrategy, SerialComm
 from invnet.networks import ConditionalCouplingFlow, ConditionalGlow, Glow, ImageSummary, VectorSummary
-from invnet.training import (Precision, Trainer, read_checkpoint, resolve_device, resume_differences, to_device,
-                             trainer_from_config, validate_config)
+from invnet.training import (
+    Precision,
+    Trainer,
+    read_checkpoint,
+    resolve_device,
+    resume_differences,
+    to_device,
+    trainer_from_config,
+    validate_config,
+)
 from invnet.training.device import device_assignment
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

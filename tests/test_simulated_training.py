@@ -102,6 +102,9 @@ def test_bad_simulator_configs_are_one_line_errors(tmp_path):
         ({"source": "simulate"}, "entry point"),
         ({"path": "d.h5", "arguments": {"a": 1}}, "belong to a simulator"),
         ({"source": f"{HERE}:simulate", "patch": [4]}, "read a file"),
+        ({"source": f"{HERE}:simulate", "arguments": {"dims": 3}},
+         r"\[data\] arguments: unknown key\(s\) \['dims'\] for simulate; allowed: \['dim', 'noise'\]"),
+        ({"source": f"{HERE}:simulate", "arguments": {"dim": "two"}}, r"\[data\] arguments dim must be an integer"),
     ]
     for data, message in cases:
         with pytest.raises(ValueError, match=message):

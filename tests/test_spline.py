@@ -10,7 +10,14 @@ import torch
 import invnet
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_, saved_bytes
 from invnet.layers import (
-    ActNorm, AdditiveCoupling, AffineCoupling, Conv1x1, HaarSqueeze, SplineCoupling, rq_spline, spline_knots,
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    Conv1x1,
+    HaarSqueeze,
+    SplineCoupling,
+    rq_spline,
+    spline_knots,
 )
 from invnet.networks import HINT, ConditionalCouplingFlow, ConditionalGlow, ConditionalHINT, Glow
 
@@ -180,7 +187,8 @@ SPLINE_NETWORKS = [
     (lambda: Glow(2, hidden=6, levels=2, depth=2, ndim=1, coupling="spline"), (2, 2, 8), None),
     (lambda: ConditionalGlow(3, 2, hidden=6, levels=1, depth=2, ndim=0, coupling="spline"), (3, 3), (3, 2)),
     (lambda: ConditionalGlow(1, 2, hidden=6, levels=2, depth=1, ndim=2, coupling="spline"), (2, 1, 4, 4), (2, 2, 4, 4)),
-    (lambda: ConditionalCouplingFlow(1, 1, ndim=3, depth=2, hidden=6, coupling="spline"), (2, 1, 4, 4, 2), (2, 1, 4, 4, 2)),
+    (lambda: ConditionalCouplingFlow(1, 1, ndim=3, depth=2, hidden=6, coupling="spline"),
+     (2, 1, 4, 4, 2), (2, 1, 4, 4, 2)),
     (lambda: ConditionalHINT(3, 2, 6, depth=2, ndim=0, coupling="spline"), (2, 3), (2, 2)),
     (lambda: HINT(5, 6, depth=1, ndim=1, cond_channels=1, coupling="spline"), (2, 5, 3), (2, 1, 3)),
 ]

@@ -14,8 +14,14 @@ import invnet.training.checkpoint as checkpoint_module
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_
 from invnet.networks import ConditionalCouplingFlow
 from invnet.training import (
-    EXIT_PREEMPTED, NonFiniteLossError, latest_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint,
-    trainer_from_config, validate_config,
+    EXIT_PREEMPTED,
+    NonFiniteLossError,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+    trainer_from_config,
+    validate_config,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +157,7 @@ def train_then_signal(cfg_path, metrics, sig):
 def test_sigterm_writes_a_checkpoint_and_exits_with_the_documented_code(tmp_path):
     cfg_path = tmp_path / "train.toml"
     make_data(str(tmp_path / "data.h5"))
-    cfg_path.write_text(f"""
+    cfg_path.write_text("""
 [data]
 path = "data.h5"
 [model]

@@ -3,6 +3,7 @@ the classical baseline (Tikhonov-regularised least squares by conjugate gradient
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 import torch
@@ -104,7 +105,5 @@ def tikhonov_cg_iterates(forward, adjoint, y: Tensor, lam: float, iters: int):
 
 def tikhonov_cg(forward, adjoint, y: Tensor, lam: float, iters: int) -> Tensor:
     """The last of :func:`tikhonov_cg_iterates`."""
-    x = None
-    for x in tikhonov_cg_iterates(forward, adjoint, y, lam, iters):
-        pass
-    return x
+    last = deque(tikhonov_cg_iterates(forward, adjoint, y, lam, iters), maxlen=1)  # run them all, keep the last
+    return last[0] if last else None

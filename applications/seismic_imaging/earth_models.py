@@ -15,7 +15,9 @@ import numpy as np
 __all__ = ["earth_model", "earth_models", "reflectivity"]
 
 
-def earth_model(shape: tuple[int, ...], rng: np.random.Generator, kind: str = "random", texture: float = 0.02) -> np.ndarray:
+def earth_model(
+    shape: tuple[int, ...], rng: np.random.Generator, kind: str = "random", texture: float = 0.02
+) -> np.ndarray:
     """One log-impedance model of ``shape = (nz, nx)`` or ``(nz, nx, ny)`` (depth/time first).
 
     ``kind``: ``"layered"`` (flat layers), ``"folded"`` (sinusoidal folds), ``"faulted"``

@@ -1,4 +1,5 @@
-"""Training and test images available offline, split by image (never by patch).
+"""Training and test images available offline, split by image (never by patch), and the
+simulator that turns them into training pairs.
 
 Two sources:
 
@@ -9,9 +10,16 @@ Two sources:
 - ``fashion-mnist``: Debian's ``dataset-fashion-mnist`` (70,000 28x28 images, IDX files under
   ``/usr/share/datasets/fashion-mnist``; ``setup.sh`` in this folder installs it). Training uses
   the 60,000 training images, the test set the 10,000 others.
+
+:func:`simulate` is the ``[data] source`` of the configs: each call draws fresh high-resolution
+images (augmented patches or whole images), their low-resolution inputs ``y = D x`` (the box
+operator of :mod:`.degradation`) and uniform dequantisation noise of one grey level on ``x`` (the
+images are 8-bit), all from the trainer's seeded generator. :func:`held_out_images` is the fixed
+held-out set (validation during training, :mod:`.evaluate` after).
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -22,9 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .degradation import check_factor, downsample
+
 __all__ = [
-    "TRAIN_IMAGES", "TEST_IMAGES", "FASHION_MNIST_DIR", "load_skimage", "PatchSampler", "fixed_patches",
-    "read_idx", "load_fashion_mnist",
+    "TRAIN_IMAGES", "TEST_IMAGES", "FASHION_MNIST_DIR", "SOURCES", "load_skimage", "random_patches", "PatchSampler",
+    "fixed_patches", "read_idx", "load_fashion_mnist", "pad_to_multiple", "check_arguments", "draw_images",
+    "simulate", "held_out_images",
 ]
 
 #: scikit-image sample images used for training (all load offline with scikit-image 0.21+).
@@ -36,6 +47,9 @@ TRAIN_IMAGES = (
 TEST_IMAGES = ("camera", "astronaut", "coins")
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+#: the data sets :func:`simulate` draws from
+SOURCES = ("skimage", "fashion-mnist")
 
 
 def load_skimage(names: Sequence[str]) -> list[Tensor]:
@@ -69,6 +83,34 @@ def _check_patch_size(images: Sequence[Tensor], size: int) -> None:
         raise ValueError(f"patch size {size} is larger than image(s) of size {small}")
 
 
+def random_patches(images: Sequence[Tensor], size: int, n: int, generator: torch.Generator,
+                   weights: Optional[Tensor] = None) -> Tensor:
+    """``n`` random ``size x size`` patches ``(n, C, size, size)`` of ``(C, H, W)`` images, each
+    from an image drawn with probability ``weights`` (default: proportional to its area), at a
+    random corner, rotated by a random multiple of 90 degrees and flipped with probability 1/2;
+    every random number comes from ``generator``.
+
+    >>> random_patches([torch.rand(1, 40, 50)], 16, 3, torch.Generator().manual_seed(0)).shape
+    torch.Size([3, 1, 16, 16])
+    """
+    _check_patch_size(images, size)
+    if weights is None:
+        areas = torch.tensor([float(t.shape[1] * t.shape[2]) for t in images])
+        weights = areas / areas.sum()
+    g = generator
+    which = torch.multinomial(weights, n, replacement=True, generator=g).tolist()
+    out = []
+    for i in which:
+        img = images[i]
+        top = int(torch.randint(img.shape[1] - size + 1, (1,), generator=g))
+        left = int(torch.randint(img.shape[2] - size + 1, (1,), generator=g))
+        p = img[:, top:top + size, left:left + size]
+        k, flip = torch.randint(4, (1,), generator=g).item(), torch.randint(2, (1,), generator=g).item()
+        p = torch.rot90(p, int(k), dims=(1, 2))
+        out.append(torch.flip(p, dims=(2,)) if flip else p)
+    return torch.stack(out)
+
+
 class PatchSampler:
     """Random ``size x size`` patches from a list of ``(C, H, W)`` images, augmented with flips and
     90 degree rotations; each patch comes from an image chosen with probability proportional to its
@@ -91,18 +133,7 @@ class PatchSampler:
 
     def sample(self, batch: int) -> Tensor:
         """A batch ``(batch, C, size, size)`` of random augmented patches."""
-        g = self.generator
-        which = torch.multinomial(self.weights, batch, replacement=True, generator=g).tolist()
-        out = []
-        for i in which:
-            img = self.images[i]
-            top = int(torch.randint(img.shape[1] - self.size + 1, (1,), generator=g))
-            left = int(torch.randint(img.shape[2] - self.size + 1, (1,), generator=g))
-            p = img[:, top:top + self.size, left:left + self.size]
-            k, flip = torch.randint(4, (1,), generator=g).item(), torch.randint(2, (1,), generator=g).item()
-            p = torch.rot90(p, int(k), dims=(1, 2))
-            out.append(torch.flip(p, dims=(2,)) if flip else p)
-        return torch.stack(out)
+        return random_patches(self.images, self.size, batch, self.generator, self.weights)
 
 
 def fixed_patches(images: Sequence[Tensor], size: int, per_image: int, seed: int = 1) -> Tensor:
@@ -122,7 +153,7 @@ def fixed_patches(images: Sequence[Tensor], size: int, per_image: int, seed: int
     return torch.stack(out)
 
 
-def read_idx(path: "str | Path") -> np.ndarray:
+def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (the MNIST format: magic ``0x0000TTDD``, big-endian sizes, raw data),
     gzipped or not, as a numpy array. Only unsigned-byte data (type ``0x08``) is supported.
 
@@ -149,7 +180,7 @@ def read_idx(path: "str | Path") -> np.ndarray:
     return data.reshape(dims)
 
 
-def load_fashion_mnist(split: str = "train", root: Optional["str | Path"] = None, limit: Optional[int] = None) -> Tensor:
+def load_fashion_mnist(split: str = "train", root: Optional[str | Path] = None, limit: Optional[int] = None) -> Tensor:
     """Fashion-MNIST images ``(N, 1, 28, 28)`` in ``[0, 1]`` from Debian's ``dataset-fashion-mnist``.
 
     Args:
@@ -175,3 +206,82 @@ def load_fashion_mnist(split: str = "train", root: Optional["str | Path"] = None
     if limit is not None:
         a = a[:limit]
     return torch.from_numpy(a.astype(np.float32) / 255.0)[:, None]
+
+
+def pad_to_multiple(x: Tensor, m: int) -> Tensor:
+    """Zero-pad the last two axes of ``x`` (evenly on both sides) to multiples of ``m``.
+
+    >>> pad_to_multiple(torch.ones(1, 1, 28, 28), 8).shape
+    torch.Size([1, 1, 32, 32])
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % m, (-w) % m
+    return torch.nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]) if (ph or pw) else x
+
+
+def check_arguments(source: str = "skimage", factor: int = 4, patch: int = 32, limit: int = 0) -> None:
+    """Raise ``ValueError`` for arguments :func:`simulate` cannot use (before anything is read)."""
+    if source not in SOURCES:
+        raise ValueError(f"[data] arguments source must be one of {list(SOURCES)}, got {source!r}")
+    check_factor(factor)
+    if not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"[data] arguments patch must be a positive integer, got {patch!r}")
+    if source == "skimage" and patch % factor:
+        raise ValueError(f"the scale factor {factor} must divide the patch size {patch}")
+    if not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"[data] arguments limit must be a non-negative integer (0: all images), got {limit!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def _training_set(source: str, factor: int, limit: int) -> tuple[Tensor, ...] | Tensor:
+    """The training images, read once per process: the scikit-image list, or the Fashion-MNIST
+    training images padded to a multiple of ``factor``."""
+    if source == "skimage":
+        return tuple(load_skimage(TRAIN_IMAGES))
+    return pad_to_multiple(load_fashion_mnist("train", limit=limit or None), factor)
+
+
+def draw_images(n: int, generator: torch.Generator, source: str = "skimage", factor: int = 4, patch: int = 32,
+                limit: int = 0) -> Tensor:
+    """``n`` random high-resolution training images ``(n, 1, H, W)`` in ``[0, 1]`` (float32):
+    augmented ``patch x patch`` patches of the scikit-image training images, or Fashion-MNIST
+    training images (padded to a multiple of ``factor``, mirrored with probability 1/2; ``limit``:
+    only the first ``limit``), drawn with ``generator``."""
+    check_arguments(source, factor, patch, limit)
+    images = _training_set(source, factor, limit)
+    if source == "skimage":
+        return random_patches(images, patch, n, generator)
+    idx = torch.randint(images.shape[0], (n,), generator=generator)
+    x = images[idx]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def simulate(n: int, generator: torch.Generator, source: str = "skimage", factor: int = 4, patch: int = 32,
+             limit: int = 0) -> tuple[Tensor, Tensor]:
+    r"""``n`` training pairs ``(x + u, D x)``: high-resolution images :math:`x` from
+    :func:`draw_images`, dequantised by :math:`u \sim \mathcal U(-\tfrac{1}{512}, \tfrac{1}{512})`
+    per pixel (the likelihood of 8-bit data as a density), and their low-resolution inputs
+    :math:`y = Dx` (box average over ``factor x factor`` blocks). The simulator of
+    ``[data] source = "applications.super_resolution.data:simulate"``; its keyword arguments are
+    the config's ``[data] arguments``.
+
+    >>> x, y = simulate(2, torch.Generator().manual_seed(0), patch=16)
+    >>> tuple(x.shape), tuple(y.shape), float((x - torch.nn.functional.interpolate(y, scale_factor=4)).abs().max()) < 1
+    ((2, 1, 16, 16), (2, 1, 4, 4), True)
+    """
+    x = draw_images(n, generator, source, factor, patch, limit)
+    u = torch.rand(x.shape, generator=generator)
+    return x + (u - 0.5) / 256.0, downsample(x, factor)
+
+
+def held_out_images(source: str = "skimage", factor: int = 4, patch: int = 32, limit: int = 0, per_image: int = 64,
+                seed: int = 1) -> Tensor:
+    """The fixed held-out high-resolution images ``(N, 1, H, W)`` (never drawn in training):
+    ``per_image`` patches of each of :data:`TEST_IMAGES` (``fixed_patches`` with ``seed``), or the
+    Fashion-MNIST test images (the first ``limit``, default 1024; padded like the training ones).
+    Takes the same arguments as :func:`simulate` (the published results use the defaults)."""
+    check_arguments(source, factor, patch, limit)
+    if source == "skimage":
+        return fixed_patches(load_skimage(TEST_IMAGES), patch, per_image, seed=seed)
+    return pad_to_multiple(load_fashion_mnist("test", limit=limit or 1024), factor)

@@ -12,7 +12,6 @@ Its right inverse is pixel replication :math:`U` (:math:`D U = I`), so
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -23,6 +22,7 @@ def check_image(name: str, x: Tensor, channels: int | None = None, factor: int |
     """Raise ``ValueError`` unless ``x`` is a floating ``(batch, channels, H, W)`` image batch
     (with ``channels`` channels, and ``H, W`` divisible by ``factor`` when given).
 
+    >>> import torch
     >>> check_image("x", torch.zeros(1, 1, 8, 8), channels=1, factor=4)
     """
     if not isinstance(x, Tensor):
@@ -59,6 +59,7 @@ def downsample(x: Tensor, factor: int) -> Tensor:
         x: high-resolution images ``(N, C, H, W)``, ``H`` and ``W`` divisible by ``factor``.
         factor: scale factor (a power of two).
 
+    >>> import torch
     >>> downsample(torch.arange(16.0).reshape(1, 1, 4, 4), 2).flatten().tolist()
     [2.5, 4.5, 10.5, 12.5]
     """
@@ -69,6 +70,7 @@ def downsample(x: Tensor, factor: int) -> Tensor:
 def replicate(y: Tensor, factor: int) -> Tensor:
     r"""Pixel replication :math:`U y`, the right inverse of :func:`downsample` (:math:`DU = I`).
 
+    >>> import torch
     >>> replicate(torch.tensor([[[[1.0, 2.0]]]]), 2).flatten().tolist()
     [1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0]
     """
@@ -81,6 +83,7 @@ def bicubic_upsample(y: Tensor, factor: int, clamp: bool = True) -> Tensor:
     r"""Bicubic interpolation (Keys kernel, :math:`a = -0.75` as in PyTorch) by ``factor``, the
     usual baseline; clamped to ``[0, 1]`` by default (images are stored in ``[0, 1]``).
 
+    >>> import torch
     >>> bicubic_upsample(torch.full((1, 1, 2, 2), 0.5), 4).shape
     torch.Size([1, 1, 8, 8])
     """
@@ -94,6 +97,7 @@ def project_consistent(x: Tensor, y: Tensor, factor: int) -> Tensor:
     r"""Project an estimate onto the LR-consistent set: :math:`x + U(y - Dx)` (then :math:`D` of the
     result is :math:`y` exactly, up to round-off).
 
+    >>> import torch
     >>> x, y = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 2, 2)
     >>> bool(torch.allclose(downsample(project_consistent(x, y, 4), 4), y, atol=1e-6))
     True

@@ -1,9 +1,12 @@
 """Evaluate a trained super-resolution flow on held-out images against bicubic upsampling.
 
-    PYTHONPATH=$PWD python -m applications.super_resolution.evaluate runs/sr/model.pt \
-        --out applications/super_resolution/results [--device cuda]
-    PYTHONPATH=$PWD python -m applications.super_resolution.evaluate runs/sr/invnet_train \
-        --out applications/super_resolution/results/invnet_train   # a run of `invnet train`
+    python -m applications.super_resolution.evaluate applications/super_resolution/runs/skimage_x4 \
+        --out applications/super_resolution/results/skimage [--device cuda]
+    python -m applications.super_resolution.evaluate runs/sr/invnet_train \
+        --out applications/super_resolution/results/invnet_train   # a run of `invnet train` on pairs
+
+RUN is a run folder (its latest checkpoint) or one checkpoint of it; the held-out images are those
+of the run's ``[data] arguments`` (:func:`~.data.held_out_images`).
 
 Writes ``metrics.json`` and ``metrics.md`` (a table), ``patches.png`` (input, bicubic, three
 samples, posterior mean, per-pixel std, truth for a few test patches) and ``large.png`` (a
@@ -13,23 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .data import TEST_IMAGES, load_skimage
+from invnet.data.atomic import atomic_path
+
+from ..common import run_main
+from .checkpoints import InvnetTrainModel, load_run
+from .data import TEST_IMAGES, held_out_images, load_skimage
 from .degradation import bicubic_upsample, downsample, project_consistent
 from .metrics import diversity, lr_consistency, psnr, ssim
-from .invnet_checkpoint import InvnetTrainModel, is_invnet_checkpoint
 from .model import SRFlow
 from .tiles import sample_tiled
-from .train import build_data, load_checkpoint
 
 __all__ = ["evaluate", "save_figure", "main"]
 
@@ -87,19 +90,16 @@ def evaluate(
     return metrics, images
 
 
-def _atomic_write(path: Path, write) -> None:
+def write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
+    """Create ``path``'s folder and call ``write(tmp)`` on a temporary name beside it, then rename
+    it into place (:func:`invnet.data.atomic.atomic_path`): a crash never leaves half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(str(path)) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def save_figure(path: "str | Path", images: dict, rows: int = 4, factor: int = 4) -> None:
+def save_figure(path: str | Path, images: dict, rows: int = 4, factor: int = 4) -> None:
     """A grid figure: one row per image, columns input (LR, shown enlarged by pixel replication),
     bicubic, three samples, posterior mean, per-pixel std (own colour scale), truth."""
     import matplotlib
@@ -124,20 +124,22 @@ def save_figure(path: "str | Path", images: dict, rows: int = 4, factor: int = 4
             if r == 0:
                 ax.set_title(cols[k], fontsize=8)
     fig.tight_layout()
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    write_atomically(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
 def _markdown(m: dict) -> str:
     lines = [
-        f"{m['images']} held-out patches, {m['factor']}x, posterior mean of {m['samples']} samples at T={m['temperature']}"
+        f"{m['images']} held-out patches, {m['factor']}x, "
+        f"posterior mean of {m['samples']} samples at T={m['temperature']}"
         + ("" if m["test_bits_per_dim"] is None else f"; test NLL {m['test_bits_per_dim']:.3f} bits/dim"),
         "",
         "| estimate | PSNR (dB) | SSIM | LR consistency (dB) |",
         "|---|---|---|---|",
     ]
     for key, label in (("bicubic", "bicubic"), ("bicubic_consistent", "bicubic + LR projection"),
-                       ("posterior_mean", "flow: posterior mean"), ("single_sample", f"flow: one sample, T={m['temperature']}"),
+                       ("posterior_mean", "flow: posterior mean"),
+                       ("single_sample", f"flow: one sample, T={m['temperature']}"),
                        ("single_sample_T0.8", "flow: one sample, T=0.8")):
         if key == "single_sample_T0.8" and m["temperature"] == 0.8:
             continue  # the row above already is at T=0.8
@@ -149,37 +151,35 @@ def _markdown(m: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint")
+    parser = argparse.ArgumentParser(prog="python -m applications.super_resolution.evaluate",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="run folder (its latest checkpoint) or one checkpoint")
     parser.add_argument("--out", default="applications/super_resolution/results")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--samples", type=int, help="samples per input for the posterior mean (default: config)")
-    parser.add_argument("--temperature", type=float, help="sampling temperature (default: config)")
+    parser.add_argument("--samples", type=int, default=16, help="samples per input for the posterior mean")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--batch", type=int, default=128, help="inputs sampled at once")
     parser.add_argument("--images", type=int, default=0, help="evaluate on the first N held-out images only (0: all)")
     parser.add_argument("--tile", type=int, default=16, help="tile size (LR pixels) for the large image")
     parser.add_argument("--overlap", type=int, default=4, help="tile overlap (LR pixels)")
     args = parser.parse_args(argv)
-    if is_invnet_checkpoint(args.checkpoint):  # a run of `invnet train` (ConditionalGlow, SRFlow layout)
-        model = InvnetTrainModel(args.checkpoint, args.device)
-        cfg = model.config
-    else:
-        model, cfg = load_checkpoint(args.checkpoint, args.device)
-    samples = args.samples or cfg["eval"]["samples"]
-    temperature = args.temperature if args.temperature is not None else cfg["eval"]["temperature"]
-    _, test = build_data(cfg)
+    if args.samples < 2 or args.batch < 1 or args.images < 0 or not args.temperature > 0:
+        parser.error("need --samples >= 2, --batch >= 1, --images >= 0 and a positive --temperature")
+    model, data_arguments = load_run(args.run, args.device)
+    test = held_out_images(**data_arguments)
     if args.images:
         test = test[: args.images]
-    metrics, images = evaluate(model, test, samples, temperature, cfg["eval"]["batch"])
+    metrics, images = evaluate(model, test, args.samples, args.temperature, args.batch)
     out = Path(args.out)
     large = None
     if isinstance(model, InvnetTrainModel):
         # a whole-image flow: no tiled decoding (that needs the spatial latent of model.py)
         metrics["checkpoint"] = {"path": model.path, "step": model.step, "trained_by": "invnet train"}
     else:
-        large = _tiled_example(model, cfg, test, samples, temperature, args)
+        large = _tiled_example(model, data_arguments["source"], test, args.samples, args.temperature, args)
         metrics["large_tiled"] = large.pop("metrics")
-    _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-    _atomic_write(out / "metrics.md", lambda tmp: Path(tmp).write_text(_markdown(metrics)))
+    write_atomically(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    write_atomically(out / "metrics.md", lambda tmp: Path(tmp).write_text(_markdown(metrics)))
     save_figure(out / "patches.png", images, rows=4, factor=model.factor)
     print(_markdown(metrics))
     if large is not None:
@@ -188,21 +188,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def _tiled_example(model: SRFlow, cfg: dict, test: Tensor, samples: int, temperature: float, args) -> dict:
+def _tiled_example(model: SRFlow, source: str, test: Tensor, samples: int, temperature: float, args) -> dict:
     """A held-out image crop (photos) or a 4x4 mosaic of test images, super-resolved in overlapping
     tiles: the figure's panels, plus its metrics under ``"metrics"``."""
     f = model.factor
-    if cfg["data"]["source"] == "skimage":
+    if source == "skimage":
         name = TEST_IMAGES[0]
         crop = load_skimage([name])[0][None, :, 96:96 + 32 * f, 160:160 + 32 * f].to(args.device)
     else:
         name = "mosaic of 16 test images"
         tiles16 = test[:16]
-        crop = torch.cat([torch.cat(list(tiles16[4 * r:4 * r + 4]), dim=2) for r in range(4)], dim=1)[None].to(args.device)
+        rows = [torch.cat(list(tiles16[4 * r:4 * r + 4]), dim=2) for r in range(4)]
+        crop = torch.cat(rows, dim=1)[None].to(args.device)
     y = downsample(crop, f)
     g = torch.Generator(device=args.device).manual_seed(1)
     s = sample_tiled(model, y, n=samples, temperature=temperature, tile=args.tile, overlap=args.overlap, generator=g)
-    large = {"lr": y, "bicubic": bicubic_upsample(y, f), "samples": s[:3], "mean": s.mean(0), "std": s.std(0), "truth": crop}
+    large = {"lr": y, "bicubic": bicubic_upsample(y, f), "samples": s[:3], "mean": s.mean(0), "std": s.std(0),
+             "truth": crop}
     large["metrics"] = {
         "image": name, "size": list(crop.shape[2:]), "tile": args.tile, "overlap": args.overlap,
         "bicubic_psnr": float(psnr(large["bicubic"], crop)[0]), "mean_psnr": float(psnr(large["mean"], crop)[0]),
@@ -210,5 +212,6 @@ def _tiled_example(model: SRFlow, cfg: dict, test: Tensor, samples: int, tempera
     }
     return large
 
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

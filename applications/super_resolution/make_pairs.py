@@ -1,10 +1,10 @@
 """Write (high-resolution, low-resolution) pairs to HDF5 for ``invnet train``.
 
-    PYTHONPATH=$PWD python -m applications.super_resolution.make_pairs runs/sr/pairs.h5 --n 20000
+    python -m applications.super_resolution.make_pairs runs/sr/pairs.h5 --n 20000
     invnet train applications/super_resolution/invnet_train.toml
 
-``x`` holds ``n`` random augmented patches of the training images (the same sampler as
-``train.py``), ``y = downsample(x, factor)`` with the box operator of ``degradation.py``. The
+``x`` holds ``n`` random augmented patches of the training images (the same patches as the
+application's simulator), ``y = downsample(x, factor)`` with the box operator of ``degradation.py``. The
 generic trainer then fits ``invnet.networks.ConditionalGlow`` with an ``ImageSummary`` of ``y``
 (the SRFlow layout: a flow on the whole high-resolution image; LR consistency is learned, not built
 in as in ``model.py``). The file is written to a temporary name and renamed.
@@ -12,7 +12,6 @@ in as in ``model.py``). The file is written to a temporary name and renamed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,13 +19,16 @@ from typing import Optional
 import h5py
 import torch
 
+from invnet.data.atomic import atomic_path
+
+from ..common import run_main
 from .data import TRAIN_IMAGES, PatchSampler, load_skimage
 from .degradation import check_factor, downsample
 
 __all__ = ["write_pairs", "main"]
 
 
-def write_pairs(path: "str | Path", n: int, patch: int = 32, factor: int = 4, seed: int = 0, chunk: int = 1024) -> None:
+def write_pairs(path: str | Path, n: int, patch: int = 32, factor: int = 4, seed: int = 0, chunk: int = 1024) -> None:
     """Write ``n`` pairs ``x`` ``(n, 1, patch, patch)`` and ``y`` ``(n, 1, patch/factor, patch/factor)``
     (float32) to the HDF5 file ``path``, atomically."""
     check_factor(factor)
@@ -37,20 +39,14 @@ def write_pairs(path: "str | Path", n: int, patch: int = 32, factor: int = 4, se
     sampler = PatchSampler(load_skimage(TRAIN_IMAGES), patch, seed=seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            dx = f.create_dataset("x", (n, 1, patch, patch), dtype="float32", chunks=(min(n, 256), 1, patch, patch))
-            dy = f.create_dataset("y", (n, 1, patch // factor, patch // factor), dtype="float32")
-            for start in range(0, n, chunk):
-                x = sampler.sample(min(chunk, n - start))
-                dx[start:start + len(x)] = x.numpy()
-                dy[start:start + len(x)] = downsample(x, factor).numpy()
-            f.attrs["operator"] = f"box average, factor {factor}"
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(str(path)) as tmp, h5py.File(tmp, "w") as f:
+        dx = f.create_dataset("x", (n, 1, patch, patch), dtype="float32", chunks=(min(n, 256), 1, patch, patch))
+        dy = f.create_dataset("y", (n, 1, patch // factor, patch // factor), dtype="float32")
+        for start in range(0, n, chunk):
+            x = sampler.sample(min(chunk, n - start))
+            dx[start:start + len(x)] = x.numpy()
+            dy[start:start + len(x)] = downsample(x, factor).numpy()
+        f.attrs["operator"] = f"box average, factor {factor}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -68,4 +64,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -24,7 +24,9 @@ def _check_pair(x: Tensor, ref: Tensor) -> None:
     check_image("the estimate", x)
     check_image("the reference", ref)
     if x.shape != ref.shape:
-        raise ValueError(f"the estimate and the reference must have the same shape, got {tuple(x.shape)} and {tuple(ref.shape)}")
+        raise ValueError(
+            f"the estimate and the reference must have the same shape, got {tuple(x.shape)} and {tuple(ref.shape)}"
+        )
 
 
 def psnr(x: Tensor, ref: Tensor, peak: float = 1.0) -> Tensor:
@@ -79,7 +81,9 @@ def diversity(samples: Tensor) -> Tensor:
     0.707107
     """
     if not isinstance(samples, Tensor) or samples.dim() != 5:
-        raise ValueError(f"samples must have shape (samples, batch, channels, H, W), got {getattr(samples, 'shape', None)}")
+        raise ValueError(
+            f"samples must have shape (samples, batch, channels, H, W), got {getattr(samples, 'shape', None)}"
+        )
     if samples.shape[0] < 2:
         raise ValueError(f"diversity needs at least 2 samples, got {samples.shape[0]}")
     return samples.double().std(0).flatten(1).mean(1)

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from invnet import Chain
-from invnet.networks.density import StandardNormal
 from invnet.layers import ActNorm, AffineCoupling, ConditionalAffine, Conv1x1, HaarSqueeze, ZeroPad
 from invnet.networks import ConditionalGlow
+from invnet.networks.density import StandardNormal
 
 from .degradation import bicubic_upsample, check_factor, check_image
 
@@ -166,7 +166,9 @@ class SRFlow(nn.Module):
         dc = self.detail_channels
         if flow == "glow":
             if steps % levels:
-                raise ValueError(f"flow='glow' spreads steps over levels: steps ({steps}) must be a multiple of levels ({levels})")
+                raise ValueError(
+                    f"flow='glow' spreads steps over levels: steps ({steps}) must be a multiple of levels ({levels})"
+                )
             self.flow = ConditionalGlow(
                 dc, cond_features, hidden=hidden, levels=levels, depth=steps // levels, ndim=2, clamp=clamp,
             )
@@ -177,7 +179,9 @@ class SRFlow(nn.Module):
                 if injector:
                     blocks.append(ConditionalAffine(dc, cond_features, hidden=hidden, ndim=2, clamp=clamp))
                 blocks += [
-                    AffineCoupling(dc, hidden=hidden, ndim=2, cond_channels=cond_features, clamp=clamp, swap=bool(k % 2)),
+                    AffineCoupling(
+                        dc, hidden=hidden, ndim=2, cond_channels=cond_features, clamp=clamp, swap=bool(k % 2)
+                    ),
                 ]
             self.flow = Chain(*blocks)
         self.base = StandardNormal()
@@ -275,4 +279,7 @@ class SRFlow(nn.Module):
         check_image("the low-resolution image", y, channels=self.channels)
         expected = (x.shape[0], x.shape[1], x.shape[2] // self.factor, x.shape[3] // self.factor)
         if tuple(y.shape) != expected:
-            raise ValueError(f"the low-resolution image must have shape {expected} for x of shape {tuple(x.shape)}, got {tuple(y.shape)}")
+            raise ValueError(
+                f"the low-resolution image must have shape {expected} for x of shape {tuple(x.shape)}, "
+                f"got {tuple(y.shape)}"
+            )

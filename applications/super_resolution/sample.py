@@ -1,8 +1,8 @@
 """Draw several high-resolution candidates for a low-resolution image with a trained flow.
 
-    PYTHONPATH=$PWD python -m applications.super_resolution.sample runs/sr/skimage_x4.pt \
+    python -m applications.super_resolution.sample applications/super_resolution/runs/skimage_x4 \
         --skimage camera --n 8 --temperature 0.8 --tile 32 --overlap 4 --out out/camera [--device cuda]
-    PYTHONPATH=$PWD python -m applications.super_resolution.sample runs/sr/skimage_x4.pt --lr small.png ...
+    python -m applications.super_resolution.sample applications/super_resolution/runs/skimage_x4 --lr small.png ...
 
 The input is either a low-resolution image file (``--lr``, grey levels are used) or a
 high-resolution one (``--hr`` file or ``--skimage`` name) that is first downscaled with the
@@ -21,17 +21,19 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..common import run_main
+from .checkpoints import load_run
 from .data import load_skimage
 from .degradation import bicubic_upsample, downsample
-from .evaluate import _atomic_write
+from .evaluate import write_atomically
 from .metrics import lr_consistency, psnr
+from .model import SRFlow
 from .tiles import sample_tiled
-from .train import load_checkpoint
 
 __all__ = ["read_grey", "write_png", "main"]
 
 
-def read_grey(path: "str | Path") -> torch.Tensor:
+def read_grey(path: str | Path) -> torch.Tensor:
     """Read an image file as a grey-level tensor ``(1, 1, H, W)`` in ``[0, 1]``."""
     from skimage.color import rgb2gray
     from skimage.io import imread
@@ -51,12 +53,13 @@ def write_png(path: Path, img: torch.Tensor, normalise: bool = False) -> None:
     if normalise:
         a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
     u8 = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-    _atomic_write(path, lambda tmp: Image.fromarray(u8).save(tmp, format="PNG"))
+    write_atomically(path, lambda tmp: Image.fromarray(u8).save(tmp, format="PNG"))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint")
+    parser = argparse.ArgumentParser(prog="python -m applications.super_resolution.sample",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="run folder (its latest checkpoint) or one checkpoint of SRFlow")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--lr", help="low-resolution image file to upscale")
     src.add_argument("--hr", help="high-resolution image file: downscale it, then upscale (truth known)")
@@ -73,7 +76,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--n must be positive, got {args.n}")
     if not args.temperature > 0:
         parser.error(f"--temperature must be positive, got {args.temperature}")
-    model, _ = load_checkpoint(args.checkpoint, args.device)
+    model, _ = load_run(args.run, args.device)
+    if not isinstance(model, SRFlow):
+        raise ValueError(f"{args.run}: tiled sampling needs this application's SRFlow (its spatial latent), not a "
+                         f"{type(model).__name__}")
     f = model.factor
     truth = None
     # a multiscale ("glow") flow needs low-resolution sizes divisible by 2**levels
@@ -88,7 +94,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         y = downsample(x, f)
     y = y.to(args.device)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    s = sample_tiled(model, y, n=args.n, temperature=args.temperature, tile=args.tile, overlap=args.overlap, generator=g)
+    s = sample_tiled(model, y, n=args.n, temperature=args.temperature, tile=args.tile, overlap=args.overlap,
+                     generator=g)
     out = Path(args.out)
     for k in range(args.n):
         write_png(out / f"sample_{k}.png", s[k, 0, 0])
@@ -102,10 +109,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{args.n} candidates of size {tuple(s.shape[-2:])} in {out}")
     print(f"LR consistency of sample 0: {float(lr_consistency(s[0], y, f)[0]):.1f} dB")
     if truth is not None:
-        print(f"PSNR: bicubic {float(psnr(bic, truth)[0]):.2f} dB, posterior mean {float(psnr(mean, truth)[0]):.2f} dB, "
+        print(f"PSNR: bicubic {float(psnr(bic, truth)[0]):.2f} dB, "
+              f"posterior mean {float(psnr(mean, truth)[0]):.2f} dB, "
               f"sample 0 {float(psnr(s[0], truth)[0]):.2f} dB")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

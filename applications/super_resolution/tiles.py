@@ -109,6 +109,7 @@ def sample_tiled(
     where = generator.device if generator is not None else p.device
     out = []
     for _ in range(n):
-        z = temperature * torch.randn(model.latent_shape(tuple(y.shape)), generator=generator, dtype=p.dtype, device=where)
+        z_shape = model.latent_shape(tuple(y.shape))
+        z = temperature * torch.randn(z_shape, generator=generator, dtype=p.dtype, device=where)
         out.append(decode_tiled(model, z.to(p.device), y, tile, overlap))
     return torch.stack(out)

@@ -55,7 +55,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,9 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .forward_mode import in_plain_forward_mode, naming_block
 from .vjp import GradStore, parameter_aliases
+
+if TYPE_CHECKING:  # module.py imports this module
+    from .module import VJPResult
 
 __all__ = [
     "memory_budget", "current_memory_budget", "parse_bytes", "BudgetPlan", "memory_plans", "clear_memory_plans",
@@ -104,7 +107,8 @@ def parse_bytes(value: Union[None, int, float, str]) -> Optional[float]:
             )
         n = float(m.group(1)) * _UNITS[m.group(2) or ""]
     else:
-        raise ValueError(f"a memory budget must be None, a number of bytes or a string like '2GB'; got {type(value).__name__}")
+        raise ValueError("a memory budget must be None, a number of bytes or a string like '2GB'; "
+                         f"got {type(value).__name__}")
     if math.isnan(n) or n < 0:
         raise ValueError(f"a memory budget must be >= 0 bytes, got {value!r}")
     return n
@@ -223,10 +227,11 @@ class _Kept:
 
     __slots__ = ("outputs", "x", "c", "originals", "aliases")
 
-    def __init__(self, outputs: list[Optional[GradientEdge]], x: Tensor, c: Optional[Tensor], originals, aliases) -> None:
+    def __init__(self, outputs: list[Optional[GradientEdge]], x: Tensor, c: Optional[Tensor],
+                 originals: list[nn.Parameter], aliases: list[Tensor]) -> None:
         self.outputs, self.x, self.c, self.originals, self.aliases = outputs, x, c, originals, aliases
 
-    def grad(self, dy: Tensor, dlogdet: Tensor, grads: GradStore, keep_graph: bool):
+    def grad(self, dy: Tensor, dlogdet: Tensor, grads: GradStore, keep_graph: bool) -> tuple[Tensor, Optional[Tensor]]:
         wrt = [self.x] + ([self.c] if self.c is not None else []) + list(self.aliases)
         pairs = [(e, v) for e, v in zip(self.outputs, (dy, dlogdet)) if e is not None]
         g = torch.autograd.grad([e for e, _ in pairs], wrt, [v for _, v in pairs], allow_unused=True,
@@ -284,7 +289,7 @@ class Tape:
         self.keep_graph = False
 
     @classmethod
-    def for_call(cls, module: nn.Module, inverse: bool, inp: Tensor, c: Optional[Tensor]) -> Optional["Tape"]:
+    def for_call(cls, module: nn.Module, inverse: bool, inp: Tensor, c: Optional[Tensor]) -> Optional[Tape]:
         """The tape for a bridge call now, or ``None`` when no budget (or budget 0) is in force."""
         budget = current_memory_budget()
         if not budget:
@@ -353,20 +358,22 @@ class Tape:
         cache = _cache(self.module)
         if self.measuring:
             cache.stats[self.key] = (tuple(self.units), tuple(self.nbytes), tuple(self.seconds))
+            keep = greedy_keep(tuple(self.nbytes), tuple(self.seconds), self.budget)
             cache.plans[(self.key, self.budget)] = BudgetPlan(
-                self.key, self.budget, tuple(self.units), greedy_keep(tuple(self.nbytes), tuple(self.seconds), self.budget),
-                tuple(self.nbytes), tuple(self.seconds),
+                self.key, self.budget, tuple(self.units), keep, tuple(self.nbytes), tuple(self.seconds),
             )
         elif self.plan is None:  # unlimited: every unit kept, nothing measured
             units = tuple(self.units)
-            cache.plans.setdefault((self.key, self.budget), BudgetPlan(self.key, self.budget, units, (True,) * len(units)))
+            everything = BudgetPlan(self.key, self.budget, units, (True,) * len(units))
+            cache.plans.setdefault((self.key, self.budget), everything)
 
     @property
     def has_kept(self) -> bool:
         return any(r is not None for rs in self.kept.values() for r in rs)
 
     # -- backward ------------------------------------------------------------------------------
-    def vjp(self, unit: nn.Module, vjp: Callable, y: Tensor, dy: Tensor, dlogdet: Tensor, c, grads: GradStore):
+    def vjp(self, unit: nn.Module, vjp: Callable, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor],
+            grads: GradStore) -> VJPResult:
         records = self.kept.get(id(unit))
         record = None
         if records:
@@ -430,7 +437,7 @@ def unit_forward(unit: nn.Module, x: Tensor, c: Optional[Tensor], inverse: bool)
 
 
 def unit_vjp(unit: nn.Module, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore,
-             inverse: bool):
+             inverse: bool) -> VJPResult:
     """``unit._vjp`` (or ``_vjp_inverse``), or the kept graph's gradient when the unit kept it."""
     vjp = unit._vjp_inverse if inverse else unit._vjp
     tape = _tape()

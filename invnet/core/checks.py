@@ -57,7 +57,7 @@ def logdet_error(block: InvertibleModule, x: Tensor, c: Optional[Tensor] = None)
         y, ld = block(x, c)
         _, ld_inv = block.inverse(y, c)
 
-    def per_sample(fn, v, i):
+    def per_sample(fn: Callable[[Tensor, Optional[Tensor]], tuple[Tensor, Tensor]], v: Tensor, i: int) -> Tensor:
         ci = None if c is None else c[i : i + 1]
         return fn(v, ci)[0]
 
@@ -81,7 +81,9 @@ def randomize_parameters_(module: nn.Module, scale: float = 0.1, seed: int = 0) 
     return module
 
 
-def _loss_grads(block, inp, c, weight_y, weight_ld, inverse):
+def _loss_grads(
+    block: InvertibleModule, inp: Tensor, c: Optional[Tensor], weight_y: Tensor, weight_ld: Tensor, inverse: bool
+) -> list[Tensor]:
     params = [p for p in block.parameters() if p.requires_grad]
     inp = inp.detach().clone().requires_grad_(True)
     c_in = None if c is None else c.detach().clone().requires_grad_(True)
@@ -123,7 +125,7 @@ def saved_bytes(fn: Callable[[], Tensor]) -> int:
     saved-tensor hooks, each storage once). Returns that count; ``fn``'s result is discarded."""
     seen: dict[int, int] = {}
 
-    def pack(t: Tensor):
+    def pack(t: Tensor) -> Tensor:
         try:
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()

@@ -222,7 +222,9 @@ class _Probe:
         d, e = approx.detach().double(), exact.detach().double()
         return torch.stack([(d - e).pow(2).sum(), e.pow(2).sum()])
 
-    def _measure(self, path: str, block: InvertibleModule, direction: str):
+    def _measure(
+        self, path: str, block: InvertibleModule, direction: str
+    ) -> Callable[[Tensor, Optional[Tensor]], tuple[Tensor, Tensor]]:
         cls = type(block)
         run = (cls._forward if direction == "forward" else cls._inverse).__get__(block)
         undo = (cls._inverse if direction == "forward" else cls._forward).__get__(block)
@@ -247,7 +249,9 @@ class _Probe:
 
         return call
 
-    def _rebuild(self, block: InvertibleModule, direction: str):
+    def _rebuild(
+        self, block: InvertibleModule, direction: str
+    ) -> Callable[[Tensor, Tensor, Tensor, Optional[Tensor], GradStore], VJPResult]:
         cls = type(block)
         vjp = (cls._vjp if direction == "forward" else cls._vjp_inverse).__get__(block)
 

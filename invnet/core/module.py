@@ -16,6 +16,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
 from .budget import Tape
 from .forward_mode import forward_mode_active, plain_forward_mode, transforms_active
@@ -318,7 +319,9 @@ class _MemorySavingCall(torch.autograd.Function):
     clipping, gradient scalers and reducers see them)."""
 
     @staticmethod
-    def forward(ctx, module: InvertibleModule, inverse: bool, inp: Tensor, c: Optional[Tensor], *params: Tensor):
+    def forward(
+        ctx: FunctionCtx, module: InvertibleModule, inverse: bool, inp: Tensor, c: Optional[Tensor], *params: Tensor
+    ):
         # under a memory budget (top-level calls only), the chains inside keep or recompute
         # each unit as the cached plan says (invnet.core.budget)
         tape = Tape.for_call(module, inverse, inp, c) if _nesting_depth() == 1 else None
@@ -335,7 +338,7 @@ class _MemorySavingCall(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout: Tensor, dlogdet: Tensor):
+    def backward(ctx: FunctionCtx, dout: Tensor, dlogdet: Tensor):
         (c,) = ctx.saved_tensors
         direct = _accumulating_in_place(ctx.params, ctx.needs_input_grad[4:])
         grads = GradStore(into_grad=direct)

@@ -92,7 +92,7 @@ class AutocastState:
         return replace(self, cache_enabled=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _autocast_knows(device_type: str) -> bool:
     try:
         torch.is_autocast_enabled(device_type)

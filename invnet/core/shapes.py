@@ -65,7 +65,8 @@ def check_condition(
     >>> check_condition("Block", (2, 4, 8, 8), (2, 3, 4, 4), 3)
     Traceback (most recent call last):
     ...
-    ValueError: Block: condition c must have shape (2, 3, *(8, 8)) or (2, 3); got (2, 3, 4, 4) for input of shape (2, 4, 8, 8)
+    ValueError: Block: condition c must have shape (2, 3, *(8, 8)) or (2, 3); got (2, 3, 4, 4)
+    for input of shape (2, 4, 8, 8)
     """
     if cond_channels == 0:
         return

@@ -50,10 +50,13 @@ class Normalization:
         return (y - _channel_view(y, self.y_mean)) / _channel_view(y, self.y_std)
 
     def to_dict(self) -> dict:
-        return {"x_mean": list(self.x_mean), "x_std": list(self.x_std), "y_mean": list(self.y_mean), "y_std": list(self.y_std)}
+        return {
+            "x_mean": list(self.x_mean), "x_std": list(self.x_std),
+            "y_mean": list(self.y_mean), "y_std": list(self.y_std),
+        }
 
     @classmethod
-    def identity(cls, x_channels: int, y_channels: int) -> "Normalization":
+    def identity(cls, x_channels: int, y_channels: int) -> Normalization:
         """No normalisation (e.g. for simulated pairs, whose simulator chooses the scale).
 
         >>> Normalization.identity(2, 1).to_dict()
@@ -62,7 +65,7 @@ class Normalization:
         return cls([0.0] * x_channels, [1.0] * x_channels, [0.0] * y_channels, [1.0] * y_channels)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Normalization":
+    def from_dict(cls, d: dict) -> Normalization:
         keys = {"x_mean", "x_std", "y_mean", "y_std"}
         if set(d) != keys:
             raise ValueError(f"normalisation needs exactly the keys {sorted(keys)}, got {sorted(d)}")
@@ -141,7 +144,9 @@ def data_moments(dataset: PairDataset, indices: Optional[Sequence[int]] = None, 
             finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
             if not finite.all():
                 bad = int(idx[done + int(np.argmin(finite))])
-                raise ValueError(f"{src.name} ({name}) holds NaN or Inf in sample {bad}; clean the data before training")
+                raise ValueError(
+                    f"{src.name} ({name}) holds NaN or Inf in sample {bad}; clean the data before training"
+                )
         mx.add(xb)
         my.add(yb)
         done += len(xb)

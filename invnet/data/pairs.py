@@ -160,7 +160,8 @@ def open_pairs(
     >>> import tempfile, os, h5py, numpy as np
     >>> p = os.path.join(tempfile.mkdtemp(), "pairs.h5")
     >>> with h5py.File(p, "w") as f:
-    ...     _ = f.create_dataset("x", data=np.zeros((4, 1, 8), "f4")); _ = f.create_dataset("y", data=np.zeros((3, 1, 8), "f4"))
+    ...     _ = f.create_dataset("x", data=np.zeros((4, 1, 8), "f4"))
+    ...     _ = f.create_dataset("y", data=np.zeros((3, 1, 8), "f4"))
     >>> open_pairs(p)
     Traceback (most recent call last):
     ...

@@ -130,7 +130,7 @@ class SimulatedPairs:
     (True, 1)
     """
 
-    def __init__(self, simulate: "Callable | str", batch_size: int, seed: int = 0, arguments: Optional[dict] = None,
+    def __init__(self, simulate: Callable | str, batch_size: int, seed: int = 0, arguments: Optional[dict] = None,
                  shard: Optional[Shard] = None, dtype: torch.dtype = torch.float32, pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -166,7 +166,7 @@ class SimulatedPairs:
                          self.dtype)
 
 
-def simulated_set(simulate: "Callable | str", n: int, batch_size: int, seed: int = 0,
+def simulated_set(simulate: Callable | str, n: int, batch_size: int, seed: int = 0,
                   arguments: Optional[dict] = None, shard: Optional[Shard] = None,
                   dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
     """A fixed set of ``n`` simulated pairs (e.g. for validation), in batches of at most

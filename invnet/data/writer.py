@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # zarr is imported where a store is opened
+    import zarr
 
 __all__ = ["ZarrResultWriter", "chunk_aligned_range"]
 
@@ -17,7 +20,9 @@ def chunk_aligned_range(n: int, chunk: int, rank: int, size: int) -> tuple[int, 
     [(0, 4), (4, 8), (8, 10)]
     """
     if chunk < 1 or n < 0 or not 0 <= rank < size:
-        raise ValueError(f"need chunk >= 1, n >= 0 and 0 <= rank < size; got chunk={chunk}, n={n}, rank={rank}, size={size}")
+        raise ValueError(
+            f"need chunk >= 1, n >= 0 and 0 <= rank < size; got chunk={chunk}, n={n}, rank={rank}, size={size}"
+        )
     n_chunks = -(-n // chunk)
     per, extra = divmod(n_chunks, size)
     first = rank * per + min(rank, extra)
@@ -43,20 +48,22 @@ class ZarrResultWriter:
     (6.0, True, 8)
     """
 
-    def __init__(self, group) -> None:
+    def __init__(self, group: zarr.Group) -> None:
         self.group = group
 
     @classmethod
     def create(
         cls, path: str, arrays: dict[str, tuple[Sequence[int], Sequence[int], str]], attrs: Optional[dict] = None,
         overwrite: bool = False,
-    ) -> "ZarrResultWriter":
+    ) -> ZarrResultWriter:
         """Create the store with ``arrays = {name: (shape, chunks, dtype)}`` and attributes."""
         import zarr
 
         for name, spec in arrays.items():
             if len(spec) != 3 or len(spec[0]) != len(spec[1]) or any(int(c) < 1 for c in spec[1]):
-                raise ValueError(f"array {name!r} needs (shape, chunks, dtype) with one positive chunk size per axis, got {spec}")
+                raise ValueError(
+                    f"array {name!r} needs (shape, chunks, dtype) with one positive chunk size per axis, got {spec}"
+                )
         if os.path.exists(path) and not overwrite:
             raise ValueError(f"{path!r} already exists; choose another output or pass overwrite=True")
         group = zarr.open_group(path, mode="w")
@@ -68,7 +75,7 @@ class ZarrResultWriter:
         return cls(group)
 
     @classmethod
-    def open(cls, path: str) -> "ZarrResultWriter":
+    def open(cls, path: str) -> ZarrResultWriter:
         import zarr
 
         if not os.path.exists(path):
@@ -82,7 +89,7 @@ class ZarrResultWriter:
     def read(self, name: str) -> np.ndarray:
         return np.asarray(self.group[name][...])
 
-    def write(self, name: str, start: "int | Sequence[int]", data: np.ndarray) -> None:
+    def write(self, name: str, start: int | Sequence[int], data: np.ndarray) -> None:
         """Write ``data`` at ``start`` (a row index, or one index per axis) of array ``name``."""
         if name not in self.group:
             raise ValueError(f"no result array {name!r}; the store holds {sorted(self.group.array_keys())}")

@@ -142,8 +142,8 @@ def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int, device: st
     from ..training import load_config, train_from_config
 
     t0, cpu0 = time.time(), time.process_time()
-    print(f"invnet demo ({size}): output folder {out_dir}" + (" (replacing the previous demo's outputs)" if previous else ""),
-          flush=True)
+    replacing = " (replacing the previous demo's outputs)" if previous else ""
+    print(f"invnet demo ({size}): output folder {out_dir}{replacing}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     data = os.path.join(out_dir, "data.h5")
     if not demo_data_matches(data, p["n"], p["image"], seed):
@@ -165,7 +165,8 @@ def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int, device: st
     store = os.path.join(out_dir, "posterior.zarr")
     plots = os.path.join(out_dir, "plots")
     t1 = time.time()
-    report = sample_job(result.checkpoint, data, store, n_samples=p["n_samples"], batch_size=min(100, p["n_samples"]),
+    chosen = result.best_checkpoint or result.checkpoint  # the best-by-validation weights, as `invnet sample` takes
+    report = sample_job(chosen, data, store, n_samples=p["n_samples"], batch_size=min(100, p["n_samples"]),
                         indices=obs, plots=plots, seed=seed, overwrite=True, progress=True, device=device)
     t_sample, t_total, cpu = time.time() - t1, time.time() - t0, time.process_time() - cpu0
     report = dict(report, status="finished", size=size, train_seconds=round(t_train, 1),
@@ -182,7 +183,8 @@ def _run(out_dir: str, previous: bool, p: dict, size: str, seed: int, device: st
         f"- network: ConditionalCouplingFlow depth {p['depth']}, hidden {p['hidden']}; {result.step} steps in "
         f"{t_train:.0f} s; validation NLL {report['final_val_bpd']:.3f} bits/dim (normalised data)",
         f"- posterior: {p['n_samples']} samples for each of {len(obs)} held-out observations ({t_sample:.0f} s)",
-        f"- RMSE of the posterior mean {report['rmse_mean']:.4f}, mean posterior std {report['mean_posterior_std']:.4f}",
+        f"- RMSE of the posterior mean {report['rmse_mean']:.4f}, "
+        f"mean posterior std {report['mean_posterior_std']:.4f}",
         f"- z-scores: mean {report['z_mean']:.3f}, std {report['z_std']:.3f} (0 and 1 if calibrated)",
         "- coverage of central intervals (sample quantiles): " + ", ".join(
             f"{float(k):.0%}: {cov[k]['empirical']:.3f}" for k in ("0.5", "0.9", "0.95")),

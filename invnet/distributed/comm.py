@@ -13,10 +13,15 @@ from __future__ import annotations
 import builtins
 import os
 import socket
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # for annotations only: MPI and torch.distributed are imported when a backend is made
+    import numpy as np
+    from mpi4py import MPI
+    from torch.distributed import ProcessGroup
 
 __all__ = ["Communicator", "SerialComm", "MPIComm", "TorchComm", "default_comm", "agree_on_errors"]
 
@@ -52,7 +57,7 @@ class Communicator:
         """Wait until every rank of the group arrives."""
         raise NotImplementedError
 
-    def split(self, color: int, key: int) -> "Communicator":
+    def split(self, color: int, key: int) -> Communicator:
         """Sub-communicator of the ranks that passed the same ``color``, ordered by ``key``."""
         raise NotImplementedError
 
@@ -110,7 +115,9 @@ class SerialComm(Communicator):
             raise ValueError(f"a serial communicator has only rank 0, got root={root}")
         return t
 
-    def sendrecv(self, send, dest, recv, source):
+    def sendrecv(
+        self, send: Optional[Tensor], dest: Optional[int], recv: Optional[Tensor], source: Optional[int]
+    ) -> Optional[Tensor]:
         if dest not in (None, 0) or source not in (None, 0):
             raise ValueError(f"a serial communicator has only rank 0, got dest={dest}, source={source}")
         if send is not None and recv is not None:
@@ -120,7 +127,7 @@ class SerialComm(Communicator):
     def barrier(self) -> None:
         return None
 
-    def split(self, color: int, key: int) -> "Communicator":
+    def split(self, color: int, key: int) -> Communicator:
         return SerialComm()
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
@@ -145,7 +152,7 @@ class MPIComm(Communicator):
     >>> comm = MPIComm()  # doctest: +SKIP
     """
 
-    def __init__(self, comm=None, cuda_aware: Optional[bool] = None) -> None:
+    def __init__(self, comm: Optional[MPI.Comm] = None, cuda_aware: Optional[bool] = None) -> None:
         from mpi4py import MPI
 
         self._MPI = MPI
@@ -158,7 +165,7 @@ class MPIComm(Communicator):
 
     # A buffer MPI can read/write: a numpy view for CPU tensors, the tensor itself for CUDA
     # tensors (``__cuda_array_interface__``) when MPI is CUDA-aware.
-    def _buf(self, t: Tensor):
+    def _buf(self, t: Tensor) -> Union[Tensor, np.ndarray]:
         if t.is_cuda:
             _sync_if_cuda(t)
             return t
@@ -185,7 +192,9 @@ class MPIComm(Communicator):
                 t.copy_(buf)
         return t
 
-    def sendrecv(self, send, dest, recv, source):
+    def sendrecv(
+        self, send: Optional[Tensor], dest: Optional[int], recv: Optional[Tensor], source: Optional[int]
+    ) -> Optional[Tensor]:
         MPI = self._MPI
         if send is None and recv is None:
             return None
@@ -211,7 +220,7 @@ class MPIComm(Communicator):
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self.comm.bcast(obj, root=root)
 
-    def split(self, color: int, key: int) -> "MPIComm":
+    def split(self, color: int, key: int) -> MPIComm:
         return MPIComm(self.comm.Split(color, key), cuda_aware=self.cuda_aware)
 
     def node_local(self) -> tuple[int, int]:
@@ -242,7 +251,9 @@ class TorchComm(Communicator):
     >>> comm = TorchComm("gloo")  # doctest: +SKIP
     """
 
-    def __init__(self, backend: str = "gloo", group=None, _ranks: Optional[list[int]] = None) -> None:
+    def __init__(
+        self, backend: str = "gloo", group: Optional[ProcessGroup] = None, _ranks: Optional[list[int]] = None
+    ) -> None:
         import torch.distributed as dist
 
         if backend not in ("gloo", "nccl"):
@@ -293,7 +304,9 @@ class TorchComm(Communicator):
                 t.copy_(buf)
         return t
 
-    def sendrecv(self, send, dest, recv, source):
+    def sendrecv(
+        self, send: Optional[Tensor], dest: Optional[int], recv: Optional[Tensor], source: Optional[int]
+    ) -> Optional[Tensor]:
         dist = self._dist
         ops = []
         rbuf = None
@@ -319,7 +332,7 @@ class TorchComm(Communicator):
         self._dist.broadcast_object_list(box, src=self._global(root), group=self.group)
         return box[0]
 
-    def split(self, color: int, key: int) -> "TorchComm":
+    def split(self, color: int, key: int) -> TorchComm:
         # new_group is collective over the whole default group: every rank creates every group,
         # in the same order, and keeps its own.
         dist = self._dist

@@ -9,7 +9,7 @@ serial gradient of the concatenated batch:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -116,7 +116,7 @@ class DataParallel(nn.Module):
         use_global_statistics(network, self.comm)
         broadcast_parameters(network, self.comm)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # whatever the wrapped network takes and gives
         return self.module(*args, **kwargs)
 
     def log_prob(self, x: Tensor, c: Optional[Tensor] = None) -> Tensor:

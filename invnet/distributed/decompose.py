@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
-from ..core.module import GradStore, InvertibleModule
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult
 from ..layers.conditioners import ZeroPad
 from ..layers.squeeze import Squeeze, SqueezeBase
 from ..networks.base import FlowNetwork
@@ -55,7 +54,7 @@ def _replicated_summary(network: nn.Module) -> Optional[nn.Module]:
     return summary if isinstance(summary, nn.Module) and getattr(network, "vector_condition", False) else None
 
 
-def _modules_outside(network: nn.Module, skip: Optional[nn.Module]):
+def _modules_outside(network: nn.Module, skip: Optional[nn.Module]) -> list[tuple[str, nn.Module]]:
     """``named_modules`` of ``network`` without the subtree of ``skip``."""
     inside = set() if skip is None else {id(m) for m in skip.modules()}
     return [(name, m) for name, m in network.named_modules() if id(m) not in inside]
@@ -144,7 +143,7 @@ class DecomposedFlow(FlowNetwork):
         self.cond_channels = getattr(network, "cond_channels", 0)
         self.base = getattr(network, "base", StandardNormal())
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         local = self.partition.local_space_shape
         if not inverse and tuple(shape[2:]) != local:
             raise ValueError(
@@ -157,20 +156,20 @@ class DecomposedFlow(FlowNetwork):
             )
         return self.network.check_shape(shape, c_shape, inverse)
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         z, logdet = self.network._forward(x, c)
         return z, sum_over_ranks(logdet, self.partition.spatial)
 
-    def _inverse(self, z, c):
+    def _inverse(self, z: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         x, logdet = self.network._inverse(z, c)
         return x, sum_over_ranks(logdet, self.partition.spatial)
 
     # The reduced logdet's cotangent is replicated over spatial ranks, and the sum's adjoint for a
     # replicated loss is the identity: the wrapped network's own backward is the right one.
-    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
+    def _vjp(self, z: Tensor, dz: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self.network._vjp(z, dz, dlogdet, c, grads)
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self.network._vjp_inverse(x, dx, dlogdet, c, grads)
 
     def sample_shape(self, c: Optional[Tensor] = None, shape: Optional[tuple[int, ...]] = None) -> tuple[int, ...]:

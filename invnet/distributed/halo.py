@@ -26,8 +26,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
 from .comm import Communicator
+from .partition import Partition
 
 __all__ = ["halo_exchange", "HaloPad"]
 
@@ -93,7 +95,7 @@ def _exchange_adjoint(g: Tensor, width: int, neighbors: tuple, comm: Communicato
 
 class _HaloExchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, width: int, neighbors: tuple, comm: Communicator) -> Tensor:
+    def forward(ctx: FunctionCtx, x: Tensor, width: int, neighbors: tuple, comm: Communicator) -> Tensor:
         ctx.width, ctx.neighbors, ctx.comm = width, neighbors, comm
         out = x.new_zeros(x.shape[:2] + tuple(m + 2 * width for m in x.shape[2:]))
         out[(slice(None), slice(None)) + tuple(slice(width, width + m) for m in x.shape[2:])] = x.detach()
@@ -101,14 +103,16 @@ class _HaloExchange(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: FunctionCtx, g: Tensor):
         w = ctx.width
         g = g.contiguous().clone()
         _exchange_adjoint(g, w, ctx.neighbors, ctx.comm)
         return g[(slice(None), slice(None)) + tuple(slice(w, m - w) for m in g.shape[2:])], None, None, None
 
 
-def halo_exchange(x: Tensor, width: int, neighbors: "tuple[tuple[Optional[int], Optional[int]], ...]", comm: Communicator) -> Tensor:
+def halo_exchange(
+    x: Tensor, width: int, neighbors: tuple[tuple[Optional[int], Optional[int]], ...], comm: Communicator
+) -> Tensor:
     """Pad every space axis of ``x`` (``(N, C, *space)``) by ``width`` cells taken from the
     neighbouring ranks (``neighbors[axis] = (lower, upper)`` ranks of ``comm``, ``None`` at the
     global border, where the pad is zero). Differentiable; the backward is the exact adjoint.
@@ -149,7 +153,7 @@ class HaloPad(nn.Module):
     torch.Size([1, 1, 6, 6])
     """
 
-    def __init__(self, partition, ndim: int, width: int) -> None:
+    def __init__(self, partition: Partition, ndim: int, width: int) -> None:
         super().__init__()
         if ndim != partition.ndim:
             raise ValueError(f"HaloPad for {ndim} space dimension(s) on a partition of {partition.ndim}")
@@ -166,7 +170,9 @@ class HaloPad(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != self.ndim + 2:
-            raise ValueError(f"HaloPad expects (batch, channels, *space) with {self.ndim} space dims, got {tuple(x.shape)}")
+            raise ValueError(
+                f"HaloPad expects (batch, channels, *space) with {self.ndim} space dims, got {tuple(x.shape)}"
+            )
         if self.width == 0:
             return x
         if self._local:  # a grid of one along every axis: plain zero padding

@@ -9,7 +9,7 @@ each rank writes its block.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from torch import Tensor
 
 from ..data.arrays import open_array
 from .partition import Partition
+
+if TYPE_CHECKING:  # zarr is imported where an array is made
+    import zarr
 
 __all__ = ["array_shape", "read_subdomain", "create_result_array", "write_subdomain"]
 
@@ -60,7 +63,7 @@ def read_subdomain(
 
 
 def create_result_array(path: str, name: str, partition: Partition, global_batch: int, channels: int,
-                        dtype: str = "float32", attrs: Optional[dict] = None):
+                        dtype: str = "float32", attrs: Optional[dict] = None) -> zarr.Array:
     """Create (on rank 0; the others wait at a barrier and open it) a Zarr array
     ``(global_batch, channels, *space)`` chunked exactly by rank blocks. Returns the array."""
     import zarr
@@ -76,7 +79,7 @@ def create_result_array(path: str, name: str, partition: Partition, global_batch
     return zarr.open_group(path, mode="r+")[name]
 
 
-def write_subdomain(arr, local: Tensor, partition: Partition) -> None:
+def write_subdomain(arr: zarr.Array, local: Tensor, partition: Partition) -> None:
     """Write this rank's block into a result array made by :func:`create_result_array` (exactly
     one chunk, so ranks never share a chunk)."""
     global_batch = arr.shape[0]

@@ -34,7 +34,8 @@ def validate_grid(
     >>> validate_grid((12, 8), (1, 2, 1), world_size=2, levels=2)
     Traceback (most recent call last):
     ...
-    ValueError: local size 3 along space axis 0 is odd at squeeze level 2: global size 12 over 2 ranks gives 6 per rank, halved 1 time(s) to 3; the global size must be divisible by 2 x 2^2 = 8
+    ValueError: local size 3 along space axis 0 is odd at squeeze level 2: global size 12 over 2 ranks
+    gives 6 per rank, halved 1 time(s) to 3; the global size must be divisible by 2 x 2^2 = 8
     """
     space_shape = tuple(int(s) for s in space_shape)
     grid = tuple(grid)
@@ -220,7 +221,9 @@ class Partition:
         """Assemble the blocks of every rank into the global array on ``root`` (``None`` elsewhere)."""
         world = self.world
         if tuple(local.shape[2:]) != self.local_space_shape:
-            raise ValueError(f"expected a local block with space shape {self.local_space_shape}, got {tuple(local.shape)}")
+            raise ValueError(
+                f"expected a local block with space shape {self.local_space_shape}, got {tuple(local.shape)}"
+            )
         if world.rank != root:
             world.sendrecv(local.contiguous(), root, None, None)
             return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from .comm import Communicator
 
@@ -20,11 +21,11 @@ __all__ = ["sum_over_ranks"]
 
 class _SumReplicated(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, comm: Communicator) -> Tensor:
+    def forward(ctx: FunctionCtx, x: Tensor, comm: Communicator) -> Tensor:
         return comm.allreduce_sum(x.detach())
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: FunctionCtx, g: Tensor):
         return g, None
 
 

@@ -9,6 +9,7 @@ from .sampler import PosteriorSampler, PosteriorSummary, Sampler, summarize_post
 
 __all__ = [
     "RunningMoments", "Sampler", "PosteriorSampler", "PosteriorSummary", "summarize_posterior", "Calibration",
-    "COVERAGE_LEVELS", "sample_job", "report_path", "is_sample_store", "plot_posterior", "plot_error_vs_std", "plot_coverage",
-    "PosteriorDiagnostics", "rank_uniformity", "tarp_curve", "chi2_sf", "ks_pvalue", "plot_rank_histograms", "plot_tarp",
+    "COVERAGE_LEVELS", "sample_job", "report_path", "is_sample_store",
+    "PosteriorDiagnostics", "rank_uniformity", "tarp_curve", "chi2_sf", "ks_pvalue",
+    "plot_posterior", "plot_error_vs_std", "plot_coverage", "plot_rank_histograms", "plot_tarp",
 ]

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..distributed.comm import Communicator
 from .sampler import PosteriorSummary
 
 __all__ = ["Calibration", "COVERAGE_LEVELS"]
@@ -90,8 +91,10 @@ class Calibration:
             key = str(p)
             if summary.below is not None:
                 r = summary.below.to(torch.float64) / summary.n
-                self.inside_emp[key] = self.inside_emp.get(key, 0) + int(((r >= (1 - p) / 2) & (r <= (1 + p) / 2)).sum())
-            self.inside_gauss[key] = self.inside_gauss.get(key, 0) + int((z.abs() <= _normal_quantile((1 + p) / 2)).sum())
+                inside = (r >= (1 - p) / 2) & (r <= (1 + p) / 2)
+                self.inside_emp[key] = self.inside_emp.get(key, 0) + int(inside.sum())
+            inside_gauss = z.abs() <= _normal_quantile((1 + p) / 2)
+            self.inside_gauss[key] = self.inside_gauss.get(key, 0) + int(inside_gauss.sum())
         flat_e, flat_s = err.abs().reshape(-1), summary.std.reshape(-1)
         room = self.max_pairs // 4
         if len(self.pairs) < self.max_pairs:
@@ -100,7 +103,7 @@ class Calibration:
             del self.pairs[self.max_pairs:]
         self.per_obs.append((math.sqrt(float((err * err).mean())), float(summary.std.mean())))
 
-    def sum_over_ranks(self, comm, shared_by: int = 1) -> None:
+    def sum_over_ranks(self, comm: Communicator, shared_by: int = 1) -> None:
         """Sum the counts and sums over the ranks of ``comm`` (each rank calibrated its own
         observations, or, when a volume is split, its own subdomain of them: ``shared_by`` ranks
         share each observation, which then counts once), so that :meth:`report` describes all of
@@ -112,14 +115,16 @@ class Calibration:
         ...     size = 2
         ...     def allreduce_sum(self, t): return 2 * t
         >>> cal = Calibration()
-        >>> s = PosteriorSummary(torch.zeros(4), torch.ones(4), torch.zeros(0, 4), 10, torch.tensor([5, 5, 0, 10]), 2.0)
+        >>> below = torch.tensor([5, 5, 0, 10])
+        >>> s = PosteriorSummary(torch.zeros(4), torch.ones(4), torch.zeros(0, 4), 10, below, 2.0)
         >>> cal.add(s, torch.zeros(4)); cal.sum_over_ranks(TwoRanks()); cal.report()["observations"]
         2
         """
         keys = [str(p) for p in self.levels]
         values = [self.n_obs, self.n_elements, self.z_sum, self.z_sq, self.sq_err_mean, self.sq_err_samples,
                   self.var_sum, float(self.n_obs > 0), float(self.n_samples), float(bool(self.inside_emp)),
-                  *[float(self.inside_emp.get(k, 0)) for k in keys], *[float(self.inside_gauss.get(k, 0)) for k in keys]]
+                  *[float(self.inside_emp.get(k, 0)) for k in keys],
+                  *[float(self.inside_gauss.get(k, 0)) for k in keys]]
         total = comm.allreduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
         self.n_obs, self.n_elements = int(round(total[0] / shared_by)), int(round(total[1]))
         self.z_sum, self.z_sq, self.sq_err_mean, self.sq_err_samples, self.var_sum = total[2:7]

@@ -50,6 +50,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..distributed.comm import Communicator
 from .sampler import PosteriorSummary, Sampler
 
 __all__ = [
@@ -170,13 +171,16 @@ def tarp_curve(fractions: Tensor, levels: int = 101, bootstrap: int = 500, seed:
 
 class WatchedSampler:
     """A :class:`~invnet.inference.Sampler` that hands every batch it draws to a
-    :class:`PosteriorDiagnostics` before returning it unchanged (see :meth:`PosteriorDiagnostics.watch`)."""
+    :class:`PosteriorDiagnostics` before returning it unchanged (see
+    :meth:`PosteriorDiagnostics.watch`)."""
 
-    def __init__(self, sampler: Sampler, diagnostics: "PosteriorDiagnostics") -> None:
+    def __init__(self, sampler: Sampler, diagnostics: PosteriorDiagnostics) -> None:
         self.sampler = sampler
         self.diagnostics = diagnostics
 
-    def sample(self, n: int, y: Tensor, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample(
+        self, n: int, y: Tensor, temperature: float = 1.0, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
         s = self.sampler.sample(n, y, temperature=temperature, generator=generator)
         self.diagnostics._observe(s)
         return s
@@ -220,7 +224,7 @@ class PosteriorDiagnostics:
     """
 
     def __init__(
-        self, x_shape: Sequence[int], reference_mean: "float | Tensor" = 0.0, reference_std: "float | Tensor" = 1.0,
+        self, x_shape: Sequence[int], reference_mean: float | Tensor = 0.0, reference_std: float | Tensor = 1.0,
         projections: int = 3, max_parameters: int = 16, seed: int = 0,
     ) -> None:
         self.x_shape = tuple(int(v) for v in x_shape)
@@ -251,7 +255,7 @@ class PosteriorDiagnostics:
         self._current: Optional[dict] = None
 
     @classmethod
-    def for_sampler(cls, sampler: Sampler, x_shape: Sequence[int], seed: int = 0, **kwargs) -> "PosteriorDiagnostics":
+    def for_sampler(cls, sampler: Sampler, x_shape: Sequence[int], seed: int = 0, **kwargs) -> PosteriorDiagnostics:
         """Diagnostics whose TARP references follow the per-channel statistics of ``x`` that
         ``sampler`` was trained with (its ``normalization``), standard normal without one."""
         norm = getattr(sampler, "normalization", None)
@@ -272,8 +276,10 @@ class PosteriorDiagnostics:
             raise ValueError("the previous observation was not closed with add()")
         t = t.reshape(-1)
         ref = self.ref_mean + self.ref_std * torch.randn(self.size, generator=self.gen, dtype=torch.float64)
-        self._current = {"truth": t, "truth_proj": t @ self.directions, "ref": ref, "truth_dist": float((t - ref).norm()),
-                         "below": torch.zeros(self.directions.shape[1], dtype=torch.int64), "closer": 0, "n": 0}
+        self._current = {
+            "truth": t, "truth_proj": t @ self.directions, "ref": ref, "truth_dist": float((t - ref).norm()),
+            "below": torch.zeros(self.directions.shape[1], dtype=torch.int64), "closer": 0, "n": 0,
+        }
         return WatchedSampler(sampler, self)
 
     def _observe(self, samples: Tensor) -> None:
@@ -311,7 +317,7 @@ class PosteriorDiagnostics:
         self.tarp_counts.append(cur["closer"])
         self._current = None
 
-    def sum_over_ranks(self, comm, offset: int, total: int) -> None:
+    def sum_over_ranks(self, comm: Communicator, offset: int, total: int) -> None:
         """Gather the observations of every rank of ``comm`` (this rank added observations
         ``offset, offset + 1, ...`` of ``total``, in order), so that :meth:`report` covers all of
         them on every rank, in the same order as one process would. ``comm``: anything with
@@ -331,7 +337,9 @@ class PosteriorDiagnostics:
         for j, (closer, summ) in enumerate(zip(self.tarp_counts, self.summary_ranks)):
             params = self.parameter_ranks[j] if self.per_parameter else []
             table[offset + j] = torch.tensor([1.0, closer, *summ, *params], dtype=torch.float64)
-        pooled = self.pooled_counts if self.pooled_counts is not None else torch.zeros(self.pooled_bins, dtype=torch.float64)
+        pooled = self.pooled_counts
+        if pooled is None:
+            pooled = torch.zeros(self.pooled_bins, dtype=torch.float64)
         extra = torch.cat([pooled, torch.tensor([float(self.n_samples or 0), float(self.n_samples is not None)],
                                                 dtype=torch.float64)])
         table, extra = comm.allreduce_sum(table), comm.allreduce_sum(extra)
@@ -375,9 +383,11 @@ def diagnostics_summary(report: dict) -> str:
     >>> r = {"sbc": {"min_p_value_bonferroni": 0.4, "tests": {"mean": {"spread": 1.02}}},
     ...      "tarp": {"atc": 0.01, "ks_p_value": 0.7}}
     >>> diagnostics_summary(r)
-    'SBC ranks: smallest p-value 0.4 (Bonferroni, 1 summaries; spread of the mean 1.02, 1 if calibrated); TARP: ATC +0.010, KS p-value 0.7'
+    'SBC ranks: smallest p-value 0.4 (Bonferroni, 1 summaries; spread of the mean 1.02, 1 if calibrated);
+     TARP: ATC +0.010, KS p-value 0.7'
     """
     sbc, tarp = report["sbc"], report["tarp"]
-    return (f"SBC ranks: smallest p-value {sbc['min_p_value_bonferroni']:.2g} (Bonferroni, {len(sbc['tests'])} summaries; "
+    return (f"SBC ranks: smallest p-value {sbc['min_p_value_bonferroni']:.2g} "
+            f"(Bonferroni, {len(sbc['tests'])} summaries; "
             f"spread of the mean {sbc['tests']['mean']['spread']:.2f}, 1 if calibrated); "
             f"TARP: ATC {tarp['atc']:+.3f}, KS p-value {tarp['ks_p_value']:.2g}")

@@ -12,12 +12,12 @@ import contextlib
 import json
 import math
 import os
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..data import ZarrResultWriter, chunk_aligned_range, open_array
+from ..data import ArraySource, ZarrResultWriter, chunk_aligned_range, open_array
 from ..data.atomic import atomic_dir, atomic_file, check_creatable, remove_leftovers
 from ..distributed.comm import Communicator, SerialComm, agree_on_errors
 from ..distributed.strategy import ParallelStrategy
@@ -25,6 +25,9 @@ from .calibration import Calibration
 from .diagnostics import PosteriorDiagnostics
 from .noise import TILE, TiledNoise
 from .sampler import PosteriorSampler, summarize_posterior
+
+if TYPE_CHECKING:  # zarr is imported where the store is read
+    import zarr
 
 __all__ = ["sample_job", "report_path", "is_sample_store", "STORE_MARK"]
 
@@ -74,15 +77,19 @@ def _is_report(path: str) -> bool:
     return isinstance(report, dict) and "coverage" in report and "observations" in report
 
 
+# The checks below name the keyword argument of sample_job and, in parentheses, the flag of
+# `invnet sample` that sets it: the same message serves a caller of the function and a user of the
+# command.
 def _check_arguments(n_samples: int, batch_size: int, temperature: float, keep: int, n_plots: int) -> None:
     if n_samples < 2:
-        raise ValueError(f"--n (samples per observation) must be at least 2, got {n_samples}")
+        raise ValueError(f"n_samples (--n, samples per observation) must be at least 2, got {n_samples}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer, got {batch_size}")
+        raise ValueError(f"batch_size (--batch-size) must be a positive integer, got {batch_size}")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"--temperature must be a positive number (1 samples the learned posterior), got {temperature}")
+        raise ValueError(f"temperature (--temperature) must be a positive number (1 samples the learned "
+                         f"posterior), got {temperature}")
     if keep < 0 or keep > n_samples:
-        raise ValueError(f"--keep must lie in [0, --n={n_samples}], got {keep}")
+        raise ValueError(f"keep (--keep) must lie in [0, n_samples={n_samples}], got {keep}")
     if n_plots < 0:
         raise ValueError(f"n_plots must be non-negative, got {n_plots}")
 
@@ -90,30 +97,30 @@ def _check_arguments(n_samples: int, batch_size: int, temperature: float, keep: 
 def _check_outputs(out: str, plots: Optional[str], figures: list[str], overwrite: bool) -> None:
     """Refuse, before anything is written, outputs that exist and may not be replaced."""
     if not str(out).strip():
-        raise ValueError("--out must name a Zarr store to create, e.g. results.zarr")
+        raise ValueError("out (--out) must name a Zarr store to create, e.g. results.zarr")
     if os.path.lexists(out):
         if not overwrite:
-            raise ValueError(f"{out!r} already exists; choose another --out, or pass --overwrite to replace a store "
-                             "that invnet sample wrote")
+            raise ValueError(f"{out!r} already exists; choose another out (--out), or pass overwrite (--overwrite) "
+                             "to replace a store that invnet sample wrote")
         if not is_sample_store(out):
             kind = "a folder" if os.path.isdir(out) else "a file"
-            raise ValueError(f"--overwrite replaces only a store written by invnet sample, and {out!r} is {kind} that "
-                             "is not one; nothing was changed. Choose another --out")
+            raise ValueError(f"overwrite (--overwrite) replaces only a store written by invnet sample, and {out!r} "
+                             f"is {kind} that is not one; nothing was changed. Choose another out (--out)")
     report = report_path(out)
     if os.path.lexists(report) and not overwrite:
-        raise ValueError(f"{report!r} (where the calibration report goes) already exists; choose another --out, or "
-                         "pass --overwrite to replace an earlier report")
+        raise ValueError(f"{report!r} (where the calibration report goes) already exists; choose another out "
+                         "(--out), or pass overwrite (--overwrite) to replace an earlier report")
     if os.path.lexists(report) and not _is_report(report):
         raise ValueError(f"{report!r} (where the calibration report goes) is not a report invnet sample wrote; "
-                         "--overwrite does not replace it. Choose another --out")
+                         "overwrite (--overwrite) does not replace it. Choose another out (--out)")
     if plots:
         if os.path.lexists(plots) and not os.path.isdir(plots):
-            raise ValueError(f"--plots {plots!r} exists and is not a folder")
+            raise ValueError(f"plots (--plots) {plots!r} exists and is not a folder")
         taken = [f for f in figures if os.path.lexists(os.path.join(plots, f))]
         if taken and not overwrite:
-            raise ValueError(f"--plots {plots!r} already holds {taken[:3]}{' ...' if len(taken) > 3 else ''}; "
-                             "choose another folder or pass --overwrite")
-    check_creatable(out, "--out")
+            raise ValueError(f"plots (--plots) {plots!r} already holds {taken[:3]}{' ...' if len(taken) > 3 else ''}; "
+                             "choose another folder or pass overwrite (--overwrite)")
+    check_creatable(out, "out (--out)")
 
 
 class _Rows:
@@ -124,25 +131,29 @@ class _Rows:
         self.x_space = x_space
         self.region = strategy.shard().region(x_space) if strategy.decomposed else None
 
-    def of(self, src) -> tuple:
+    def of(self, src: ArraySource) -> tuple:
         if self.region is not None and tuple(src.shape[2:]) == self.x_space:
             return self.region
         return ()
 
-    def read(self, src, i: int) -> torch.Tensor:
+    def read(self, src: ArraySource, i: int) -> torch.Tensor:
         block = src.read((slice(i, i + 1), slice(None)) + self.of(src))[0]
         return torch.from_numpy(np.ascontiguousarray(block).astype(np.float64))
 
 
-def _check_observations(ys, xs, rows: np.ndarray, reader: _Rows) -> None:
+def _check_observations(ys: ArraySource, xs: Optional[ArraySource], rows: np.ndarray, reader: _Rows) -> None:
     """Every chosen observation (and truth) must be finite: name the first row that is not."""
     for i in rows:
         for src in (ys, xs):
             if src is not None and not bool(torch.isfinite(reader.read(src, int(i))).all()):
-                raise ValueError(f"{src.name} holds NaN or Inf in row {int(i)}; drop it (--indices) or clean the data")
+                raise ValueError(
+                    f"{src.name} holds NaN or Inf in row {int(i)}; drop it (indices, --indices) or clean the data"
+                )
 
 
-def _sampling_strategy(ckpt_meta: dict, ys, comm: Communicator, grid: Optional[Sequence[int]]) -> ParallelStrategy:
+def _sampling_strategy(
+    ckpt_meta: dict, ys: ArraySource, comm: Communicator, grid: Optional[Sequence[int]]
+) -> ParallelStrategy:
     """The grid of a sampling job: ``grid`` when given, else the run's split of space with the
     rest of the ranks as observation groups when the job's ranks are a multiple of it (else no
     split: every rank samples whole volumes of its observations); on the grid the unknown is
@@ -161,7 +172,7 @@ def _sampling_strategy(ckpt_meta: dict, ys, comm: Communicator, grid: Optional[S
     try:
         strategy = ParallelStrategy(space, grid, comm)
     except ValueError as err:
-        raise ValueError(f"--grid: {err}") from None
+        raise ValueError(f"grid (--grid): {err}") from None
     strategy.check_data((x_shape[0] if x_shape else 1,) + space, ys.shape[1:])
     return strategy
 
@@ -305,7 +316,7 @@ def sample_job(
     return report
 
 
-def _sections(out: str, ys, xs, rows: np.ndarray, k: int) -> tuple:
+def _sections(out: str, ys: ArraySource, xs: Optional[ArraySource], rows: np.ndarray, k: int) -> tuple:
     """What the figure of observation ``k`` of the store shows, read as sections (the middle along
     the last axis of a volume; a 2D field or a vector whole), so no rank holds a whole volume."""
     import zarr
@@ -313,19 +324,22 @@ def _sections(out: str, ys, xs, rows: np.ndarray, k: int) -> tuple:
     group = zarr.open_group(out, mode="r")
     i = int(rows[k])
 
-    def section(arr, lead: tuple) -> torch.Tensor:
+    def section(arr: zarr.Array, lead: tuple) -> torch.Tensor:
         shape = arr.shape[len(lead):]
         if len(shape) == 4:  # (channels, *space3d): the middle plane
-            return torch.from_numpy(np.asarray(arr[lead + (slice(None),) * 3 + (slice(shape[-1] // 2, shape[-1] // 2 + 1),)])[..., 0])
+            mid = shape[-1] // 2
+            plane = arr[lead + (slice(None),) * 3 + (slice(mid, mid + 1),)]
+            return torch.from_numpy(np.asarray(plane)[..., 0])
         return torch.from_numpy(np.asarray(arr[lead]))
 
-    def from_file(src):
+    def from_file(src: Optional[ArraySource]) -> Optional[torch.Tensor]:
         if src is None:
             return None
         shape = src.shape[1:]
         if len(shape) == 4:
             mid = shape[-1] // 2
-            return torch.from_numpy(src.read((slice(i, i + 1), slice(None), slice(None), slice(None), slice(mid, mid + 1)))[0, ..., 0])
+            plane = src.read((slice(i, i + 1), slice(None), slice(None), slice(None), slice(mid, mid + 1)))
+            return torch.from_numpy(plane[0, ..., 0])
         return torch.from_numpy(src.read((slice(i, i + 1),))[0])
 
     samples = torch.stack([section(group["samples"], (k, j)) for j in range(group["samples"].shape[1])]) \

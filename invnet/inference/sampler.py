@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -19,7 +19,10 @@ from .moments import RunningMoments
 from .noise import TiledNoise
 
 if TYPE_CHECKING:
+    from ..distributed.decompose import DecomposedFlow
+    from ..distributed.partition import Partition
     from ..distributed.strategy import ParallelStrategy
+    from ..networks.base import FlowNetwork
     from ..training.precision import Precision
 
 __all__ = ["Sampler", "PosteriorSampler", "PosteriorSummary", "summarize_posterior"]
@@ -58,9 +61,9 @@ class PosteriorSampler:
     torch.Size([5, 1, 8])
     """
 
-    def __init__(self, model, normalization: Optional[Normalization] = None,
+    def __init__(self, model: Union[FlowNetwork, DecomposedFlow], normalization: Optional[Normalization] = None,
                  x_shape: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
-                 precision: "Optional[Precision | str]" = None) -> None:
+                 precision: Optional[Precision | str] = None) -> None:
         from ..training.precision import Precision
 
         self.model = model.eval()
@@ -72,8 +75,8 @@ class PosteriorSampler:
             Precision(precision) if precision is not None else Precision.of_model(model))
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: "Optional[str | torch.device]" = None,
-                        strategy: "Optional[ParallelStrategy]" = None) -> "PosteriorSampler":
+    def from_checkpoint(cls, path: str, device: Optional[str | torch.device] = None,
+                        strategy: Optional[ParallelStrategy] = None) -> PosteriorSampler:
         """Rebuild the network from a checkpoint's spec and weights (no code is unpickled), in the
         run's precision, on ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ...; default the CPU),
         decomposed over ``strategy``'s grid when it splits space."""
@@ -110,7 +113,7 @@ class PosteriorSampler:
 
     @torch.no_grad()
     def sample(self, n: int, y: Tensor, temperature: float = 1.0,
-               generator: "Optional[torch.Generator | TiledNoise]" = None) -> Tensor:
+               generator: Optional[torch.Generator | TiledNoise] = None) -> Tensor:
         """``n`` samples given one raw observation ``y`` of shape ``(channels, *space)`` (this
         rank's subdomain of it for a decomposed model whose observation lives on the grid)."""
         from ..distributed.decompose import DecomposedFlow
@@ -136,7 +139,10 @@ class PosteriorSampler:
             x = self.normalization.x_to_raw(x)
         return x
 
-    def _inverse_of_noise(self, n: int, c: Tensor, shape, temperature: float, noise: TiledNoise, part) -> Tensor:
+    def _inverse_of_noise(
+        self, n: int, c: Tensor, shape: Optional[tuple[int, ...]], temperature: float, noise: TiledNoise,
+        part: Optional[Partition],
+    ) -> Tensor:
         """``x = f^{-1}(T z; c)`` with ``z`` this rank's block of the grid-independent latents."""
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -181,7 +187,8 @@ def summarize_posterior(
     >>> class Exact:  # posterior N(y, 1)
     ...     def sample(self, n, y, temperature=1.0, generator=None):
     ...         return y + temperature * torch.randn((n,) + tuple(y.shape), generator=generator, dtype=torch.float64)
-    >>> s = summarize_posterior(Exact(), torch.zeros(1, 100), 400, batch_size=64, generator=torch.Generator().manual_seed(0))
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> s = summarize_posterior(Exact(), torch.zeros(1, 100), 400, batch_size=64, generator=gen)
     >>> bool(s.mean.abs().max() < 0.25), bool((s.std - 1).abs().max() < 0.15), tuple(s.samples.shape)
     (True, True, (4, 1, 100))
     """

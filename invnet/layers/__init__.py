@@ -14,7 +14,14 @@ from .irim import IRIMCoupling
 from .resampling import LearnableDownsample
 from .spline import SplineCoupling, rq_spline, spline_knots
 from .squeeze import (
-    HaarSqueeze, Squeeze, SqueezeBase, depth_to_space, haar_matrix, merge_channels, space_to_depth, split_channels,
+    HaarSqueeze,
+    Squeeze,
+    SqueezeBase,
+    depth_to_space,
+    haar_matrix,
+    merge_channels,
+    space_to_depth,
+    split_channels,
 )
 from .structural import ChannelSubset, Inverted
 

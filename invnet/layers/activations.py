@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..core.module import GradStore, InvertibleModule, VJPResult
-from ..core.value_checks import value_checks_enabled
 from ..core.shapes import sum_per_sample
+from ..core.value_checks import value_checks_enabled
 
 __all__ = ["LeakyReLU", "Sigmoid", "Logit"]
 
@@ -41,10 +41,10 @@ class _Elementwise(InvertibleModule):
     def _check_range(self, y: Tensor) -> None:
         """Validate that ``y`` lies in the range of ``f`` (for the inverse)."""
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self.f(x), sum_per_sample(self.log_df(x))
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         self._check_range(y)
         x = self.f_inv(y)
         return x, -sum_per_sample(self.log_df(x))
@@ -79,10 +79,10 @@ class LeakyReLU(_Elementwise):
             raise ValueError(f"LeakyReLU slope must be positive to be invertible, got {slope}")
         self.slope = float(slope)
 
-    def f(self, x): return torch.where(x >= 0, x, self.slope * x)
-    def f_inv(self, y): return torch.where(y >= 0, y, y / self.slope)
-    def log_df(self, x): return (x < 0).to(x.dtype) * math.log(self.slope)
-    def dlog_df(self, x): return torch.zeros_like(x)
+    def f(self, x: Tensor) -> Tensor: return torch.where(x >= 0, x, self.slope * x)
+    def f_inv(self, y: Tensor) -> Tensor: return torch.where(y >= 0, y, y / self.slope)
+    def log_df(self, x: Tensor) -> Tensor: return (x < 0).to(x.dtype) * math.log(self.slope)
+    def dlog_df(self, x: Tensor) -> Tensor: return torch.zeros_like(x)
 
 
 class Sigmoid(_Elementwise):
@@ -96,12 +96,12 @@ class Sigmoid(_Elementwise):
     tensor([[0.5000, 0.5000]])
     """
 
-    def f(self, x): return torch.sigmoid(x)
-    def f_inv(self, y): return torch.logit(y)
-    def log_df(self, x): return torch.nn.functional.logsigmoid(x) + torch.nn.functional.logsigmoid(-x)
-    def dlog_df(self, x): return 1 - 2 * torch.sigmoid(x)
+    def f(self, x: Tensor) -> Tensor: return torch.sigmoid(x)
+    def f_inv(self, y: Tensor) -> Tensor: return torch.logit(y)
+    def log_df(self, x: Tensor) -> Tensor: return torch.nn.functional.logsigmoid(x) + torch.nn.functional.logsigmoid(-x)
+    def dlog_df(self, x: Tensor) -> Tensor: return 1 - 2 * torch.sigmoid(x)
 
-    def _check_range(self, y):
+    def _check_range(self, y: Tensor) -> None:
         if value_checks_enabled() and bool(((y <= 0) | (y >= 1)).any()):
             raise ValueError("Sigmoid.inverse needs values strictly inside (0, 1)")
 
@@ -117,12 +117,12 @@ class Logit(_Elementwise):
     tensor([[0., 0.]])
     """
 
-    def f(self, x): return torch.logit(x)
-    def f_inv(self, y): return torch.sigmoid(y)
-    def log_df(self, x): return -torch.log(x) - torch.log1p(-x)
-    def dlog_df(self, x): return -1 / x + 1 / (1 - x)
+    def f(self, x: Tensor) -> Tensor: return torch.logit(x)
+    def f_inv(self, y: Tensor) -> Tensor: return torch.sigmoid(y)
+    def log_df(self, x: Tensor) -> Tensor: return -torch.log(x) - torch.log1p(-x)
+    def dlog_df(self, x: Tensor) -> Tensor: return -1 / x + 1 / (1 - x)
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         if value_checks_enabled() and bool(((x <= 0) | (x >= 1)).any()):
             raise ValueError("Logit needs inputs strictly inside (0, 1)")
         return super()._forward(x, c)

@@ -104,7 +104,7 @@ class ActNorm(InvertibleModule):
         self._initialized.fill_(True)
         self._known_initialized = True
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         if not self.initialized:
             self._initialize(x, inverse=False)
         ls = broadcast_channel(self.log_scale, x)
@@ -112,7 +112,7 @@ class ActNorm(InvertibleModule):
         logdet = (space_size(x) * self.log_scale.sum()).expand(x.shape[0]).to(x.dtype)
         return y, logdet
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         if not self.initialized:
             self._initialize(y, inverse=True)
         x = (y - broadcast_channel(self.bias, y)) * torch.exp(-broadcast_channel(self.log_scale, y))

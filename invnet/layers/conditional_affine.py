@@ -88,11 +88,11 @@ class ConditionalAffine(InvertibleModule):
     def _logdet(self, s: Tensor, like: Tensor) -> Tensor:
         return sum_per_sample(s.expand_as(like))
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         s, t = self._scale_shift(c, x)
         return x * torch.exp(s) + t, self._logdet(s, x)
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         s, t = self._scale_shift(c, y)
         return (y - t) * torch.exp(-s), -self._logdet(s, y)
 

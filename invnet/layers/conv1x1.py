@@ -96,7 +96,7 @@ class Conv1x1(InvertibleModule):
     True
     """
 
-    def __init__(self, channels: int, parametrization: str = "householder", ndim: Optional[int] = None):
+    def __init__(self, channels: int, parametrization: str = "householder", ndim: Optional[int] = None) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"Conv1x1 needs at least 1 channel, got {channels}")
@@ -180,12 +180,12 @@ class Conv1x1(InvertibleModule):
         return self.log_diag.sum()
 
     # -- contract -----------------------------------------------------------------------------
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         y = _mix(self.weight().to(x.dtype), x)
         logdet = (space_size(x) * self._logdet_per_point()).expand(x.shape[0]).to(x.dtype)
         return y, logdet
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         x = _mix(self.weight_inverse().to(y.dtype), y)
         logdet = (-space_size(y) * self._logdet_per_point()).expand(y.shape[0]).to(y.dtype)
         return x, logdet
@@ -238,7 +238,7 @@ class ChannelPermutation(InvertibleModule):
     tensor([[2., 1., 0.]])
     """
 
-    def __init__(self, channels: int, kind: str = "reverse", seed: int = 0, ndim: Optional[int] = None):
+    def __init__(self, channels: int, kind: str = "reverse", seed: int = 0, ndim: Optional[int] = None) -> None:
         super().__init__()
         if kind not in ("reverse", "random"):
             raise ValueError(f"kind must be 'reverse' or 'random', got {kind!r}")
@@ -251,10 +251,10 @@ class ChannelPermutation(InvertibleModule):
         self.register_buffer("perm", perm)
         self.register_buffer("perm_inv", torch.argsort(perm))
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return x[:, self.perm], x.new_zeros(x.shape[0])
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return y[:, self.perm_inv], y.new_zeros(y.shape[0])
 
     def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:

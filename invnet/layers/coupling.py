@@ -144,13 +144,13 @@ class AffineCoupling(CouplingBase):
         s = self.clamp * torch.tanh(raw / self.clamp)
         return s, t
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         x_p, x_a = self._split(x)
         s, t = self._scale_shift(x_p, c)
         y_a = x_a * torch.exp(s) + t
         return self._merge(x_p, y_a), sum_per_sample(s)
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         y_p, y_a = self._split(y)
         s, t = self._scale_shift(y_p, c)
         x_a = (y_a - t) * torch.exp(-s)
@@ -210,12 +210,12 @@ class AdditiveCoupling(CouplingBase):
     ) -> None:
         super().__init__(channels, hidden, ndim, cond_channels, 1, swap, conditioner, conditioner_kwargs)
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         x_p, x_a = self._split(x)
         t = self.run_conditioner(self.conditioner, self._conditioner_input(x_p, c))
         return self._merge(x_p, x_a + t), x.new_zeros(x.shape[0])
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         y_p, y_a = self._split(y)
         t = self.run_conditioner(self.conditioner, self._conditioner_input(y_p, c))
         return self._merge(y_p, y_a - t), y.new_zeros(y.shape[0])

@@ -148,12 +148,12 @@ class HyperbolicLayer(InvertibleModule):
         c = self.channels // 2
         return t[:, :c], t[:, c:]
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         a, b = self._halves(x)
         new = 2 * b - a - self.step**2 * self.run_conditioner(self.residual, b)
         return torch.cat([b, new], dim=1), x.new_zeros(x.shape[0])
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         b, new = self._halves(y)
         a = 2 * b - new - self.step**2 * self.run_conditioner(self.residual, b)
         return torch.cat([a, b], dim=1), y.new_zeros(y.shape[0])

@@ -103,7 +103,9 @@ class IRIMCoupling(InvertibleModule):
         shape = super()._check_shape(shape, c_shape, inverse)
         space = tuple(self.operator.domain_shape[1:])
         if tuple(shape[2:]) != space:
-            raise ValueError(f"IRIMCoupling: the state's space shape must be the operator's {space}, got {tuple(shape[2:])}")
+            raise ValueError(
+                f"IRIMCoupling: the state's space shape must be the operator's {space}, got {tuple(shape[2:])}"
+            )
         expected = (shape[0],) + self.operator.range_shape
         if c_shape is None or tuple(c_shape) != expected:
             raise ValueError(f"IRIMCoupling needs the observation y as condition, shape {expected}; got {c_shape}")

@@ -51,6 +51,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from ..core.forward_mode import in_plain_forward_mode
 
@@ -107,7 +108,8 @@ def pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if not fast_kernels_enabled() and d in _CONV and weight.dim() == x.dim():
         return _CONV[d](x, weight, bias)
     # (layout queries are not answered inside vmap: forward mode takes the channels-first path)
-    if d >= 2 and not in_plain_forward_mode() and x.is_contiguous(memory_format=_CHANNELS_LAST[d]) and not x.is_contiguous():
+    channels_last = x.is_contiguous(memory_format=_CHANNELS_LAST[d]) and not x.is_contiguous()
+    if d >= 2 and not in_plain_forward_mode() and channels_last:
         return F.linear(x.movedim(1, -1), w, bias).movedim(-1, 1)
     n, c = x.shape[:2]
     flat = x.reshape(n, c, -1)
@@ -120,7 +122,8 @@ def pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def _uses_onednn_rule(x: Tensor) -> bool:
     # not in forward mode: layouts cannot be chosen inside vmap, and the fold has no jvp rule
-    return fast_kernels_enabled() and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES and not in_plain_forward_mode()
+    return (fast_kernels_enabled() and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES
+            and not in_plain_forward_mode())
 
 
 def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -191,7 +194,7 @@ class _FoldSlabs(torch.autograd.Function):
     (the overlapping cells receive both)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int, reach: int) -> Tensor:
+    def forward(ctx: FunctionCtx, x: Tensor, dim: int, reach: int) -> Tensor:
         length = x.shape[dim] - reach
         half = (length + 1) // 2
         ctx.meta = (x.shape, dim, reach, length, half)
@@ -205,7 +208,7 @@ class _FoldSlabs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
+    def backward(ctx: FunctionCtx, g: Tensor):
         shape, dim, reach, length, half = ctx.meta
         dx = torch.empty(shape, dtype=g.dtype, device=g.device, memory_format=_CHANNELS_LAST[len(shape) - 2])
         first = dx[0].narrow(dim - 1, 0, half + reach)

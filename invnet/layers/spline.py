@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.module import GradStore
-from ..core.vjp import local_vjp
+from ..core.module import GradStore, VJPResult
 from ..core.shapes import sum_per_sample
+from ..core.vjp import local_vjp
 from .coupling import CouplingBase
 
 __all__ = ["SplineKnots", "spline_knots", "rq_spline", "SplineCoupling"]
@@ -74,7 +74,9 @@ def spline_knots(
     r_w, r_h, r_d = torch.split(raw, [k, k, k - 1], dim=-1)
     slope = torch.exp(clamp * torch.tanh(r_d / clamp))
     slope = F.pad(slope, (1, 1), value=1.0)
-    return SplineKnots(_positions(r_w, bound, min_bin_width), _positions(r_h, bound, min_bin_height), slope, float(bound))
+    widths = _positions(r_w, bound, min_bin_width)
+    heights = _positions(r_h, bound, min_bin_height)
+    return SplineKnots(widths, heights, slope, float(bound))
 
 
 def _gather(t: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,10 +166,11 @@ class SplineCoupling(CouplingBase):
     :math:`[-B, B]` (identity outside; see :func:`rq_spline`), its ``3 * bins - 1`` parameters
     read from the conditioner's output channels (grouped per active channel). ``clamp``
     soft-clamps the knot log-slopes as it does the affine coupling's log-scale, and minimum bin
-    sizes bound the bin slopes (see :func:`spline_knots`). The conditioner's last layer starts at zero, so the block starts as the
-    identity. Same constructor and contract as :class:`~invnet.layers.AffineCoupling` (odd channel
-    counts, ``swap``, field or vector condition, custom conditioner); ``coupling="spline"`` in
-    every network (:data:`~invnet.layers.COUPLINGS`).
+    sizes bound the bin slopes (see :func:`spline_knots`). The conditioner's last layer starts at
+    zero, so the block starts as the identity. Same constructor and contract as
+    :class:`~invnet.layers.AffineCoupling` (odd channel counts, ``swap``, field or vector
+    condition, custom conditioner); ``coupling="spline"`` in every network
+    (:data:`~invnet.layers.COUPLINGS`).
 
     Backward (memory-free, one conditioner pass): from :math:`y` take :math:`x_p = y_p`, run the
     conditioner with a local graph, rebuild :math:`x_a = \mathrm{RQS}^{-1}_\theta(y_a)` without a
@@ -250,17 +253,19 @@ class SplineCoupling(CouplingBase):
         raw = h.reshape((n, self.n_active, 3 * self.bins - 1) + space).movedim(2, -1)
         return spline_knots(raw, self.tail_bound, self.clamp, self.min_bin_width, self.min_bin_height)
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         x_p, x_a = self._split(x)
         y_a, lad = rq_spline(x_a, self._knots(x_p, c))
         return self._merge(x_p, y_a), sum_per_sample(lad)
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         y_p, y_a = self._split(y)
         x_a, lad = rq_spline(y_a, self._knots(y_p, c), inverse=True)
         return self._merge(y_p, x_a), sum_per_sample(lad)
 
-    def _local_vjp(self, out, d_out, dlogdet, c, grads: GradStore, inverse: bool):
+    def _local_vjp(
+        self, out: Tensor, d_out: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore, inverse: bool
+    ) -> VJPResult:
         """Backward of the forward map (``inverse=False``: ``out`` is ``y``) or of the inverse map
         (``out`` is ``x``): rebuild the map's input from ``out``, return ``(input, d input, dc)``.
         The knots are computed once, with grad: they rebuild the input (the other direction, no
@@ -278,8 +283,8 @@ class SplineCoupling(CouplingBase):
         del o_re, lad, knots
         return self._merge(p, i_a.detach()), self._merge(dp + d_p, d_i), dc
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self._local_vjp(y, dy, dlogdet, c, grads, inverse=False)
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self._local_vjp(x, dx, dlogdet, c, grads, inverse=True)

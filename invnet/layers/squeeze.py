@@ -118,10 +118,10 @@ class SqueezeBase(InvertibleModule):
         raise NotImplementedError
 
     # Q is orthogonal: the inverse is the adjoint, so dx = Q^T dy = Q^{-1} dy.
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self.squeeze(x), x.new_zeros(x.shape[0])
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self.unsqueeze(y), y.new_zeros(y.shape[0])
 
     def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:

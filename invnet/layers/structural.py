@@ -38,10 +38,10 @@ class Inverted(InvertibleModule):
     def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         return self.block.check_shape(shape, c_shape, not inverse)
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self.block._inverse(x, c)
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self.block._forward(y, c)
 
     def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
@@ -98,12 +98,12 @@ class ChannelSubset(InvertibleModule):
     def _parts(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return t[:, : self.skip], t[:, self.skip:]
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         keep, rest = self._parts(x)
         out, logdet = self.block._forward(rest, c)
         return torch.cat([keep, out], dim=1), logdet
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         keep, rest = self._parts(y)
         out, logdet = self.block._inverse(rest, c)
         return torch.cat([keep, out], dim=1), logdet

@@ -40,7 +40,8 @@ class FlowNetwork(InvertibleModule):
         return self.base.log_prob(z) + logdet
 
     def bits_per_dim(self, x: Tensor, c: Optional[Tensor] = None, bin_width: float = 1.0) -> Tensor:
-        """Negative log-likelihood per sample in bits per dimension (see :func:`invnet.networks.density.bits_per_dim`)."""
+        """Negative log-likelihood per sample in bits per dimension (see
+        :func:`invnet.networks.density.bits_per_dim`)."""
         return bits_per_dim(self.log_prob(x, c), x[0].numel(), bin_width)
 
     def sample(

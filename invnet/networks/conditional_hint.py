@@ -2,11 +2,13 @@
 conditioned on it."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..core.chain import Chain
-from ..core.module import GradStore
+from ..core.module import GradStore, Shape, VJPResult
 from ..layers.actnorm import ActNorm
 from ..layers.conditional_affine import ConditionalAffine
 from ..layers.hint import HINTCoupling
@@ -149,7 +151,7 @@ class ConditionalHINT(FlowNetwork):
         if ndim == 0:
             self.data_shape = (channels,)
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         shape = super()._check_shape(shape, c_shape, inverse)
         expected = (shape[0], self.cond_channels) + tuple(shape[2:])
         if c_shape is None:
@@ -169,7 +171,7 @@ class ConditionalHINT(FlowNetwork):
         return c
 
     # -- contract ---------------------------------------------------------------------------------
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         logdet = x.new_zeros(x.shape[0])
         for k, step in enumerate(self.x_steps):
             x, ld = step._forward(x, c)
@@ -178,7 +180,7 @@ class ConditionalHINT(FlowNetwork):
                 c, _ = self.y_lane.blocks[k]._forward(c, None)
         return x, logdet
 
-    def _inverse(self, z, c):
+    def _inverse(self, z: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         c = self._lane_before_last_step(c)
         logdet = z.new_zeros(z.shape[0])
         x = z
@@ -189,7 +191,7 @@ class ConditionalHINT(FlowNetwork):
                 c, _ = self.y_lane.blocks[k - 1]._inverse(c, None)
         return x, logdet
 
-    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
+    def _vjp(self, z: Tensor, dz: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         c = self._lane_before_last_step(c)
         dc = torch.zeros_like(c)
         no_logdet = torch.zeros_like(dlogdet)  # the lane's own logdet is not part of log q(x|y)

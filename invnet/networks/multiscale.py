@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.module import GradStore, InvertibleModule, add_optional
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult, add_optional
 from ..layers.squeeze import SqueezeBase
 
 __all__ = ["MultiscaleLevel"]
@@ -64,7 +64,7 @@ class MultiscaleLevel(InvertibleModule):
         self,
         steps: InvertibleModule,
         squeeze: Optional[SqueezeBase] = None,
-        inner: Optional["MultiscaleLevel"] = None,
+        inner: Optional[MultiscaleLevel] = None,
         keep: Optional[int] = None,
     ) -> None:
         super().__init__()
@@ -108,7 +108,7 @@ class MultiscaleLevel(InvertibleModule):
         return self.squeeze.check_shape(tuple(shape), None, inverse=False)
 
     # -- contract -----------------------------------------------------------------------------
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         sq = self.squeezed_shape(shape)
         c_sq = None
         if c_shape is not None:
@@ -122,7 +122,7 @@ class MultiscaleLevel(InvertibleModule):
             self.inner.check_shape((sq[0], self.keep) + tuple(sq[2:]), c_sq, inverse)
         return tuple(shape)
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         c_s = self.down_condition(c)
         h, logdet = self.steps._forward(self.down(x), c_s)
         if self.inner is not None:
@@ -131,7 +131,7 @@ class MultiscaleLevel(InvertibleModule):
             h, logdet = torch.cat([a, b], 1), logdet + ld
         return self.up(h), logdet
 
-    def _inverse(self, y, c):
+    def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         c_s = self.down_condition(c)
         h = self.down(y)
         logdet = y.new_zeros(y.shape[0])
@@ -142,7 +142,7 @@ class MultiscaleLevel(InvertibleModule):
         s, ld = self.steps._inverse(h, c_s)
         return self.up(s), logdet + ld
 
-    def _vjp(self, y, dy, dlogdet, c, grads: GradStore):
+    def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         c_s = self.down_condition(c)
         h, dh = self.down(y), self.down(dy)
         dc = None
@@ -168,7 +168,7 @@ class MultiscaleLevel(InvertibleModule):
         s, ds, dc_steps = self.steps._vjp(handoff.pop(0), handoff.pop(0), dlogdet, c_s, grads)
         return self.up(s), self.up(ds), self.up_condition(add_optional(dc, dc_steps), c)
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         c_s = self.down_condition(c)
         h, dh, dc = self.steps._vjp_inverse(self.down(x), self.down(dx), dlogdet, c_s, grads)
         if self.inner is not None:

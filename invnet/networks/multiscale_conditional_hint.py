@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..core.module import GradStore
+from ..core.module import GradStore, Shape, VJPResult
 from .base import FlowNetwork
 from .conditional_hint import conditional_x_step
 from .multiscale import MultiscaleLevel
@@ -106,7 +106,7 @@ class MultiscaleConditionalHINT(FlowNetwork):
         if ndim == 0:
             self.data_shape = (channels,)
 
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         shape = super()._check_shape(shape, c_shape, inverse)
         expected = (shape[0], self.cond_channels) + tuple(shape[2:])
         if c_shape is None or tuple(c_shape) != expected:
@@ -135,7 +135,7 @@ class MultiscaleConditionalHINT(FlowNetwork):
             c, _ = step._forward(c, None)
         return c
 
-    # -- recursion over scales (x: the x-lane, c: the observation lane, both at scale k) ----------------------------------------------------------------------
+    # -- recursion over scales (x: the x-lane, c: the observation lane, both at scale k) --------------
     def _fwd(self, k: int, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         yl = self._y_level(k)
         X, C = yl.down(x), yl.down(c)
@@ -170,7 +170,9 @@ class MultiscaleConditionalHINT(FlowNetwork):
             logdet = logdet + ld
         return yl.up(X), logdet
 
-    def _back(self, k: int, z, dz, dlogdet, c, grads: GradStore):
+    def _back(
+        self, k: int, z: Tensor, dz: Tensor, dlogdet: Tensor, c: Tensor, grads: GradStore
+    ) -> tuple[Tensor, Tensor, Tensor]:
         yl = self._y_level(k)
         X, dX = yl.down(z), yl.down(dz)
         C = self._y_top(yl, yl.down(c))
@@ -191,13 +193,13 @@ class MultiscaleConditionalHINT(FlowNetwork):
         return yl.up(X), yl.up(dX), yl.up(dC)
 
     # -- contract -------------------------------------------------------------------------------------
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self._fwd(0, x, c)
 
-    def _inverse(self, z, c):
+    def _inverse(self, z: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         return self._inv(0, z, c)
 
-    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
+    def _vjp(self, z: Tensor, dz: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         return self._back(0, z, dz, dlogdet, c, grads)
 
     def forward_y(self, y: Tensor) -> Tensor:

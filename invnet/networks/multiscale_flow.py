@@ -3,12 +3,12 @@ the flow steps a *step factory* makes. Glow, HINT and their conditional forms ar
 a step factory and a few defaults."""
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from torch import Tensor
 
 from ..core.chain import Chain
-from ..core.module import GradStore, InvertibleModule
+from ..core.module import GradStore, InvertibleModule, Shape, VJPResult
 from ..layers.squeeze import HaarSqueeze, Squeeze, SqueezeBase
 from .base import FlowNetwork
 from .multiscale import MultiscaleLevel
@@ -216,7 +216,7 @@ class MultiscaleFlow(FlowNetwork):
         )
 
     # -- validation ----------------------------------------------------------------------------
-    def _check_shape(self, shape, c_shape, inverse):
+    def _check_shape(self, shape: Shape, c_shape: Optional[Shape], inverse: bool) -> Shape:
         name = type(self).__name__
         what = "latent z" if inverse else "x"
         x_shape = tuple(shape)
@@ -249,7 +249,7 @@ class MultiscaleFlow(FlowNetwork):
             return x_shape
         return self.body.check_shape(self.outer_squeeze.check_shape(x_shape, None, inverse=False), c_sq, False)
 
-    def _check_condition(self, x_shape, c_shape, what, shape) -> None:
+    def _check_condition(self, x_shape: Shape, c_shape: Optional[Shape], what: str, shape: Shape) -> None:
         name = type(self).__name__
         if c_shape is None:
             raise ValueError(f"{name} was built with cond_channels={self.cond_channels} and needs a condition c")
@@ -281,23 +281,23 @@ class MultiscaleFlow(FlowNetwork):
             return t
         return self.outer_squeeze.unsqueeze(t)
 
-    def _forward(self, x, c):
+    def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         if self.outer_squeeze is not None:
             x = self.outer_squeeze.squeeze(x)
         return self.body._forward(x, self._cond(c))
 
-    def _inverse(self, z, c):
+    def _inverse(self, z: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         x, logdet = self.body._inverse(z, self._cond(c))
         return self._unsqueeze(x), logdet
 
-    def _vjp(self, z, dz, dlogdet, c, grads: GradStore):
+    def _vjp(self, z: Tensor, dz: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         # pass z on without keeping it in this frame, so the levels can free it once rebuilt
         handoff = [z]
         del z
         x, dx, dc = self.body._vjp(handoff.pop(), dz, dlogdet, self._cond(c), grads)
         return self._unsqueeze(x), self._unsqueeze(dx), self._unsqueeze(dc, c)
 
-    def _vjp_inverse(self, x, dx, dlogdet, c, grads: GradStore):
+    def _vjp_inverse(self, x: Tensor, dx: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         if self.outer_squeeze is not None:
             x, dx = self.outer_squeeze.squeeze(x), self.outer_squeeze.squeeze(dx)
         z, dz, dc = self.body._vjp_inverse(x, dx, dlogdet, self._cond(c), grads)
@@ -335,7 +335,7 @@ class MultiscaleFlow(FlowNetwork):
         return (z.shape[0], self.cond_channels) + space
 
     # -- parameter names of earlier releases --------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
         # the documented PyTorch place for renaming old checkpoint keys (as BatchNorm does)
         for old, new in self.legacy_prefixes:
             for key in [k for k in state_dict if k.startswith(prefix + old)]:

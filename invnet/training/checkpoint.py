@@ -7,6 +7,12 @@ Layout of ``<run>/checkpoints/step-00000120/``:
   ``torch.load(weights_only=True)``, which unpickles only tensors and plain containers);
 * ``meta.json``: step, network spec, normalisation, timestamps (human-readable).
 
+Beside them, ``<run>/checkpoints/best/`` holds the weights with the lowest validation loss so far
+(:func:`save_best`; its ``meta.json`` says at which step, under ``"best"``). It is not a step
+checkpoint: ``keep_last`` never counts or deletes it, resuming never starts from it, and its
+``state.pt`` holds only the step and the data position (no optimizer: it is for sampling, not for
+resuming).
+
 The directory is assembled under a hidden temporary name and renamed into place
 (:func:`invnet.data.atomic.atomic_dir`), so a checkpoint directory either exists complete or not
 at all: a crash or kill while writing leaves the previous checkpoints untouched (and a hidden
@@ -33,10 +39,13 @@ from ..data.atomic import atomic_dir, move_aside, remove_leftovers
 
 __all__ = [
     "Checkpoint", "CheckpointError", "save_checkpoint", "read_checkpoint", "list_checkpoints", "latest_checkpoint",
-    "latest_readable_checkpoint", "set_aside", "resolve_checkpoint", "capture_rng", "restore_rng",
+    "latest_readable_checkpoint", "set_aside", "resolve_checkpoint", "capture_rng", "restore_rng", "BEST",
+    "save_best", "best_checkpoint", "read_meta",
 ]
 
 _NAME = re.compile(r"^step-(\d{8,})$")
+#: the folder of the best-by-validation weights, beside the step checkpoints
+BEST = "best"
 
 
 def capture_rng(generators: Optional[dict[str, torch.Generator]] = None) -> dict:
@@ -94,6 +103,15 @@ def _write_files(tmp: str, weights: dict, state: dict, meta: dict) -> None:
         json.dump(meta, f, indent=1)
 
 
+def _write_folder(final: str, step: int, weights: dict, state: dict, meta: dict) -> str:
+    """Write one checkpoint folder atomically (replacing one of the same name)."""
+    meta = dict(meta, step=int(step), saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    weights = {k: v.detach().to("cpu").clone().contiguous() for k, v in weights.items()}
+    with atomic_dir(final, replace=True) as tmp:
+        _write_files(tmp, weights, state, meta)
+    return final
+
+
 def list_checkpoints(directory: str) -> list[str]:
     """Complete checkpoint directories under ``directory``, oldest step first."""
     if not os.path.isdir(directory):
@@ -139,15 +157,37 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     os.makedirs(directory, exist_ok=True)
     remove_leftovers(directory)  # of a write that was killed
-    meta = dict(meta, step=int(step), saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    weights = {k: v.detach().to("cpu").clone().contiguous() for k, v in weights.items()}
-    final = os.path.join(directory, f"step-{int(step):08d}")
-    with atomic_dir(final, replace=True) as tmp:  # the same step saved again after a resume is swapped
-        _write_files(tmp, weights, state, meta)
+    # the same step saved again after a resume is swapped
+    final = _write_folder(os.path.join(directory, f"step-{int(step):08d}"), step, weights, state, meta)
     if keep_last is not None:
         for old in list_checkpoints(directory)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_best(directory: str, step: int, weights: dict, meta: dict, state: Optional[dict] = None) -> str:
+    """Write the best-by-validation weights (those of ``step``) atomically to ``directory/best``,
+    replacing the previous best; ``meta`` should say why (``{"best": {"step": .., "val_loss": ..}}``),
+    ``state`` what else is worth knowing at that step (e.g. the data position; no optimizer).
+    Returns the folder's path.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> _ = save_checkpoint(d, 5, {"w": torch.ones(1)}, {}, {}, keep_last=1)
+    >>> _ = save_best(d, 3, {"w": torch.zeros(1)}, {"best": {"step": 3, "val_loss": 0.5}})
+    >>> _ = save_checkpoint(d, 6, {"w": torch.ones(1)}, {}, {}, keep_last=1)
+    >>> [os.path.basename(p) for p in list_checkpoints(d)], read_checkpoint(best_checkpoint(d)).step
+    (['step-00000006'], 3)
+    """
+    os.makedirs(directory, exist_ok=True)
+    return _write_folder(os.path.join(directory, BEST), step, weights, dict(state or {}, step=int(step)), meta)
+
+
+def best_checkpoint(directory: str) -> Optional[str]:
+    """The best-by-validation checkpoint folder under ``directory`` (a ``checkpoints`` folder),
+    or ``None`` when the run has none (no validation yet, or none at all)."""
+    path = os.path.join(directory, BEST)
+    return path if os.path.isfile(os.path.join(path, "meta.json")) else None
 
 
 def _load(folder: str, name: str, loader: Callable[[str], Any]) -> Any:
@@ -167,6 +207,12 @@ def _load_meta(file: str) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise ValueError("expected a JSON object with an integer 'step'")
     return meta
+
+
+def read_meta(folder: str) -> dict:
+    """Only the small JSON part (``meta.json``) of the checkpoint ``folder``: step, spec, best, ...
+    Raises :class:`CheckpointError` naming a missing or damaged file."""
+    return _load(folder, "meta.json", _load_meta)
 
 
 def read_checkpoint(path: str) -> Checkpoint:

@@ -16,8 +16,19 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from .precision import PRECISIONS, Precision
-from .schema import (REQUIRED, Key, check_keywords, check_section, constructor_parameters, fraction, nonempty,
-                     nonnegative, one_of, positive, positive_integers)
+from .schema import (
+    REQUIRED,
+    Key,
+    check_keywords,
+    check_section,
+    constructor_parameters,
+    fraction,
+    nonempty,
+    nonnegative,
+    one_of,
+    positive,
+    positive_integers,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,7 +83,9 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "batch_size": Key(int, 16, positive),
         "seed": Key(int, 0),
         "clip_grad_norm": Key(float, None, positive),
-        "validate_every": Key(int, None, positive, resume=True),
+        "validate_every": Key(int, None, positive, resume=True),  # unset: once per epoch (docs/config.md)
+        "patience": Key(int, 20, nonnegative, resume=True),  # validations without a better loss; 0: never stop
+        "min_delta": Key(float, 0.0, nonnegative, resume=True),  # how much lower counts as better
         "log_every": Key(int, 10, positive, resume=True),
         "checkpoint_every_steps": Key(int, None, positive, resume=True),
         "checkpoint_every_minutes": Key(float, None, positive, resume=True),
@@ -80,7 +93,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "progress": Key(bool, True, resume=True),
         "device": Key(str, "auto", _device, resume=True),  # a run moves between devices freely
         "precision": Key(str, "float32", one_of(*PRECISIONS), resume=True),  # e.g. float32 after drift in bfloat16
-        "memory_budget": Key(Union[str, float], None, _byte_count, resume=True),  # activations kept (invnet.memory_budget)
+        # activations kept instead of recomputed (invnet.memory_budget)
+        "memory_budget": Key(Union[str, float], None, _byte_count, resume=True),
         "drift_check_every": Key(int, None, positive, resume=True),
         "drift_warn_above": Key(float, 1e-4, positive, resume=True),
         "drift_fail_above": Key(float, 1e-2, positive, resume=True),
@@ -134,13 +148,13 @@ def _scheduler_class(name: str) -> type:
     cls = getattr(torch.optim.lr_scheduler, name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler)):
         raise ValueError(f"[scheduler] unknown name {name!r}; use a class of torch.optim.lr_scheduler "
-                         "(e.g. CosineAnnealingLR, StepLR, ExponentialLR, OneCycleLR)")
-    if name in ("LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler", "ReduceLROnPlateau"):
-        raise ValueError(f"[scheduler] {name} needs Python objects or a metric; not usable from a config")
+                         "(e.g. CosineAnnealingLR, StepLR, ExponentialLR, OneCycleLR, ReduceLROnPlateau)")
+    if name in ("LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler"):
+        raise ValueError(f"[scheduler] {name} needs Python objects; not usable from a config")
     return cls
 
 
-def _network_class(name: str) -> "type | Callable":
+def _network_class(name: str) -> type | Callable:
     from .network_spec import network_class
 
     try:
@@ -213,8 +227,33 @@ def _check_data_kind(d: dict) -> None:
     given = [k for k in ("patch", "max_read_mb") if d[k] is not None]
     if given:
         raise ValueError(f"[data] {given} read a file; a simulator (source) draws whole samples")
-    if not callable(load_entry_point(d["source"], "[data] source")):
+    simulate = load_entry_point(d["source"], "[data] source")
+    if not callable(simulate):
         raise ValueError(f"[data] source {d['source']!r} is not a function")
+    params = [p.name for p in constructor_parameters(simulate)]  # simulate(n, generator, **arguments)
+    check_keywords("[data] arguments", simulate, d["arguments"] or {}, params[:2])
+
+
+def _check_plateau(scheduler: Optional[dict], d: dict) -> None:
+    """ReduceLROnPlateau is stepped with the validation loss: it needs validation pairs and
+    ``mode = "min"``, and its numbers are checked now (torch would complain only when the job builds it)."""
+    if scheduler is None or scheduler["name"] != "ReduceLROnPlateau":
+        return
+    simulated = d["source"] is not None
+    if (not simulated and d["validation_fraction"] == 0) or (simulated and not d["validation_size"]):
+        raise ValueError("[scheduler] ReduceLROnPlateau is stepped with the validation loss, but the run has no "
+                         "validation pairs: set [data] " + ("validation_fraction > 0" if d["source"] is None
+                                                            else "validation_size > 0"))
+    if scheduler.get("mode", "min") != "min":
+        raise ValueError("[scheduler] ReduceLROnPlateau mode must be \"min\": it is stepped with a loss")
+    factor = scheduler.get("factor", 0.1)
+    if not 0 < factor < 1:
+        raise ValueError(f"[scheduler] ReduceLROnPlateau factor must lie in (0, 1) (the new lr is lr x factor), got "
+                         f"{factor!r}")
+    for key in ("patience", "cooldown"):
+        v = scheduler.get(key, 0)
+        if v < 0:
+            raise ValueError(f"[scheduler] ReduceLROnPlateau {key} must be >= 0 (validations), got {v!r}")
 
 
 def validate_config(cfg: dict, base_dir: str = ".") -> dict:
@@ -229,7 +268,8 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
     >>> validate_config({"data": {"path": "d.h5", "bogus": 1}})
     Traceback (most recent call last):
     ...
-    ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'source', 'arguments', 'validation_size', 'x', 'y', 'validation_fraction', 'patch', 'seed', 'max_read_mb']
+    ValueError: [data]: unknown key(s) ['bogus']; allowed: ['path', 'source', 'arguments', 'validation_size', 'x', 'y',
+    'validation_fraction', 'patch', 'seed', 'max_read_mb']
     """
     if not isinstance(cfg, dict):
         raise ValueError(f"a configuration is a table of sections, got {type(cfg).__name__}")
@@ -243,6 +283,7 @@ def validate_config(cfg: dict, base_dir: str = ".") -> dict:
         out[name] = _check_open(name, spec, cfg.get(name))
     d, t = out["data"], out["training"]
     _check_data_kind(d)
+    _check_plateau(out["scheduler"], d)
     if d["path"] is not None:
         d["path"] = os.path.normpath(os.path.join(base_dir, d["path"]))
     t["out_dir"] = os.path.normpath(os.path.join(base_dir, t["out_dir"]))
@@ -283,10 +324,12 @@ def resume_differences(stored: dict, new: dict) -> list[str]:
     for section, spec in OPEN_SECTIONS.items():
         old, now = stored.get(section), new.get(section)
         if (old is None) != (now is None):
-            lines.append(f"[{section}]: {'(none)' if old is None else 'present'} -> {'(none)' if now is None else 'present'}")
+            before, after = ("(none)" if v is None else "present" for v in (old, now))
+            lines.append(f"[{section}]: {before} -> {after}")
         elif old is not None:
             defaults = {}
-            if old.get(spec.field) == now.get(spec.field):  # the same class: an argument given as its default is no change
+            # the same class: an argument given as its default is no change
+            if old.get(spec.field) == now.get(spec.field):
                 try:
                     defaults = {p.name: p.default for p in constructor_parameters(spec.resolve(now[spec.field]))
                                 if p.default is not p.empty}

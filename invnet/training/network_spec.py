@@ -37,7 +37,7 @@ def available_networks() -> list[str]:
                   and _configurable(getattr(networks, n)))
 
 
-def network_class(name: str) -> "type | Callable[..., nn.Module]":
+def network_class(name: str) -> type | Callable[..., nn.Module]:
     """What ``[model] type = name`` builds: a network of :mod:`invnet.networks` by its name, or an
     application's own model by entry point, ``"package.module:Name"`` (a class or a function whose
     keyword arguments are the other keys of the spec, returning an ``nn.Module``; checkpoints store
@@ -119,7 +119,8 @@ def resolve_network_spec(spec: dict, x_shape: Sequence[int], y_shape: Sequence[i
 def build_network(spec: dict) -> FlowNetwork:
     """Instantiate a resolved spec (see :func:`resolve_network_spec`).
 
-    >>> net = build_network(resolve_network_spec({"type": "ConditionalCouplingFlow", "depth": 1, "hidden": 4}, (1, 4), (1, 4)))
+    >>> spec = resolve_network_spec({"type": "ConditionalCouplingFlow", "depth": 1, "hidden": 4}, (1, 4), (1, 4))
+    >>> net = build_network(spec)
     >>> type(net).__name__, net.cond_channels
     ('ConditionalCouplingFlow', 1)
     """

@@ -71,7 +71,7 @@ class Precision:
         return torch.amp.GradScaler(device.type) if self.name == "float16" else None
 
     @classmethod
-    def of_model(cls, model: nn.Module) -> "Precision":
+    def of_model(cls, model: nn.Module) -> Precision:
         """``float64`` for a model with float64 parameters, else ``float32``."""
         p = next(iter(model.parameters()), None)
         return cls("float64" if p is not None and p.dtype == torch.float64 else "float32")

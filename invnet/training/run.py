@@ -2,32 +2,41 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..data import BatchLoader, Normalization, Shard, data_moments, open_pairs, train_validation_split
-from ..data.simulated import SimulatedPairs, load_entry_point, simulated_set
+from ..data import BatchLoader, Normalization, PairDataset, Shard, data_moments, open_pairs, train_validation_split
 from ..data.atomic import atomic_file, move_aside
 from ..data.quality import warn_about_data
+from ..data.simulated import SimulatedPairs, load_entry_point, simulated_set
 from ..distributed.comm import Communicator, SerialComm, agree_on_errors
 from ..distributed.strategy import ParallelStrategy
 from ..networks.base import FlowNetwork
 from .checkpoint import latest_readable_checkpoint, set_aside
 from .device import device_assignment, resolve_device
 from .network_spec import build_network, resolve_network_spec
-from .run_folder import check_out_dir, check_restart, check_resume, check_same_data, holds_run
 from .precision import Precision
+from .run_folder import check_out_dir, check_restart, check_resume, check_same_data, holds_run
 from .signals import PreemptedError, PreemptionFlag
 from .trainer import Trainer, TrainResult
 
 __all__ = ["trainer_from_config", "train_from_config", "strategy_from_config"]
 
 
-def _validation_batches(dataset, indices, batch_size, normalization, dtype, seed, shard: Shard,
-                        pin_memory: bool = False) -> "callable":
+def _validation_batches(
+    dataset: PairDataset,
+    indices: Sequence[int],
+    batch_size: int,
+    normalization: Normalization,
+    dtype: torch.dtype,
+    seed: int,
+    shard: Shard,
+    pin_memory: bool = False,
+) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """This rank's validation batches: its batch group's part of ``indices`` (its subdomain of
     each sample), with fixed patch corners (drawn for all of ``indices``, so that every grid sees
     the same patches and the global validation loss does not depend on the grid)."""
@@ -55,6 +64,28 @@ def _say(comm: Communicator, message: str) -> None:
         print(message, flush=True)
 
 
+def validation_schedule(t: dict, n_train: Optional[int], n_val: int,
+                        batch_ranks: int) -> tuple[Optional[int], Optional[int]]:
+    """``(validate_every, patience)`` for the Trainer from ``[training]``: ``validate_every`` unset
+    means once per epoch (``n_train`` pairs in global batches of ``batch_size x batch_ranks``); a
+    simulator has no epochs, and then every ten validation sets' worth of fresh pairs (so the
+    validation, a forward pass, costs a few percent of the training). Without validation pairs
+    there is nothing to stop on (patience ``None``); ``patience = 0`` also means never stop.
+
+    >>> validation_schedule({"validate_every": None, "patience": 20, "batch_size": 16}, 900, 100, 1)
+    (56, 20)
+    >>> validation_schedule({"validate_every": None, "patience": 0, "batch_size": 16}, None, 100, 2)
+    (32, None)
+    """
+    if not n_val:
+        return t["validate_every"], None
+    every = t["validate_every"]
+    if every is None:
+        global_batch = t["batch_size"] * batch_ranks
+        every = max(1, n_train // global_batch) if n_train is not None else max(1, math.ceil(10 * n_val / global_batch))
+    return every, (t["patience"] or None)
+
+
 def strategy_from_config(cfg: dict, space_shape: tuple[int, ...], comm: Communicator) -> ParallelStrategy:
     """The parallel strategy a config's ``[distributed] grid`` describes for samples of
     ``space_shape`` (absent: data parallel over all ranks); checked before any message."""
@@ -66,7 +97,8 @@ def strategy_from_config(cfg: dict, space_shape: tuple[int, ...], comm: Communic
 
 
 def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: bool = True,
-                        config_path: Optional[str] = None) -> Trainer:
+                        config_path: Optional[str] = None,
+                        validation: Optional[Callable[[], Iterable[Any]]] = None) -> Trainer:
     """Build the :class:`Trainer` a validated config describes (see
     :func:`~invnet.training.config.validate_config`), on every rank of ``comm``.
 
@@ -82,7 +114,11 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
 
     ``resume=False`` (``--restart``) starts over: a previous run in ``out_dir`` is first moved aside
     as a whole to ``OUT_DIR.previous-DATE-TIME`` (one atomic rename, so two runs never mix; refused
-    when ``out_dir`` also holds the data, ``config_path`` or the current folder)."""
+    when ``out_dir`` also holds the data, ``config_path`` or the current folder).
+
+    ``validation``: this rank's validation batches from the caller (a callable returning an
+    iterable of batches in the run's dtype), used instead of the config's held-out pairs; e.g. an
+    application whose simulator draws training pairs validates on fixed held-out images."""
     comm = comm or SerialComm()
     d, t = cfg["data"], cfg["training"]
     out_dir = t["out_dir"]
@@ -151,21 +187,30 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
         s_kwargs = {k: v for k, v in cfg["scheduler"].items() if k != "name"}
         scheduler = getattr(torch.optim.lr_scheduler, cfg["scheduler"]["name"])(optimizer, **s_kwargs)
     pin = device.type == "cuda"
-    validation = None
+    held_out = None
     if simulated:
         loader = SimulatedPairs(d["source"], t["batch_size"], t["seed"], d["arguments"], shard, dtype, pin)
         if n_val:
             fixed = agree_on_errors(comm, lambda: simulated_set(d["source"], n_val, t["batch_size"], d["seed"],
                                                                   d["arguments"], shard, dtype))
 
-            def validation() -> list:  # the same fixed pairs at every validation
+            def held_out() -> list:  # the same fixed pairs at every validation
                 return fixed
     else:
         loader = BatchLoader(dataset, train_idx, t["batch_size"], t["seed"], normalization, dtype, shard, pin)
         if len(val_idx):
-            validation = _validation_batches(dataset, val_idx, t["batch_size"], normalization, dtype, t["seed"], shard,
-                                             pin)
+            held_out = _validation_batches(dataset, val_idx, t["batch_size"], normalization, dtype, t["seed"], shard,
+                                           pin)
+    if validation is not None:  # the caller's held-out set replaces the config's
+        held_out = validation
     loss_fn = load_entry_point(t["loss"], "[training] loss") if t["loss"] is not None else None
+    # a caller's held-out set counts as validation pairs (its size: the caller's business)
+    n_held_out = 0 if held_out is None else max(n_val or 0, 1)
+    validate_every, patience = validation_schedule(t, n_train, n_held_out, strategy.batch_ranks)
+    if held_out is None and not simulated and (cfg["scheduler"] or {}).get("name") == "ReduceLROnPlateau":
+        raise ValueError(f"[scheduler] ReduceLROnPlateau is stepped with the validation loss, but the "
+                         f"{len(dataset)} pairs leave none for validation at validation_fraction "
+                         f"{d['validation_fraction']}; raise it or give more pairs")
     # ---- everything checked: from here on files are written
     if restart:
         if comm.rank == 0:
@@ -175,7 +220,8 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
     trainer = Trainer(
         model, optimizer, loader, out_dir, t["steps"], loss_fn=loss_fn, strategy=strategy, device=device,
         precision=precision, memory_budget=t["memory_budget"],
-        scheduler=scheduler, validation=validation, validate_every=t["validate_every"],
+        scheduler=scheduler, validation=held_out, validate_every=validate_every, patience=patience,
+        min_delta=t["min_delta"],
         drift_check_every=t["drift_check_every"], drift_warn_above=t["drift_warn_above"],
         drift_fail_above=t["drift_fail_above"], normalization=normalization, spec=spec, data_info=data_info,
         clip_grad_norm=t["clip_grad_norm"], log_every=t["log_every"],
@@ -196,6 +242,9 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
     if comm.size > 1 or device.type != "cpu":
         assignment = device_assignment(device, comm)
         _say(comm, assignment)
+    if validation is None:
+        _say(comm, "no validation pairs: no early stopping and no best checkpoint (invnet sample and info will use "
+                   "the last checkpoint)")
     if ckpt is not None:
         _say(comm, f"resuming from step {trainer.step} (checkpoint {ckpt.path})"
              + (", the newest readable one" if unreadable else ""))
@@ -203,17 +252,18 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
 
 
 def train_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: bool = True,
-                      config_path: Optional[str] = None) -> TrainResult:
+                      config_path: Optional[str] = None,
+                      validation: Optional[Callable[[], Iterable[Any]]] = None) -> TrainResult:
     """Build the trainer (resuming from the run's latest checkpoint when there is one) and fit.
 
     A SIGTERM/SIGUSR1/SIGINT during the setup (checking the data and computing the normalisation
     can take minutes on a large file) stops it at once: status ``"preempted"`` (``"interrupted"``
     for SIGINT), nothing new written, and rerunning the command starts (or resumes) as if the
-    interrupted attempt had not happened."""
+    interrupted attempt had not happened. ``validation``: as in :func:`trainer_from_config`."""
     comm = comm or SerialComm()
     try:
         with PreemptionFlag(raise_on_signal=True):
-            trainer = trainer_from_config(cfg, comm, resume, config_path)
+            trainer = trainer_from_config(cfg, comm, resume, config_path, validation)
     except PreemptedError as err:
         previous = latest_readable_checkpoint(os.path.join(cfg["training"]["out_dir"], "checkpoints"))[0] \
             if resume else None

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 __all__ = [
-    "REQUIRED", "Key", "check_section", "check_keywords", "accepted_keywords", "constructor_parameters", "matches", "describe",
-    "positive", "nonnegative", "fraction", "nonempty", "one_of", "positive_integers",
+    "REQUIRED", "Key", "check_section", "check_keywords", "accepted_keywords", "constructor_parameters", "matches",
+    "describe", "positive", "nonnegative", "fraction", "nonempty", "one_of", "positive_integers",
 ]
 
 #: default of a key that must be given
@@ -95,8 +95,8 @@ def _args(annotation: Any) -> tuple:
 def matches(value: Any, annotation: Any) -> Optional[bool]:
     """Whether a configuration value (from TOML: bool, int, float, str, list, dict) fits a type
     annotation: ``True``, ``False``, or ``None`` when the annotation says nothing checkable (a
-    callable; a table given for a class such as ``nn.Module``, which the job may build from it). ``float`` accepts integers, ``int`` no floats, and
-    neither accepts a boolean.
+    callable; a table given for a class such as ``nn.Module``, which the job may build from it).
+    ``float`` accepts integers, ``int`` no floats, and neither accepts a boolean.
 
     >>> matches(3, float), matches(2.5, int), matches(True, int), matches("a", typing.Optional[int])
     (True, False, False, False)
@@ -132,7 +132,8 @@ def matches(value: Any, annotation: Any) -> Optional[bool]:
         return True
     if annotation is dict or origin in (dict, collections.abc.Mapping):
         return isinstance(value, dict)
-    if isinstance(annotation, type):  # e.g. Tensor, nn.Module: no number, string or list is one, a table may describe one
+    # a class, e.g. Tensor, nn.Module: no number, string or list is one, a table may describe one
+    if isinstance(annotation, type):
         return True if isinstance(value, annotation) else (None if isinstance(value, dict) else False)
     return None
 
@@ -205,7 +206,9 @@ def check_section(section: str, given: Any, keys: dict[str, Key]) -> dict:
 #: where a constructor's ``**NAME`` goes when not to the parent class: NAME -> (module, class, arguments
 #: the network fills in itself). ``**conditioner_kwargs`` of the HINT networks reach every conditioner.
 KEYWORD_TARGETS = {
-    "conditioner_kwargs": ("invnet.layers.conditioners", "ConvConditioner", ("in_channels", "out_channels", "hidden", "ndim")),
+    "conditioner_kwargs": (
+        "invnet.layers.conditioners", "ConvConditioner", ("in_channels", "out_channels", "hidden", "ndim")
+    ),
 }
 
 
@@ -219,7 +222,7 @@ def _signature(klass: Any) -> list[inspect.Parameter]:
     return params[1:] if isinstance(klass, type) else params  # drop self
 
 
-def constructor_parameters(cls: "type | Callable") -> list[inspect.Parameter]:
+def constructor_parameters(cls: type | Callable) -> list[inspect.Parameter]:
     """Constructor parameters of ``cls``, following ``**kwargs`` up the class hierarchy (or to
     where :data:`KEYWORD_TARGETS` says they go); the parameters of a function that builds
     something (a factory named by entry point)."""

@@ -84,7 +84,7 @@ class PreemptionFlag:
         if self.raise_on_signal:  # setup: nothing to save, stop at once instead of at the first step
             raise PreemptedError(f"received {name} before training started", name)
 
-    def __enter__(self) -> "PreemptionFlag":
+    def __enter__(self) -> PreemptionFlag:
         import threading
 
         if threading.current_thread() is threading.main_thread():  # handlers only in the main thread

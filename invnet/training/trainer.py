@@ -12,12 +12,25 @@ import torch
 from torch import Tensor, nn
 
 from ..core.budget import memory_budget, parse_bytes
+from ..data.atomic import move_aside
 from ..data.normalization import Normalization
 from ..data.source import BatchSource
 from ..distributed.strategy import ParallelStrategy
 from ..plotting import plot_metrics
-from .checkpoint import Checkpoint, capture_rng, latest_checkpoint, read_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    best_checkpoint,
+    capture_rng,
+    latest_checkpoint,
+    read_checkpoint,
+    read_meta,
+    restore_rng,
+    save_best,
+    save_checkpoint,
+)
 from .device import resolve_device, to_device
+from .early_stopping import EarlyStopping
 from .loss import LossFn, bits_per_dim_loss, flow_inputs
 from .metrics import MetricsLog, peak_memory_mb
 from .precision import Precision
@@ -31,7 +44,10 @@ class TrainResult:
     """Outcome of :meth:`Trainer.fit`: ``status`` is ``"finished"``, ``"preempted"`` (SIGTERM or
     SIGUSR1) or ``"interrupted"`` (Ctrl-C); ``signal`` names the signal that stopped the run.
     ``last_train_loss``/``last_val_loss`` are global means of the loss named ``loss_name``
-    (``"bpd"``: bits per dimension, the default maximum-likelihood loss)."""
+    (``"bpd"``: bits per dimension, the default maximum-likelihood loss). ``stopped_early``: the
+    run ended (``"finished"``) because the validation loss stopped improving; ``best_step``,
+    ``best_val_loss`` and ``best_checkpoint`` (``checkpoints/best``) describe the best-by-validation
+    weights (``None`` without validation)."""
 
     status: str
     step: int
@@ -41,6 +57,16 @@ class TrainResult:
     last_val_loss: Optional[float]
     signal: Optional[str] = None
     loss_name: str = "bpd"
+    stopped_early: bool = False
+    best_step: Optional[int] = None
+    best_val_loss: Optional[float] = None
+    best_checkpoint: Optional[str] = None
+
+    @property
+    def sampling_checkpoint(self) -> Optional[str]:
+        """The weights to sample with, as ``invnet sample`` chooses by default: the best by
+        validation when the run has them, else the last checkpoint."""
+        return self.best_checkpoint or self.checkpoint
 
 
 def _state_on_cpu(obj: Any) -> Any:
@@ -90,6 +116,16 @@ class Trainer:
       minutes (and at the end), keeping the last ``keep_last``; :meth:`resume` restores weights,
       optimizer, scheduler, loss scaler, every RNG, the batch source's position and the metrics
       file, so the resumed run equals one never stopped (bitwise on CPU);
+    * the best weights: whenever a validation loss is the lowest so far (see
+      :class:`~invnet.training.early_stopping.EarlyStopping`, ``min_delta``), the weights are kept
+      (a copy on the CPU, rank 0) and written to ``checkpoints/best`` together with the next
+      checkpoint (so the best folder always belongs to the newest checkpoint a resume starts from);
+      ``keep_last`` never deletes it;
+    * early stopping: after ``patience`` validations in a row without a better loss, a checkpoint
+      is written and ``fit`` returns ``"finished"`` with ``stopped_early`` (rank 0 prints why);
+      the counts are in every checkpoint, so a resumed run stops at the same step;
+    * a scheduler that keys on validation (:class:`torch.optim.lr_scheduler.ReduceLROnPlateau`)
+      is stepped with the validation loss at each validation instead of once per step;
     * SIGTERM/SIGUSR1 on any rank: every rank writes its part (rank 0 the checkpoint) after the
       current step and ``fit`` returns ``"preempted"`` (exit 75); SIGINT likewise with
       ``"interrupted"`` (exit 130); a second Ctrl-C stops at once;
@@ -113,7 +149,8 @@ class Trainer:
         model: the network (a :class:`~invnet.networks.FlowNetwork` for the default loss), not yet
             decomposed: the strategy prepares it; moved to ``device`` and the precision's dtype.
         optimizer, scheduler: any torch optimizer over the model's parameters, an optional LR
-            scheduler stepped once per step.
+            scheduler stepped once per step (``ReduceLROnPlateau``: once per validation, with its
+            loss; it needs ``validation`` and ``validate_every``).
         batches: a :class:`~invnet.data.source.BatchSource` (its position is checkpointed).
         out_dir: run folder (metrics, plot, ``checkpoints/``).
         steps: total optimizer steps.
@@ -132,6 +169,9 @@ class Trainer:
             memory-free backward; the first step measures the blocks, later steps follow the plan).
         validation: a callable returning an iterable of this rank's validation batches; the
             validation loss is the global mean over every rank's samples.
+        patience: validations without a better validation loss before stopping (``None``: never
+            stop; the best weights are kept all the same). Needs ``validation`` and ``validate_every``.
+        min_delta: how much lower (in the loss's units) a validation loss must be to count as better.
         drift_check_every, drift_warn_above, drift_fail_above: the drift guard (off when
             ``drift_check_every`` is ``None``).
         drift_inputs: ``drift_inputs(model, batch) -> (flow, x, c)``: what to measure on a batch
@@ -145,9 +185,11 @@ class Trainer:
     >>> import tempfile, numpy as np, torch
     >>> from invnet.data import ArraySource, PairDataset, BatchLoader
     >>> from invnet.networks import ConditionalCouplingFlow
-    >>> ds = PairDataset(ArraySource(np.random.randn(16, 2).astype("f4"), "x"), ArraySource(np.random.randn(16, 1).astype("f4"), "y"))
+    >>> x, y = np.random.randn(16, 2).astype("f4"), np.random.randn(16, 1).astype("f4")
+    >>> ds = PairDataset(ArraySource(x, "x"), ArraySource(y, "y"))
     >>> net = ConditionalCouplingFlow(2, 1, ndim=0, depth=2, hidden=8)
-    >>> trainer = Trainer(net, torch.optim.Adam(net.parameters(), 1e-3), BatchLoader(ds, range(16), 8), tempfile.mkdtemp(), steps=3, progress=False)
+    >>> optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    >>> trainer = Trainer(net, optimizer, BatchLoader(ds, range(16), 8), tempfile.mkdtemp(), steps=3, progress=False)
     >>> result = trainer.fit()
     >>> result.status, result.step
     ('finished', 3)
@@ -170,6 +212,8 @@ class Trainer:
         scheduler: Optional[Any] = None,
         validation: Optional[Callable[[], Iterable[Any]]] = None,
         validate_every: Optional[int] = None,
+        patience: Optional[int] = None,
+        min_delta: float = 0.0,
         drift_check_every: Optional[int] = None,
         drift_warn_above: float = 1e-4,
         drift_fail_above: float = 1e-2,
@@ -200,8 +244,15 @@ class Trainer:
             raise ValueError(f"need 0 < drift_warn_above <= drift_fail_above, got {drift_warn_above} and "
                              f"{drift_fail_above}")
         if drift_check_every is not None and loss_fn is not None and drift_inputs is None:
-            raise ValueError("the drift guard (drift_check_every) with your own loss_fn needs drift_inputs(model, batch) "
-                             "-> (flow, x, c): what to rebuild")
+            raise ValueError("the drift guard (drift_check_every) with your own loss_fn needs "
+                             "drift_inputs(model, batch) -> (flow, x, c): what to rebuild")
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        for what, wanted in (("patience", patience is not None), ("a ReduceLROnPlateau scheduler", plateau)):
+            if wanted and (validation is None or validate_every is None):
+                raise ValueError(f"{what} keys on the validation loss: give validation (batches) and validate_every")
+        if plateau and scheduler.mode != "min":
+            raise ValueError("ReduceLROnPlateau must have mode='min': it is stepped with the validation loss")
+        self.early_stopping = EarlyStopping(patience, min_delta)  # checks its arguments
         parse_bytes(memory_budget)  # a bad budget is refused before anything moves
         self.memory_budget = memory_budget
         self.strategy = strategy if strategy is not None else ParallelStrategy(())
@@ -235,6 +286,8 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
         self.last_train_loss: Optional[float] = None
         self.last_val_loss: Optional[float] = None
+        self._best_weights: Optional[tuple] = None  # (CPU copy, train loss, data position) for the next save
+        self.best_checkpoint: Optional[str] = None
         if self.is_root:
             os.makedirs(out_dir, exist_ok=True)
 
@@ -251,9 +304,17 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Optional[str]:
         """Write a checkpoint of the current step (rank 0 only; parameters are replicated, and
-        every tensor is saved on the CPU); returns its path."""
+        every tensor is saved on the CPU); returns its path. A new best (by validation) since the
+        last checkpoint is written first, to ``checkpoints/best``."""
         if not self.is_root:
             return None
+        meta = self._meta()
+        if self._best_weights is not None:
+            weights, train_loss, loader = self._best_weights
+            at_best = dict(meta, last_train_loss=train_loss, last_val_loss=self.early_stopping.best_loss)
+            self.best_checkpoint = save_best(self.checkpoint_dir, self.early_stopping.best_step, weights, at_best,
+                                             {"loader": loader})
+            self._best_weights = None
         state = _state_on_cpu({
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -261,8 +322,16 @@ class Trainer:
             "rng": capture_rng(self.generators),
             "loader": self.batches.state_dict(),
             "step": self.step,
+            "early_stopping": self.early_stopping.state_dict(),
         })
-        meta = {
+        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta,
+                                               self.keep_last)
+        return self.last_checkpoint
+
+    def _meta(self) -> dict:
+        """What every checkpoint says about the run (JSON)."""
+        best = self.early_stopping
+        return {
             "spec": self.spec,
             "normalization": self.normalization.to_dict() if self.normalization is not None else None,
             "data": self.data_info,
@@ -272,12 +341,10 @@ class Trainer:
             "last_train_loss": self.last_train_loss,
             "last_val_loss": self.last_val_loss,
             "steps_planned": self.steps,
+            "best": None if best.best_step is None else {"step": best.best_step, "val_loss": best.best_loss},
         }
-        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.step, self.network.state_dict(), state, meta,
-                                               self.keep_last)
-        return self.last_checkpoint
 
-    def resume(self, checkpoint: "Optional[str | Checkpoint]" = None) -> bool:
+    def resume(self, checkpoint: Optional[str | Checkpoint] = None) -> bool:
         """Restore the latest checkpoint of this run (or ``checkpoint``, a path or one already
         read) onto this trainer's device. Returns False when there is none; raises ``ValueError``
         when it does not fit."""
@@ -286,6 +353,9 @@ class Trainer:
             if checkpoint is None:
                 return False
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+        if "optimizer" not in ckpt.state:
+            raise ValueError(f"checkpoint {ckpt.path} holds weights only (the best-by-validation ones); resume from a "
+                             "step checkpoint (checkpoints/step-*)")
         try:
             missing, unexpected = self.network.load_state_dict(ckpt.weights, strict=False)
             if missing or unexpected:
@@ -298,6 +368,7 @@ class Trainer:
             restore_rng(ckpt.state["rng"], self.generators)
             self.batches.load_state_dict(ckpt.state["loader"])
             self.step = int(ckpt.state["step"])
+            self.early_stopping.load_state_dict(ckpt.state.get("early_stopping") or {})  # (older: none)
         except (RuntimeError, ValueError, KeyError, TypeError) as err:  # a network or optimizer of another shape
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             raise ValueError(f"checkpoint {ckpt.path} does not fit this network/optimizer: {reason}") from None
@@ -305,9 +376,32 @@ class Trainer:
         self.last_train_loss = meta.get("last_train_loss", meta.get("last_train_bpd"))
         self.last_val_loss = meta.get("last_val_loss", meta.get("last_val_bpd"))
         self.last_checkpoint = ckpt.path
+        self._best_weights = None
         if self.is_root:
             self.metrics.truncate_after(self.step)
+            self.best_checkpoint = self._reconcile_best()
         return True
+
+    def _reconcile_best(self) -> Optional[str]:
+        """The best folder, if it belongs to the checkpoint just resumed (its step is the recorded
+        best step). One written with a newer checkpoint that is not being resumed (unreadable, set
+        aside) holds weights of a trajectory this run will not repeat: it is set aside, said, and
+        the next better validation writes a new one."""
+        best = best_checkpoint(self.checkpoint_dir)
+        if best is None:
+            return None
+        try:
+            step = read_meta(best)["step"]
+        except CheckpointError:  # damaged: as if it belonged to another trajectory
+            step = None
+        recorded = self.early_stopping.best_step
+        if step is not None and step == recorded:
+            return best
+        moved = move_aside(best, tag="stale")
+        record = "no best yet" if recorded is None else f"best at step {recorded}"
+        warnings.warn(f"the best checkpoint (step {step}) does not belong to the checkpoint resumed from ({record}); "
+                      f"set aside as {moved}. The next better validation loss writes a new one", stacklevel=2)
+        return None
 
     # ------------------------------------------------------------------ steps
     def _losses(self, batch: Any) -> Tensor:
@@ -384,7 +478,7 @@ class Trainer:
             record["loss_scale"] = float(self.scaler.get_scale())
         else:
             self.optimizer.step()
-        if self.scheduler is not None:
+        if self.scheduler is not None and not self._plateau:
             self.scheduler.step()
         self.step += 1
         self.last_train_loss = value
@@ -392,22 +486,41 @@ class Trainer:
                 "lr": float(self.optimizer.param_groups[0]["lr"]), "grad_norm": norm,
                 "step_time_s": time.perf_counter() - t0, "peak_memory_mb": peak_memory_mb(self.device), **record}
 
+    @property
+    def _plateau(self) -> bool:
+        return isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def _after_validation(self, value: Optional[float]) -> bool:
+        """Keep the weights if ``value`` is the best validation loss so far, step a plateau
+        scheduler; returns whether to stop early (the same answer on every rank)."""
+        if self.early_stopping.update(self.step, value) and self.is_root:
+            self._best_weights = ({k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()},
+                                  self.last_train_loss, _state_on_cpu(self.batches.state_dict()))
+        if self._plateau and value is not None:
+            self.scheduler.step(value)
+        return self.strategy.agree(self.early_stopping.should_stop)
+
     def fit(self) -> TrainResult:
-        """Train up to ``steps`` (continuing from the current step after :meth:`resume`)."""
+        """Train up to ``steps`` (continuing from the current step after :meth:`resume`), or until
+        ``patience`` validations in a row bring no better validation loss."""
         from tqdm import tqdm
 
         status, at_once, received = "finished", False, None
+        stopped_early = self.early_stopping.should_stop  # a run resumed after it stopped early stays stopped
+        if stopped_early and self.is_root:
+            print(f"already {self.early_stopping.message(self.step)}; give a larger patience to go on", flush=True)
         last_save = time.monotonic()
         bar = tqdm(total=self.steps, initial=self.step, disable=not (self.progress and self.is_root),
                    desc="train", dynamic_ncols=True)
         try:
             with PreemptionFlag() as flag:
-                while self.step < self.steps:
+                while self.step < self.steps and not stopped_early:
                     record = self._train_step()
                     due_val = self.validate_every is not None and self.step % self.validate_every == 0
                     if due_val or (self.validation is not None and self.step == self.steps):
                         self.last_val_loss = self.validate()
                         record[f"val_{self.loss_name}"] = self.last_val_loss
+                        stopped_early = self._after_validation(self.last_val_loss)
                     rare = f"val_{self.loss_name}" in record or "reconstruction_error" in record
                     if self.is_root and (self.step % self.log_every == 0 or rare or self.step == self.steps):
                         self.metrics.append(record)
@@ -417,10 +530,13 @@ class Trainer:
                     stop = received is not None
                     due = self.checkpoint_every_steps is not None and self.step % self.checkpoint_every_steps == 0
                     if self.checkpoint_every_minutes is not None:
-                        due = due or self.strategy.agree(time.monotonic() - last_save >= 60 * self.checkpoint_every_minutes)
-                    if stop or due or self.step == self.steps:
+                        minutes_due = time.monotonic() - last_save >= 60 * self.checkpoint_every_minutes
+                        due = due or self.strategy.agree(minutes_due)
+                    if stop or due or stopped_early or self.step == self.steps:
                         self.save()
                         last_save = time.monotonic()
+                    if stopped_early and self.is_root:
+                        bar.write(self.early_stopping.message(self.step))
                     if stop:
                         status = "interrupted" if received == "SIGINT" else "preempted"
                         if self.is_root:
@@ -436,8 +552,12 @@ class Trainer:
                 records = self.metrics.read()
                 if records:
                     plot_metrics(records, os.path.join(self.out_dir, "metrics.png"), loss_name=self.loss_name)
+        best = self.early_stopping
         return TrainResult(status, self.step, self.last_checkpoint, self.metrics.path, self.last_train_loss,
-                           self.last_val_loss, None if status == "finished" else received, self.loss_name)
+                           self.last_val_loss, None if status == "finished" else received, self.loss_name,
+                           stopped_early=stopped_early and status == "finished", best_step=best.best_step,
+                           best_val_loss=best.best_loss,
+                           best_checkpoint=self.best_checkpoint or best_checkpoint(self.checkpoint_dir))
 
     def _agree_on_signal(self, received: Optional[str]) -> Optional[str]:
         """The signal that stops every rank after this step, if any rank received one: SIGINT

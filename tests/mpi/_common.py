@@ -14,7 +14,6 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 from invnet.distributed import MPIComm, TorchComm  # noqa: E402
 
-
 _COMM = None
 _VERDICT = None
 #: set by suite.py: scripts then share one communicator and one verdict, reduced once at the end

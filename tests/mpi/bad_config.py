@@ -3,7 +3,6 @@ Run: mpiexec -n N python -m mpi4py tests/mpi/bad_config.py"""
 import sys
 
 import torch
-
 from _common import Verdict, make_comm
 
 import invnet
@@ -60,7 +59,8 @@ if n > 1:
                  "not divisible", f"{4 * n + 1}")
 expect_error("grid larger than the world", lambda cc: Partition((16, 16), (1, 2 * n, 1), cc),
              f"needs {2 * n} ranks", f"only {n}")
-expect_error("grid smaller than the world", lambda cc: Partition((16, 16), (1, 1, 1), cc), "uses 1 ranks") if n > 1 else None
+if n > 1:
+    expect_error("grid smaller than the world", lambda cc: Partition((16, 16), (1, 1, 1), cc), "uses 1 ranks")
 expect_error("odd local size", lambda cc: Partition((6 * n, 8), (1, n, 1), cc, levels=2),
              "squeeze level 2", "local size 3", "axis 0")
 expect_error("grid of the wrong rank", lambda cc: Partition((16, 16), (n, 1), cc), "grid must be")
@@ -90,6 +90,6 @@ class PaddedConvCoupling(AffineCoupling):
         super().__init__(2, hidden=4, ndim=2, conditioner=torch.nn.Conv2d(1, 2, 3, padding=1))
 
 
-expect_error("decompose: convolution that pads by itself", decomposed_on((8 * n, 8), lambda: invnet.Chain(PaddedConvCoupling())),
-             "padding=0", "ZeroPad")
+expect_error("decompose: convolution that pads by itself",
+             decomposed_on((8 * n, 8), lambda: invnet.Chain(PaddedConvCoupling())), "padding=0", "ZeroPad")
 v.finish()

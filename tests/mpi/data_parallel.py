@@ -6,14 +6,13 @@ import copy
 import sys
 
 import torch
-
 from _common import Verdict, make_comm, rel
 
 import invnet
 from invnet.core.checks import randomize_parameters_
 from invnet.distributed import DataParallel
-from invnet.networks.density import StandardNormal
 from invnet.layers import ActNorm, AffineCoupling, Conv1x1
+from invnet.networks.density import StandardNormal
 
 torch.set_default_dtype(torch.float64)
 comm = make_comm(sys.argv)
@@ -31,7 +30,8 @@ for ndim, space in ((0, ()), (2, (6, 6))):
     if r != 0:  # replicas that diverged: the broadcast must make them rank 0's
         randomize_parameters_(net, 1.0, seed=100 + r)
     dp = DataParallel(net, comm)
-    v.check(f"{label}: parameters broadcast", all(torch.equal(a, b) for a, b in zip(net.parameters(), serial.parameters())))
+    same = all(torch.equal(a, b) for a, b in zip(net.parameters(), serial.parameters()))
+    v.check(f"{label}: parameters broadcast", same)
 
     gen = torch.Generator().manual_seed(2)
     x = 2 * torch.randn((4 * n, 5) + space, generator=gen) + 1  # the global batch

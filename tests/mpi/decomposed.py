@@ -8,15 +8,22 @@ import inspect
 import sys
 
 import torch
-
 from _common import Verdict, make_comm, rel
 
 import invnet
 from invnet.core.checks import randomize_parameters_
 from invnet.distributed import Partition, decompose, sum_over_ranks
+from invnet.layers import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    ChannelPermutation,
+    Conv1x1,
+    HaarSqueeze,
+    LeakyReLU,
+    Squeeze,
+)
 from invnet.networks.density import StandardNormal
-from invnet.layers import (ActNorm, AdditiveCoupling, AffineCoupling, ChannelPermutation, Conv1x1, HaarSqueeze,
-                           LeakyReLU, Squeeze)
 
 torch.set_default_dtype(torch.float64)
 comm = make_comm(sys.argv)
@@ -174,7 +181,10 @@ for ndim in (2, 3):
         # the core chain on every grid; the assembled networks on one grid per dimension to keep
         # the suite short: 2 ranks: (1, 2, 1) in 2D, (1, 1, 1, 2) in 3D; 4 ranks: a 2x2 grid in 2D,
         # batch x space (2, 1, 1, 2) in 3D
-        chosen = grids(ndim) if name == "core-chain" or only else [grids(ndim)[min(0 if ndim == 2 else 1 + (n == 4), len(grids(ndim)) - 1)]]
+        if name == "core-chain" or only:
+            chosen = grids(ndim)
+        else:
+            chosen = [grids(ndim)[min(0 if ndim == 2 else 1 + (n == 4), len(grids(ndim)) - 1)]]
         for grid in chosen:
             for ms in (True, False):
                 if not ms and (ndim == 3 or grid != grids(ndim)[0] or (name != "core-chain" and not only)):

@@ -4,7 +4,6 @@ Run: mpiexec -n N python -m mpi4py tests/mpi/failure.py"""
 import sys
 
 import torch
-
 from _common import make_comm
 
 from invnet.distributed import Partition, halo_exchange

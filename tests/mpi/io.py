@@ -7,7 +7,6 @@ import h5py
 import numpy as np
 import torch
 import zarr
-
 from _common import Verdict, make_comm
 
 from invnet.distributed import Partition

@@ -5,7 +5,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from _common import Verdict, make_comm, rel
 
 from invnet.distributed import Partition, halo_exchange, sum_over_ranks

@@ -6,22 +6,20 @@ Model:  x ~ N(m0, P),  y = A x + e,  e ~ N(0, s^2 I).  Then (Bayes' rule for Gau
 
 with S independent of y and mu affine in y. A conditional flow q(x | y) trained on joint pairs
 (x, y) by maximum likelihood minimises E_y KL(p(.|y) || q(.|y)); this module builds the problem,
-the networks (chosen by name, so other conditional families plug in) and the comparison with the
-exact posterior.
+its simulator (:func:`simulate`, the ``[data] source`` of the configs: fresh joint pairs every
+step) and the comparison with the exact posterior (:func:`evaluate`).
 """
 from __future__ import annotations
 
+import functools
 import math
-import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from torch import nn
-
-from invnet.networks import ConditionalGlow, ConditionalHINT, FlowNetwork, ImageSummary, VectorSummary
+__all__ = ["LinearGaussianProblem", "make_problem", "simulate", "evaluate"]
 
 D64 = torch.float64
 
@@ -34,9 +32,12 @@ class LinearGaussianProblem:
     prior_mean: Tensor
     prior_cov: Tensor
     noise_std: float
+    #: a 1D field: the network sees x as (1, dim_x) and y as (1, dim_y) (one channel on a grid)
+    #: (not named ``field``: that is the constructor :meth:`field`, which would become the default)
+    on_grid: bool = False
 
     @classmethod
-    def random(cls, dim_x: int = 8, dim_y: int = 6, noise_std: float = 0.3, seed: int = 0) -> "LinearGaussianProblem":
+    def random(cls, dim_x: int = 8, dim_y: int = 6, noise_std: float = 0.3, seed: int = 0) -> LinearGaussianProblem:
         """A random well-posed instance: prior covariance with eigenvalues in [0.5, 2] and random
         eigenvectors, prior mean of size ~0.5, and ``A`` with N(0, 1/dim_x) entries."""
         if dim_x < 2 or dim_y < 1:
@@ -52,20 +53,22 @@ class LinearGaussianProblem:
         return cls(A, prior_mean, prior_cov, float(noise_std))
 
     @classmethod
-    def field(cls, n: int = 16, m: int = 8, noise_std: float = 0.1, length_scale: float = 3.0, seed: int = 0) -> "LinearGaussianProblem":
+    def field(cls, n: int = 16, m: int = 8, noise_std: float = 0.1, length_scale: float = 3.0,
+              seed: int = 0) -> LinearGaussianProblem:
         r"""A 1D field variant: ``x`` on ``n`` grid points with a squared-exponential prior
         covariance :math:`P_{ij} = e^{-(i-j)^2 / (2 \ell^2)} + 0.05\,\delta_{ij}`, observed as
         ``m`` blurred samples (Gaussian blur of width ``n / m``, every ``n / m``-th point)."""
         if n % m:
             raise ValueError(f"the field size n={n} must be a multiple of the observation size m={m}")
         i = torch.arange(n, dtype=D64)
-        prior_cov = torch.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * length_scale**2)) + 0.05 * torch.eye(n, dtype=D64)
+        squared_distance = (i[:, None] - i[None, :]) ** 2
+        prior_cov = torch.exp(-squared_distance / (2 * length_scale**2)) + 0.05 * torch.eye(n, dtype=D64)
         centres = (torch.arange(m, dtype=D64) + 0.5) * (n / m) - 0.5
         A = torch.exp(-((centres[:, None] - i[None, :]) ** 2) / (2 * (n / m) ** 2))
         A = A / A.sum(1, keepdim=True)
         g = torch.Generator().manual_seed(seed)
         prior_mean = 0.3 * torch.sin(2 * math.pi * i / n + float(torch.rand(1, generator=g, dtype=D64)) * 6.0)
-        return cls(A, prior_mean, prior_cov, float(noise_std))
+        return cls(A, prior_mean, prior_cov, float(noise_std), on_grid=True)
 
     @property
     def dim_x(self) -> int:
@@ -104,97 +107,47 @@ class LinearGaussianProblem:
         z = torch.randn(y.shape[0], n, self.dim_x, generator=generator, dtype=D64)
         return self.posterior_mean(y)[:, None, :] + z @ chol.T
 
+    def to_network(self, rows: Tensor) -> Tensor:
+        """Rows ``(n, d)`` in the layout the network sees: ``(n, 1, d)`` for a field, else as they are."""
+        return rows[:, None, :] if self.on_grid else rows
 
-# --------------------------------------------------------------------------------------------
-# networks, chosen by name
-def _glow(dim_x: int, dim_y: int, hidden: int, depth: int, summary: int) -> FlowNetwork:
-    if summary:
-        return ConditionalGlow(dim_x, summary, hidden=hidden, levels=1, depth=depth, ndim=0,
-                               summary=VectorSummary(dim_y, summary, hidden=hidden))
-    return ConditionalGlow(dim_x, dim_y, hidden=hidden, levels=1, depth=depth, ndim=0)
-
-
-def _glow_field(dim_x: int, dim_y: int, hidden: int, depth: int, summary: int) -> FlowNetwork:
-    # x is a 1D field (1 channel, dim_x points); y (dim_y points) is resampled onto x's grid
-    k = summary or 2
-    return ConditionalGlow(1, k, hidden=hidden, levels=2, depth=depth, ndim=1,
-                           summary=ImageSummary(1, k, out_size=(dim_x,), hidden=hidden))
+    def from_network(self, t: Tensor) -> Tensor:
+        """Inverse of :meth:`to_network`."""
+        return t[:, 0, :] if self.on_grid else t
 
 
-def _hint(dim_x: int, dim_y: int, hidden: int, depth: int, summary: int) -> FlowNetwork:
-    # separate lanes: the y-lane maps y itself, so there is no summary network
-    if summary:
-        raise ValueError("ConditionalHINT conditions on its own y-lane; use --summary 0")
-    return ConditionalHINT(dim_x, dim_y, hidden=hidden, depth=depth, ndim=0)
+@functools.lru_cache(maxsize=8)
+def make_problem(dim_x: int = 8, dim_y: int = 6, noise: Optional[float] = None, field: bool = False,
+            seed: int = 0) -> LinearGaussianProblem:
+    """The problem a config's ``[data] arguments`` name: :meth:`LinearGaussianProblem.random`
+    (vectors; noise 0.3 by default) or, with ``field``, :meth:`LinearGaussianProblem.field`
+    (noise 0.1 by default); built once per process."""
+    if field:
+        return LinearGaussianProblem.field(dim_x, dim_y, 0.1 if noise is None else noise, seed=seed)
+    return LinearGaussianProblem.random(dim_x, dim_y, 0.3 if noise is None else noise, seed=seed)
 
 
-NETWORKS: dict[str, Callable[..., FlowNetwork]] = {"glow": _glow, "hint": _hint}
-FIELD_NETWORKS: dict[str, Callable[..., FlowNetwork]] = {"glow": _glow_field}
+def simulate(n: int, generator: torch.Generator, dim_x: int = 8, dim_y: int = 6, noise: Optional[float] = None,
+             field: bool = False, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` fresh joint pairs ``(x, y)`` of :func:`make_problem` (float64), in the network's layout:
+    the simulator of ``[data] source = "applications.linear_gaussian:simulate"`` (its keyword
+    arguments are the config's ``[data] arguments``; ``seed`` fixes the problem, the generator the
+    draws).
 
-
-class FieldAdapter(nn.Module):
-    """Presents a flow over 1D fields ``(N, 1, n)`` conditioned on observations ``(N, 1, m)`` with
-    the vector interface of this module: ``log_prob(x, y)`` and ``sample(k, y)`` on rows."""
-
-    def __init__(self, net: FlowNetwork, n: int) -> None:
-        super().__init__()
-        self.net = net
-        self.n = n
-
-    def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.net.log_prob(x[:, None, :], y[:, None, :])
-
-    def sample(self, k: int, y: Tensor) -> Tensor:
-        return self.net.sample(k, y[:, None, :], shape=(1, self.n))[:, 0]
-
-
-def build_network(
-    name: str, dim_x: int, dim_y: int, hidden: int = 64, depth: int = 8, summary: int = 0, field: bool = False
-) -> nn.Module:
-    """A conditional flow ``q(x | y)`` with ``log_prob(x, y)`` and ``sample(n, y)`` on rows.
-
-    Vectors: ``summary > 0`` inserts a learned vector summary of ``y`` with that many outputs.
-    ``field=True``: a 1D multiscale flow over the field ``x`` whose condition is the observation
-    resampled onto x's grid by an image summary network (``summary`` channels, default 2)."""
-    table = FIELD_NETWORKS if field else NETWORKS
-    if name not in table:
-        raise ValueError(f"unknown network {name!r}; available: {sorted(table)}")
-    net = table[name](dim_x, dim_y, hidden, depth, summary)
-    return FieldAdapter(net, dim_x) if field else net
+    >>> x, y = simulate(3, torch.Generator().manual_seed(0), dim_x=4, dim_y=2)
+    >>> tuple(x.shape), tuple(y.shape)
+    ((3, 4), (3, 2))
+    >>> make_problem(4, 2).on_grid, make_problem(16, 8, field=True).on_grid
+    (False, True)
+    >>> tuple(simulate(3, torch.Generator(), dim_x=16, dim_y=8, field=True)[0].shape)
+    (3, 1, 16)
+    """
+    pr = make_problem(dim_x, dim_y, noise, field, seed)
+    x, y = pr.sample_joint(n, generator)
+    return pr.to_network(x), pr.to_network(y)
 
 
 # --------------------------------------------------------------------------------------------
-def train(
-    net: nn.Module,
-    problem: LinearGaussianProblem,
-    steps: int,
-    batch: int = 512,
-    lr: float = 1e-3,
-    seed: int = 0,
-    log_every: int = 0,
-) -> list[float]:
-    """Maximum likelihood on fresh joint pairs every step (float32), cosine learning-rate decay.
-    Returns the loss history (negative log-likelihood in nats per sample)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    history = []
-    t0 = time.time()
-    for step in range(steps):
-        x, y = problem.sample_joint(batch, g)
-        loss = -net.log_prob(x.float(), y.float()).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
-        opt.step()
-        sched.step()
-        history.append(float(loss.detach()))
-        if log_every and (step + 1) % log_every == 0:
-            recent = sum(history[-log_every:]) / log_every
-            print(f"step {step + 1:6d}  nll {recent:8.4f}  ({time.time() - t0:.0f} s)", flush=True)
-    return history
-
-
 def _metrics_from_samples(problem: LinearGaussianProblem, y: Tensor, samples: Tensor, truth_draws: Tensor) -> dict:
     """Posterior statistics of ``samples`` (rows, n, dim_x) against the exact posterior."""
     mu = problem.posterior_mean(y)
@@ -246,15 +199,17 @@ def evaluate(
     the same size: the Monte-Carlo noise floor of each number.
     """
     g = torch.Generator().manual_seed(seed)
+    dtype = next(net.parameters()).dtype
     _, y = problem.sample_joint(n_y, g)
     samples = torch.stack(
-        [net.sample(n_samples, y[i : i + 1].float()).double() for i in range(n_y)]
+        [problem.from_network(net.sample(n_samples, problem.to_network(y[i : i + 1]).to(dtype))).double()
+         for i in range(n_y)]
     )
     truth = problem.sample_posterior(y, n_truth, g)
     out = _metrics_from_samples(problem, y, samples, truth)
     baseline = _metrics_from_samples(problem, y, problem.sample_posterior(y, n_samples, g), truth)
     x, yk = problem.sample_joint(n_kl, g)
-    nll_q = -net.log_prob(x.float(), yk.float()).double()
+    nll_q = -net.log_prob(problem.to_network(x).to(dtype), problem.to_network(yk).to(dtype)).double()
     nll_p = -problem.posterior_log_prob(x, yk)
     diff = (nll_q - nll_p) / problem.dim_x
     out["kl_gap_nats_per_dim"] = float(diff.mean())

@@ -1,7 +1,10 @@
-"""Evaluate models trained by ``invnet train`` (``make_pairs.py`` + ``invnet_train.toml``) with the
-same metrics as this application's own model.
+"""Read a trained super-resolution run for evaluation and sampling: :func:`load_run`.
 
-``invnet train`` fits a :class:`invnet.networks.ConditionalGlow` on whole high-resolution patches,
+Every run is an invnet run folder (checkpoints with safetensors weights, the network spec and the
+data description). ``python -m applications.super_resolution`` trains :class:`~.model.SRFlow`
+(``[model] type = "applications.super_resolution.model:SRFlow"``), rebuilt here from its spec.
+The generic path, ``invnet train`` on a pairs file (``make_pairs.py`` + ``invnet_train.toml``), fits a
+:class:`invnet.networks.ConditionalGlow` on whole high-resolution patches,
 conditioned on an ``ImageSummary`` of the low-resolution input (the SRFlow layout), and writes
 checkpoint directories (safetensors weights, the network spec, the data normalisation).
 :class:`InvnetTrainModel` wraps such a checkpoint in the small interface that
@@ -22,14 +25,17 @@ from torch import Tensor, nn
 from invnet.inference import PosteriorSampler
 from invnet.training.checkpoint import resolve_checkpoint
 
-from .config import merge_config
+from .data import check_arguments
+from .model import SRFlow
 
-__all__ = ["InvnetTrainModel", "is_invnet_checkpoint"]
+__all__ = ["SRFLOW_TYPE", "InvnetTrainModel", "is_invnet_checkpoint", "load_run"]
+
+#: the ``[model] type`` of this application's own model
+SRFLOW_TYPE = "applications.super_resolution.model:SRFlow"
 
 
 def is_invnet_checkpoint(path: str) -> bool:
-    """Whether ``path`` is an ``invnet train`` checkpoint or run directory (rather than a ``.pt``
-    file written by ``train.py``)."""
+    """Whether ``path`` is an invnet checkpoint or run directory."""
     if not os.path.isdir(path):
         return False
     try:
@@ -47,7 +53,7 @@ class InvnetTrainModel:
         device: where to run the network.
     """
 
-    def __init__(self, path: str, device: "str | torch.device" = "cpu") -> None:
+    def __init__(self, path: str, device: str | torch.device = "cpu") -> None:
         self.sampler = PosteriorSampler.from_checkpoint(path)  # reads the weights once
         path = resolve_checkpoint(path)
         with open(os.path.join(path, "meta.json")) as f:  # the checkpoint's small JSON part
@@ -68,12 +74,9 @@ class InvnetTrainModel:
         self.channels = int(x_shape[0])
         self.sampler.model.to(device)
         self.device = torch.device(device)
-        #: the application config the evaluation uses: held-out scikit-image patches of the size
-        #: the network was trained on (make_pairs.py draws from the same training images)
-        self.config = merge_config({
-            "data": {"source": "skimage", "patch": int(x_shape[-1])},
-            "model": {"factor": factor},
-        })
+        #: the held-out set the evaluation uses (:func:`~.data.held_out_images`): scikit-image
+        #: patches of the size the network was trained on (make_pairs.py draws from the same images)
+        self.data_arguments = {"source": "skimage", "factor": factor, "patch": int(x_shape[-1])}
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.sampler.model.parameters()
@@ -85,3 +88,23 @@ class InvnetTrainModel:
             raise ValueError(f"y must have shape (N, {self.channels}, H, W), got {tuple(y.shape)}")
         out = [self.sampler.sample(n, yi.to(self.device), temperature, generator) for yi in y]
         return torch.stack(out, dim=1)
+
+
+def load_run(path: str, device: str | torch.device = "cpu") -> tuple[SRFlow | InvnetTrainModel, dict]:
+    """The model of a run folder or checkpoint ``path`` (in eval mode, on ``device``) and the
+    ``[data] arguments`` of :func:`~.data.simulate` that describe its images (for
+    :func:`~.data.held_out_images`). Raises ``ValueError`` for anything else (e.g. a ``.pt`` file
+    of the application's former training loop, whose format is gone: retrain)."""
+    if not is_invnet_checkpoint(path):
+        raise ValueError(f"{path!r} is not an invnet run folder or checkpoint (train one with "
+                         "`python -m applications.super_resolution`)")
+    ckpt = resolve_checkpoint(path)
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    if (meta.get("spec") or {}).get("type") != SRFLOW_TYPE:
+        model = InvnetTrainModel(ckpt, device)
+        return model, model.data_arguments
+    arguments = dict((meta.get("data") or {}).get("arguments") or {})
+    check_arguments(**arguments)
+    model = PosteriorSampler.from_checkpoint(ckpt, device=device).model.eval()
+    return model, arguments
