@@ -108,8 +108,8 @@ def pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if not fast_kernels_enabled() and d in _CONV and weight.dim() == x.dim():
         return _CONV[d](x, weight, bias)
     # (layout queries are not answered inside vmap: forward mode takes the channels-first path)
-    channels_last = x.is_contiguous(memory_format=_CHANNELS_LAST[d]) and not x.is_contiguous()
-    if d >= 2 and not in_plain_forward_mode() and channels_last:
+    if (d >= 2 and not in_plain_forward_mode()
+            and x.is_contiguous(memory_format=_CHANNELS_LAST[d]) and not x.is_contiguous()):
         return F.linear(x.movedim(1, -1), w, bias).movedim(-1, 1)
     n, c = x.shape[:2]
     flat = x.reshape(n, c, -1)
