@@ -43,6 +43,31 @@ def _status_kb(field: str) -> Optional[int]:
     return None
 
 
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (``"VmRSS"``, ``"VmHWM"``) in MB; NaN where unsupported."""
+    kb = _status_kb(field)
+    return float("nan") if kb is None else kb / 1024
+
+
+class FixedPairs:
+    """One fixed batch of pairs ``(x, y = x + noise * N(0, 1))`` of shape ``shape``, served at every
+    step: a batch source for the trainer (nothing to save on a checkpoint)."""
+
+    def __init__(self, shape: tuple[int, ...], noise: float, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape, generator=g)
+        self.batch = (x, x + noise * torch.randn(shape, generator=g))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter of this process (Linux); False where unsupported."""
     try:

@@ -46,6 +46,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from bench_common import FixedPairs, reset_peak_rss, status_mb  # noqa: E402
 
 from invnet.core.memory_trace import trace_live_bytes  # noqa: E402
 from invnet.distributed import ParallelStrategy, default_comm  # noqa: E402
@@ -72,47 +73,13 @@ halo_module._exchange = _timed(halo_module._exchange)
 halo_module._exchange_adjoint = _timed(halo_module._exchange_adjoint)
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-class RandomVolumes:
-    """This rank's subdomain of a fixed pair of random volumes (x, y = x + noise), generated on
-    the rank (no rank holds a whole volume): a batch source for the trainer."""
-
-    def __init__(self, shape: tuple[int, ...], batch: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn((batch, 1) + shape, generator=g)
-        self.batch = (x, x + 0.5 * torch.randn((batch, 1) + shape, generator=g))
-
-    def next_batch(self):
-        return self.batch
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
 def build(space: tuple[int, ...], args, comm, out_dir: str) -> Trainer:
     strategy = ParallelStrategy(space, (1, comm.size, 1, 1), comm)
     torch.manual_seed(0)
     net = ConditionalGlow(1, 1, hidden=args.hidden, levels=args.levels, depth=args.depth, ndim=3)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    source = RandomVolumes(strategy.local_space_shape, args.batch, seed=1 + comm.rank)
+    # this rank's subdomain of a fixed pair of random volumes, generated on the rank (no rank holds a whole volume)
+    source = FixedPairs((args.batch, 1) + tuple(strategy.local_space_shape), 0.5, seed=1 + comm.rank)
     return Trainer(net, opt, source, out_dir, steps=1, strategy=strategy, device="cpu", progress=False,
                    log_every=1)
 
@@ -135,8 +102,8 @@ def one_run(space: tuple[int, ...], args, comm, trace: bool) -> dict:
         local_voxels = math.prod(trainer.strategy.local_space_shape)
         live = live_bytes(trainer, local_voxels) if trace else None
         comm.barrier()
-        _reset_peak()
-        baseline = _status_mb("VmRSS:")
+        reset_peak_rss()
+        baseline = status_mb("VmRSS")
         HALO_SECONDS[0] = 0.0
         times = []
         c0 = time.process_time()
@@ -148,7 +115,7 @@ def one_run(space: tuple[int, ...], args, comm, trace: bool) -> dict:
         comm.barrier()
         step, halo = statistics.median(times), HALO_SECONDS[0] / args.steps
         per_rank = torch.zeros(6, comm.size, dtype=torch.float64)
-        per_rank[:, comm.rank] = torch.tensor([step, halo, _status_mb("VmHWM:"), _status_mb("VmHWM:") - baseline,
+        per_rank[:, comm.rank] = torch.tensor([step, halo, status_mb("VmHWM"), status_mb("VmHWM") - baseline,
                                                baseline, cpu], dtype=torch.float64)
         per_rank = comm.allreduce_sum(per_rank)
         lives = None

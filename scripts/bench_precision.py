@@ -22,28 +22,16 @@ import os
 import tempfile
 
 import torch
-from bench_common import interleaved_times, measure_step_memory, run_fresh, set_threads, write_json_atomic
+from bench_common import (
+    FixedPairs,
+    interleaved_times,
+    measure_step_memory,
+    run_fresh,
+    set_threads,
+    write_json_atomic,
+)
 
 PRECISIONS = ("float32", "bfloat16", "float16")
-
-
-class FixedBatch:
-    """One fixed (x, y) batch, served at every step (a batch source for the trainer)."""
-
-    def __init__(self, cfg: dict) -> None:
-        g = torch.Generator().manual_seed(0)
-        shape = (cfg["batch"], cfg["channels"], cfg["size"], cfg["size"])
-        x = torch.randn(shape, generator=g)
-        self.batch = (x, x + 0.3 * torch.randn(shape, generator=g))
-
-    def next_batch(self):
-        return self.batch
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def trainer(cfg: dict, precision: str, out_dir: str):
@@ -54,8 +42,8 @@ def trainer(cfg: dict, precision: str, out_dir: str):
     net = ConditionalGlow(cfg["channels"], cfg["channels"], hidden=cfg["hidden"], levels=cfg["levels"],
                           depth=cfg["depth"], ndim=2)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    t = Trainer(net, opt, FixedBatch(cfg), out_dir, steps=1, device=cfg["device"], precision=precision,
-                progress=False)
+    pairs = FixedPairs((cfg["batch"], cfg["channels"], cfg["size"], cfg["size"]), 0.3, seed=0)
+    t = Trainer(net, opt, pairs, out_dir, steps=1, device=cfg["device"], precision=precision, progress=False)
     t.fit()  # warm-up: ActNorm initialisation, kernel choices, allocator
     return t
 
