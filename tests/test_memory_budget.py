@@ -184,3 +184,67 @@ def test_parse_bytes(text, expected):
 def test_parse_bytes_rejects_bad_input(bad):
     with pytest.raises(ValueError, match="memory budget"):
         invnet.memory_budget(bad).__enter__()
+
+
+def count_segments(monkeypatch):
+    """Record the number of units of every kept segment as it closes."""
+    from invnet.core import budget
+
+    sizes = []
+    close = budget._Segment.close
+
+    def counting_close(self):
+        sizes.append(self.units)
+        close(self)
+
+    monkeypatch.setattr(budget._Segment, "close", counting_close)
+    return sizes
+
+
+def test_consecutive_kept_units_form_one_graph(monkeypatch):
+    """Kept neighbours in a chain are one autograd graph (one gradient call, plain autograd's
+    speed); a unit that is recomputed, or a chain entered from a network's own code, cuts it."""
+    from invnet.layers import ActNorm, AffineCoupling, Conv1x1
+
+    torch.manual_seed(0)
+    shared = Conv1x1(2)  # used twice: both uses must get their gradient
+    inner = invnet.Chain(ActNorm(2), AffineCoupling(2, hidden=8, ndim=1))
+    net = randomize_parameters_(invnet.Chain(
+        ActNorm(2), shared, inner, AffineCoupling(2, hidden=8, ndim=1), shared,
+    ).to(D), 0.2)
+    x = torch.randn(3, 2, 8, dtype=D)
+    with torch.no_grad():
+        net(x)
+    with invnet.memory_saving(False):
+        reference = grads(net, x, None)
+    sizes = count_segments(monkeypatch)
+    with invnet.memory_budget("unlimited"):
+        got = grads(net, x, None)
+    assert sizes == [6]  # the nested chain joins its neighbours
+    assert max_error(got, reference) <= 1e-10
+
+    with invnet.memory_budget("1MB"):
+        grads(net, x, None)  # measures every unit
+    nbytes = invnet.memory_plans(net)[-1].nbytes
+    budget = sum(nbytes) - nbytes[3] // 2  # everything but (at least) one unit fits
+    with invnet.memory_budget(budget):
+        grads(net, x, None)  # plans
+        sizes.clear()
+        got = grads(net, x, None)
+    plan = invnet.memory_plans(net)[-1]
+    kept_runs = [len(run) for run in "".join("k" if k else " " for k in plan.keep).split()]
+    assert sizes == kept_runs and sum(sizes) < 6
+    assert max_error(got, reference) <= 1e-10
+
+
+def test_a_network_s_own_code_cuts_the_segments(monkeypatch):
+    """A multiscale network hands its levels' chains pieces of tensors from its own code; each
+    level's chain then starts a graph of its own, and gradients stay exact."""
+    net, x, c = build("cond_glow")
+    with invnet.memory_saving(False):
+        reference = grads(net, x, c)
+    sizes = count_segments(monkeypatch)
+    with invnet.memory_budget("unlimited"):
+        got = grads(net, x, c)
+    assert len(sizes) > 1 and sum(sizes) == len(invnet.memory_plans(net)[0].units)
+    assert max_error(got, reference) <= 1e-10

@@ -8,7 +8,10 @@ that are not themselves chains) either
 
 * **keep** their activations: the unit's own ``_forward`` is recorded by ordinary autograd (on
   detached leaves of its input, condition and parameters), and its backward is that graph's
-  ``torch.autograd.grad``: no rebuild, no recomputation; or
+  ``torch.autograd.grad``: no rebuild, no recomputation. Kept units that follow each other in a
+  chain are recorded as one graph (a *segment*) and differentiated by one call, so that an
+  unlimited budget runs at the speed of plain autograd; a recomputed unit, or a chain entered
+  from a network's own code (a multiscale split), starts a new segment; or
 * **recompute**: the unit runs without a graph, and its hand-written ``_vjp`` rebuilds its input
   from its output as before.
 
@@ -221,24 +224,77 @@ def _plan_key(inverse: bool, inp: Tensor, c: Optional[Tensor]) -> tuple:
 
 # ----------------------------------------------------------------------------------------------
 # the tape: what one step records (forward) and replays (backward)
-class _Kept:
-    """One kept unit: its graph (held through gradient edges, so that the unit's output is not
-    kept alive by this record), the leaves it was recorded on, and the parameters they alias."""
+class _Segment:
+    """A run of consecutive kept units recorded as one autograd graph.
 
-    __slots__ = ("outputs", "x", "c", "originals", "aliases")
+    Units that follow each other directly in a chain (the output of one is the input of the next
+    and, in the backward, the chain hands the cotangent straight back) need no boundary between
+    their graphs: the segment starts from a detached leaf of its first unit's input, chains the
+    units' graphs, and is differentiated by one ``torch.autograd.grad`` when the backward reaches
+    its last unit. The earlier units of the segment then pass the rebuilt input and its cotangent
+    through. One call per segment instead of one per unit is what brings an unlimited budget to
+    the speed of plain autograd. The graph is held through gradient edges of the outputs (the last
+    unit's output and every unit's logdet), so that no output tensor is kept alive by this record.
+    """
 
-    def __init__(self, outputs: list[Optional[GradientEdge]], x: Tensor, c: Optional[Tensor],
-                 originals: list[nn.Parameter], aliases: list[Tensor]) -> None:
-        self.outputs, self.x, self.c, self.originals, self.aliases = outputs, x, c, originals, aliases
+    __slots__ = ("x", "c_source", "c", "originals", "aliases", "logdets", "output", "last", "units",
+                 "visited", "dlogdet", "result")
 
-    def grad(self, dy: Tensor, dlogdet: Tensor, grads: GradStore, keep_graph: bool) -> tuple[Tensor, Optional[Tensor]]:
+    def __init__(self, x: Tensor, c_source: Optional[Tensor], c: Optional[Tensor]) -> None:
+        self.x, self.c_source, self.c = x, c_source, c
+        self.originals: list[nn.Parameter] = []
+        self.aliases: list[Tensor] = []
+        self.logdets: list[GradientEdge] = []
+        self.output: Optional[GradientEdge] = None
+        self.last: Optional[tuple[Tensor, Tensor]] = None  # (attached output, what the chain got)
+        self.units = 0
+        self.visited = 0
+        self.dlogdet: Optional[Tensor] = None
+        self.result: Optional[Tensor] = None
+
+    def add(self, y: Tensor, logdet: Tensor, originals: list[nn.Parameter], aliases: list[Tensor]) -> Tensor:
+        """Append one unit's outputs; returns the detached output the chain passes on."""
+        self.originals += originals
+        self.aliases += aliases
+        if logdet.requires_grad:  # a squeeze's constant logdet has no edge and no cotangent
+            self.logdets.append(get_gradient_edge(logdet))
+        self.units += 1
+        handed = y.detach()
+        self.last = (y, handed)
+        return handed
+
+    def continues_from(self, x: Tensor, c: Optional[Tensor]) -> Optional[Tensor]:
+        """The attached output to feed the next unit, if it takes the last output and condition."""
+        if self.last is not None and x is self.last[1] and c is self.c_source and self.last[0].requires_grad:
+            return self.last[0]
+        return None
+
+    def close(self) -> None:
+        if self.last is not None:
+            y = self.last[0]
+            self.output = get_gradient_edge(y) if y.requires_grad else None
+            self.last = None  # the edges hold the graph; the output tensor itself may go
+
+    def vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, grads: GradStore, keep_graph: bool) -> VJPResult:
+        """The backward of one unit of the segment: the whole segment's gradient at its last unit
+        (visited first), a pass-through at the others."""
+        first = self.visited == 0
+        self.visited = (self.visited + 1) % self.units
+        if not first:
+            if dy is not self.result or not (dlogdet is self.dlogdet or torch.equal(dlogdet, self.dlogdet)):
+                raise RuntimeError("a kept segment of a memory budget was walked out of order (internal error)")
+            if self.visited == 0 and not keep_graph:
+                self.result = self.dlogdet = None
+            return y, dy, None
+        pairs = ([(self.output, dy)] if self.output is not None else []) + [(e, dlogdet) for e in self.logdets]
         wrt = [self.x] + ([self.c] if self.c is not None else []) + list(self.aliases)
-        pairs = [(e, v) for e, v in zip(self.outputs, (dy, dlogdet)) if e is not None]
         g = torch.autograd.grad([e for e, _ in pairs], wrt, [v for _, v in pairs], allow_unused=True,
-                                retain_graph=keep_graph)
+                                retain_graph=keep_graph) if pairs else [None] * len(wrt)
         grads.add_many(self.originals, g[1 + (self.c is not None):])
         dx = torch.zeros_like(self.x) if g[0] is None else g[0]
-        dc = g[1] if self.c is not None else None  # None: the unit ignores c (zero)
+        dc = g[1] if self.c is not None else None  # None: the units ignore c (zero)
+        if self.units > 1:  # what the earlier units of the segment will be handed
+            self.result, self.dlogdet = dx, dlogdet
         return self.x.detach(), dx, dc
 
 
@@ -283,7 +339,8 @@ class Tape:
         self.units: list[str] = []
         self.nbytes: list[int] = []
         self.seconds: list[float] = []
-        self.kept: dict[int, list[Optional[_Kept]]] = {}
+        self.kept: dict[int, list[Optional[_Segment]]] = {}
+        self.segment: Optional[_Segment] = None  # the kept segment still growing in the forward
         self.kept_bytes = 0
         self.replaying = False
         self.keep_graph = False
@@ -314,7 +371,9 @@ class Tape:
             return not self.measuring  # unlimited: keep all
         return index < len(self.plan.keep) and self.plan.keep[index] and self.plan.units[index] == type(unit).__name__
 
-    def run(self, unit: nn.Module, fn: Callable, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def run(
+        self, unit: nn.Module, fn: Callable, x: Tensor, c: Optional[Tensor], follows: bool
+    ) -> tuple[Tensor, Tensor]:
         index = self.index
         self.index += 1
         self.units.append(type(unit).__name__)
@@ -322,39 +381,59 @@ class Tape:
         if keep and self.plan is not None and self.plan.nbytes is not None:
             if self.kept_bytes + self.plan.nbytes[index] > self.budget:
                 keep = False  # the walk differs from the plan's: never overflow the budget
-        if not (keep or self.measuring):
+        if self.measuring:
+            self._close_segment()
+            return self._measure(unit, fn, x, c)
+        if not keep:
+            self._close_segment()
             self.kept.setdefault(id(unit), []).append(None)
             with _paused():
                 return fn(x, c)
         from .module import memory_saving  # local: module imports this file
 
+        segment = self.segment
+        attached = segment.continues_from(x, c) if (segment is not None and follows) else None
+        if attached is None:
+            self._close_segment()
+            x_leaf = x.detach().requires_grad_(True)
+            c_leaf = c.detach().requires_grad_(True) if (c is not None and c.is_floating_point()) else c
+            segment = self.segment = _Segment(x_leaf, c, c_leaf if c_leaf is not c else None)
+            attached = x_leaf
+        c_in = segment.c if segment.c is not None else c
+        with _paused(), memory_saving(False), torch.enable_grad(), parameter_aliases(unit) as (originals, aliases):
+            y, logdet = fn(attached, c_in)
+        if self.plan is not None and self.plan.nbytes is not None:
+            self.kept_bytes += self.plan.nbytes[index]
+        self.kept.setdefault(id(unit), []).append(segment)
+        return segment.add(y, logdet, originals, aliases), logdet.detach()
+
+    def _measure(self, unit: nn.Module, fn: Callable, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """Record one unit's graph to count its saved bytes and time it, then drop it."""
+        from .module import memory_saving  # local: module imports this file
+
         x_leaf = x.detach().requires_grad_(True)
         c_leaf = c.detach().requires_grad_(True) if (c is not None and c.is_floating_point()) else c
-        counter = _ByteCounter(list(unit.parameters()) + [c]) if self.measuring else None
-        hooks = (torch.autograd.graph.saved_tensors_hooks(counter.see, lambda t: t)
-                 if counter is not None else contextlib.nullcontext())
-        with _paused(), memory_saving(False), torch.enable_grad(), parameter_aliases(unit) as (originals, aliases):
+        counter = _ByteCounter(list(unit.parameters()) + [c])
+        with _paused(), memory_saving(False), torch.enable_grad(), parameter_aliases(unit):
             start = time.perf_counter()
-            with hooks:
+            with torch.autograd.graph.saved_tensors_hooks(counter.see, lambda t: t):
                 y, logdet = fn(x_leaf, c_leaf)
-            if counter is not None:
-                counter.see(x_leaf)
-                if y.device.type == "cuda":
-                    torch.cuda.synchronize(y.device)
-                self.nbytes.append(counter.total)
-                self.seconds.append(time.perf_counter() - start)
-        record = None
-        if keep and y.requires_grad:
-            # a logdet that does not depend on anything (a squeeze) has no edge and no cotangent
-            outputs = [get_gradient_edge(t) if t.requires_grad else None for t in (y, logdet)]
-            record = _Kept(outputs, x_leaf, c_leaf if c_leaf is not c else None, originals, aliases)
-            if self.plan is not None and self.plan.nbytes is not None:
-                self.kept_bytes += self.plan.nbytes[index]
-        self.kept.setdefault(id(unit), []).append(record)
+            counter.see(x_leaf)
+            if y.device.type == "cuda":
+                torch.cuda.synchronize(y.device)
+            self.nbytes.append(counter.total)
+            self.seconds.append(time.perf_counter() - start)
+        self.kept.setdefault(id(unit), []).append(None)
         return y.detach(), logdet.detach()
+
+    def _close_segment(self) -> None:
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
 
     def finish_forward(self) -> None:
         """Store what a measuring step found; the plan follows at the next step."""
+        self._close_segment()
         cache = _cache(self.module)
         if self.measuring:
             cache.stats[self.key] = (tuple(self.units), tuple(self.nbytes), tuple(self.seconds))
@@ -383,8 +462,7 @@ class Tape:
         if record is None:
             with _paused():
                 return vjp(y, dy, dlogdet, c, grads)
-        del y  # the kept graph holds the input; the rebuilt one is not needed
-        return record.grad(dy, dlogdet, grads, self.keep_graph)
+        return record.vjp(y, dy, dlogdet, grads, self.keep_graph)
 
     @contextlib.contextmanager
     def record(self) -> Iterator[None]:
@@ -423,9 +501,12 @@ def _tape() -> Optional[Tape]:
 
 # ----------------------------------------------------------------------------------------------
 # what Chain calls for each of its units
-def unit_forward(unit: nn.Module, x: Tensor, c: Optional[Tensor], inverse: bool) -> tuple[Tensor, Tensor]:
+def unit_forward(unit: nn.Module, x: Tensor, c: Optional[Tensor], inverse: bool,
+                 follows: bool = False) -> tuple[Tensor, Tensor]:
     """``unit._forward(x, c)`` (or ``_inverse``), kept or recomputed as the running step's plan
-    says; a plain call when no budget is recording."""
+    says; a plain call when no budget is recording. ``follows``: ``x`` is the previous unit's
+    output handed on directly, and the backward hands the cotangent straight back (a chain's
+    walk), so that consecutive kept units may form one graph."""
     fn = unit._inverse if inverse else unit._forward
     if in_plain_forward_mode():
         with naming_block(type(unit).__name__):  # name the unit that has no forward-mode rule
@@ -433,7 +514,7 @@ def unit_forward(unit: nn.Module, x: Tensor, c: Optional[Tensor], inverse: bool)
     tape = _tape()
     if tape is None or tape.replaying:
         return fn(x, c)
-    return tape.run(unit, fn, x, c)
+    return tape.run(unit, fn, x, c, follows)
 
 
 def unit_vjp(unit: nn.Module, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore,

@@ -60,18 +60,24 @@ class Chain(InvertibleModule):
         return shape
 
     def _forward(self, x: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        logdet = x.new_zeros(x.shape[0])
-        for b in self.blocks:
-            x, ld = b._forward(x, c) if isinstance(b, Chain) else unit_forward(b, x, c, inverse=False)
-            logdet = logdet + ld
-        return x, logdet
+        return self._walk(x, c, inverse=False, follows=False)
 
     def _inverse(self, y: Tensor, c: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        logdet = y.new_zeros(y.shape[0])
-        for b in reversed(self.blocks):
-            y, ld = b._inverse(y, c) if isinstance(b, Chain) else unit_forward(b, y, c, inverse=True)
+        return self._walk(y, c, inverse=True, follows=False)
+
+    def _walk(self, x: Tensor, c: Optional[Tensor], inverse: bool, follows: bool) -> tuple[Tensor, Tensor]:
+        # ``follows``: the first block takes the previous block's output directly, and its backward
+        # hands its cotangent straight back (true inside a chain, unknown for a network's own
+        # code): only then may a memory budget record the two as one autograd graph
+        logdet = x.new_zeros(x.shape[0])
+        for i, b in enumerate(reversed(self.blocks) if inverse else self.blocks):
+            adjacent = follows or i > 0
+            if isinstance(b, Chain):
+                x, ld = b._walk(x, c, inverse, adjacent)
+            else:
+                x, ld = unit_forward(b, x, c, inverse, follows=adjacent)
             logdet = logdet + ld
-        return y, logdet
+        return x, logdet
 
     def _vjp(self, y: Tensor, dy: Tensor, dlogdet: Tensor, c: Optional[Tensor], grads: GradStore) -> VJPResult:
         dc = None
