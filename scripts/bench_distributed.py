@@ -30,8 +30,14 @@ Per run, rank 0 prints one JSON line:
 * ``--overhead``: each rank also times the serial step of its own subdomain (the same network,
   not decomposed), interleaved with the decomposed steps in the same process, so that both meet
   the same load: ``decomposition_overhead`` is the per-rank median of decomposed / serial step
-  time (1.0: decomposing costs nothing beyond the subdomain's own work); together with the
-  serial time per voxel it separates what decomposition adds from what the machine does;
+  time (1.0: decomposing costs nothing beyond the subdomain's own work); then each rank in turn
+  times the same serial step while the other ranks sleep (``serial_alone_step_s``), and
+  ``contention`` is the serial step timed with all ranks working over the one timed alone: what
+  the ranks cost each other through the hardware (memory bandwidth, caches, cores that are
+  hyperthreads of one), which no change to the decomposition can remove. The 2-rank speedup is
+  about (1-rank step / 1-rank time per voxel x subdomain voxels) / (contention x overhead);
+  the ``_cpu`` forms are the same ratios in CPU time (steadier on a loaded machine; a waiting
+  rank's CPU time includes MPI's busy polling);
 * ``--bind``: pin each rank to one core (node-local rank ``r`` to the ``r``-th allowed CPU) when
   the node has a core per rank, like ``mpiexec -bind-to core``;
 * ``peak_rss_mb``, ``step_rss_growth_mb``: per rank, the kernel's high-water mark after the timed
@@ -142,12 +148,39 @@ def live_bytes(trainer: Trainer, local_voxels: int) -> dict:
             "at_rest_mb": round(at_rest / MB, 2), "local_voxels": local_voxels}
 
 
-def _serial_steps(serial: Optional[Trainer]) -> Optional[float]:
+def _serial_steps(serial: Optional[Trainer]) -> Optional[tuple[float, float]]:
+    """Wall and CPU seconds of one step of the serial trainer (``None`` without one)."""
     if serial is None:
         return None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     serial._train_step()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _quiet_barrier(comm) -> None:
+    """A barrier that waits asleep (MPI's own barrier polls the CPU: a waiting rank would compete
+    with the one that works)."""
+    mpi = getattr(comm, "comm", None)
+    if mpi is None or not hasattr(mpi, "Ibarrier"):
+        comm.barrier()
+        return
+    request = mpi.Ibarrier()
+    while not request.Test():
+        time.sleep(0.002)
+
+
+def _serial_alone(serial: Trainer, steps: int, comm) -> list[float]:
+    """This rank's serial subdomain step while every other rank sleeps, one rank after another:
+    the step on a machine with nothing else running, against which the same step timed while all
+    ranks work (the serial steps of the main loop) shows what the ranks cost each other through
+    the hardware (shared memory bandwidth and caches, or cores that are hyperthreads of one)."""
+    times = []
+    for r in range(comm.size):
+        comm.barrier()
+        if comm.rank == r:
+            times = [_serial_steps(serial) for _ in range(steps)]
+        _quiet_barrier(comm)
+    return times
 
 
 def one_run(space: tuple[int, ...], args, comm, trace: bool) -> dict:
@@ -185,17 +218,27 @@ def one_run(space: tuple[int, ...], args, comm, trace: bool) -> dict:
         if serial is not None:  # (the serial steps are not the job's: CPU time of the decomposed steps only)
             cpu = sum(u + s for u, s, _ in usage) / args.steps
         comm.barrier()
+        alone = _serial_alone(serial, args.steps, comm) if serial is not None else []
         step, halo = statistics.median(times), statistics.median(halos)
-        overhead = (statistics.median([a / b for a, b in zip(times, serial_times)]) if serial is not None
+        overhead = (statistics.median([a / b[0] for a, b in zip(times, serial_times)]) if serial is not None
                     else float("nan"))
+        nan = float("nan")
+        med = statistics.median
+        contention = med(t for t, _ in serial_times) / med(t for t, _ in alone) if alone else nan
+        # CPU time: the same ratios without the time a rank spent descheduled (on a loaded machine)
+        contention_cpu = med(c for _, c in serial_times) / med(c for _, c in alone) if alone else nan
+        cpu_steps = [u + sy for u, sy, _ in usage]
+        overhead_cpu = med([a / b[1] for a, b in zip(cpu_steps, serial_times)]) if serial is not None else nan
         mine = [statistics.median([p[k] for p in phases]) for k in PHASES + ("update",)]
         mine += [halo] + [statistics.median([u[i] for u in usage]) for i in range(3)]
-        mine += [statistics.median(serial_times) if serial is not None else float("nan"), overhead]
+        mine += [med(t for t, _ in serial_times) if serial is not None else nan, overhead,
+                 med(t for t, _ in alone) if alone else nan, contention, overhead_cpu, contention_cpu]
         table = torch.zeros(len(mine), comm.size, dtype=torch.float64)
         table[:, comm.rank] = torch.tensor(mine, dtype=torch.float64)
         table = comm.allreduce_sum(table)
         names = list(PHASES) + ["update", "halo_s", "cpu_user_s", "cpu_sys_s", "minor_faults", "serial_step_s",
-                                "decomposition_overhead"]
+                                "decomposition_overhead", "serial_alone_step_s", "contention",
+                                "decomposition_overhead_cpu", "contention_cpu"]
         per_rank_parts = {k: [round(float(v), 4) for v in table[i]] for i, k in enumerate(names)}
         per_rank = torch.zeros(6, comm.size, dtype=torch.float64)
         per_rank[:, comm.rank] = torch.tensor([step, halo, status_mb("VmHWM"), status_mb("VmHWM") - baseline,
@@ -222,8 +265,9 @@ def one_run(space: tuple[int, ...], args, comm, trace: bool) -> dict:
             "local_voxels": local_voxels,
             "phases_s": {k: per_rank_parts[k] for k in list(PHASES) + ["update", "halo_s"]},
             **{k: per_rank_parts[k] for k in ("cpu_user_s", "cpu_sys_s", "minor_faults")},
-            **({k: per_rank_parts[k] for k in ("serial_step_s", "decomposition_overhead")} if serial is not None
-               else {}),
+            **({k: per_rank_parts[k] for k in ("serial_step_s", "decomposition_overhead", "serial_alone_step_s",
+                                               "contention", "decomposition_overhead_cpu", "contention_cpu")}
+               if serial is not None else {}),
         }
 
 

@@ -247,7 +247,9 @@ def test_bench_distributed_tiny():
     phases = record["phases_s"]
     assert set(phases) == {"forward", "loss_mean", "backward", "grad_allreduce", "update", "halo_s"}
     assert all(len(v) == 2 for v in phases.values()) and min(phases["forward"] + phases["backward"]) > 0
-    assert all(v > 0 for v in record["serial_step_s"] + record["decomposition_overhead"])
+    for key in ("serial_step_s", "decomposition_overhead", "serial_alone_step_s", "contention",
+                "decomposition_overhead_cpu", "contention_cpu"):
+        assert len(record[key]) == 2 and all(v > 0 for v in record[key]), key
     assert len(record["binding"]) == 2 and len(record["cpu_user_s"]) == 2
     proc = subprocess.run(base + ["--mode", "fit", "--sizes", "8", "16", "--levels", "1", "--depth", "1", "--steps",
                                   "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
