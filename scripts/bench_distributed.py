@@ -37,7 +37,8 @@ Per run, rank 0 prints one JSON line:
   hyperthreads of one), which no change to the decomposition can remove. The 2-rank speedup is
   about (1-rank step / 1-rank time per voxel x subdomain voxels) / (contention x overhead);
   the ``_cpu`` forms are the same ratios in CPU time (steadier on a loaded machine; a waiting
-  rank's CPU time includes MPI's busy polling);
+  rank's CPU time includes MPI's busy polling). The serial trainer's memory adds to the RSS
+  figures: measure memory without ``--overhead``;
 * ``--bind``: pin each rank to one core (node-local rank ``r`` to the ``r``-th allowed CPU) when
   the node has a core per rank, like ``mpiexec -bind-to core``;
 * ``peak_rss_mb``, ``step_rss_growth_mb``: per rank, the kernel's high-water mark after the timed
