@@ -236,12 +236,21 @@ def test_bench_distributed_tiny():
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     base = ["timeout", "-s", "KILL", "240", shutil.which("mpiexec"), "-n", "2", sys.executable, "-m", "mpi4py",
             os.path.join(SCRIPTS, "bench_distributed.py")]
-    proc = subprocess.run(base + ["--mode", "strong", "--size", "16", "--levels", "1", "--depth", "1", "--steps", "1",
-                                  "--trace"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
+    proc = subprocess.run(base + ["--mode", "strong", "--size", "16", "--levels", "1", "--depth", "1", "--steps", "2",
+                                  "--trace", "--overhead", "--bind"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=270)
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["local"] == [8, 16, 16] and len(record["live_peak_mb"]) == 2 and record["step_s"] > 0
     assert 0 < record["halo_fraction_min"] <= record["halo_fraction_max"] < 1
+    # per-rank phases of the step, and the serial step of each rank's own subdomain beside it
+    phases = record["phases_s"]
+    assert set(phases) == {"forward", "loss_mean", "backward", "grad_allreduce", "update", "halo_s"}
+    assert all(len(v) == 2 for v in phases.values()) and min(phases["forward"] + phases["backward"]) > 0
+    for key in ("serial_step_s", "decomposition_overhead", "serial_alone_step_s", "contention",
+                "decomposition_overhead_cpu", "contention_cpu"):
+        assert len(record[key]) == 2 and all(v > 0 for v in record[key]), key
+    assert len(record["binding"]) == 2 and len(record["cpu_user_s"]) == 2
     proc = subprocess.run(base + ["--mode", "fit", "--sizes", "8", "16", "--levels", "1", "--depth", "1", "--steps",
                                   "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
     assert proc.returncode == 0, proc.stderr[-2000:]

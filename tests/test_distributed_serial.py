@@ -80,3 +80,30 @@ def test_a_memory_budget_is_refused_for_a_decomposed_network():
     with invnet.memory_budget(0):
         z, _ = flow(x, c)  # budget 0 is the memory-free default
     assert z.shape == (3, 32, 2, 2)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_halo_exchange_keeps_the_layout_of_its_input(ndim):
+    """A channels-last activation comes out channels-last (as F.pad keeps it; a channels-first
+    padded copy made every decomposed conditioner reorder its volume twice more than serially),
+    with the same values and the same gradient as the channels-first input. A rank that is its
+    own neighbour along the first axis (periodic) exercises the exchange in one process."""
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[ndim]
+    neighbors = ((0, 0),) + ((None, None),) * (ndim - 1)
+    x = torch.randn((2, 3) + (5, 4, 6)[:ndim], dtype=torch.float64)
+    # the periodic copy along axis 0, zero padded along the others
+    wrapped = torch.cat([x.narrow(2, x.shape[2] - 2, 2), x, x.narrow(2, 0, 2)], dim=2)
+    expected = torch.nn.functional.pad(wrapped, [2, 2] * (ndim - 1) + [0, 0])
+    for layout in (torch.contiguous_format, fmt):
+        xl = x.contiguous(memory_format=layout).requires_grad_(True)
+        out = halo_exchange(xl, 2, neighbors, SerialComm())
+        assert out.is_contiguous(memory_format=layout)
+        assert torch.equal(out, expected)
+        y = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        (g,) = torch.autograd.grad(out, xl, y)
+        # adjoint: <H x, y> = <x, H^T y>
+        assert abs(float((out * y).sum()) - float((x * g).sum())) < 1e-12 * float(out.norm() * y.norm())
+        if layout is torch.contiguous_format:
+            g_first = g
+        else:
+            assert torch.equal(g, g_first)

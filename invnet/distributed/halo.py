@@ -33,6 +33,8 @@ from .partition import Partition
 
 __all__ = ["halo_exchange", "HaloPad"]
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
 
 def _slab(a: int, along: slice, interior: tuple[slice, ...]) -> tuple[slice, ...]:
     """Index of a slab along space axis ``a``: the full padded range on the axes exchanged before
@@ -41,6 +43,11 @@ def _slab(a: int, along: slice, interior: tuple[slice, ...]) -> tuple[slice, ...
     for b, inner in enumerate(interior):
         idx.append(slice(None) if b < a else along if b == a else inner)
     return tuple(idx)
+
+
+def _buffer(like: Tensor) -> Tensor:
+    """A contiguous receive buffer of the shape of ``like`` (MPI writes into it directly)."""
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
 
 def _exchange(out: Tensor, width: int, neighbors: tuple, comm: Communicator) -> None:
@@ -54,14 +61,14 @@ def _exchange(out: Tensor, width: int, neighbors: tuple, comm: Communicator) -> 
         # my first w slices -> lower neighbour's upper ghost; my upper ghost <- upper neighbour
         send = out[_slab(a, slice(w, 2 * w), interior)].contiguous() if lo is not None else None
         ghost = _slab(a, slice(n + w, n + 2 * w), interior)
-        buf = torch.empty_like(out[ghost]) if hi is not None else None
+        buf = _buffer(out[ghost]) if hi is not None else None
         comm.sendrecv(send, lo, buf, hi)
         if buf is not None:
             out[ghost] = buf
         # my last w slices -> upper neighbour's lower ghost; my lower ghost <- lower neighbour
         send = out[_slab(a, slice(n, n + w), interior)].contiguous() if hi is not None else None
         ghost = _slab(a, slice(0, w), interior)
-        buf = torch.empty_like(out[ghost]) if lo is not None else None
+        buf = _buffer(out[ghost]) if lo is not None else None
         comm.sendrecv(send, hi, buf, lo)
         if buf is not None:
             out[ghost] = buf
@@ -81,23 +88,48 @@ def _exchange_adjoint(g: Tensor, width: int, neighbors: tuple, comm: Communicato
         # gradient of my last w slices
         send = g[_slab(a, slice(0, w), interior)].contiguous() if lo is not None else None
         mine = _slab(a, slice(n, n + w), interior)
-        buf = torch.empty_like(g[mine]) if hi is not None else None
+        buf = _buffer(g[mine]) if hi is not None else None
         comm.sendrecv(send, lo, buf, hi)
         if buf is not None:
             g[mine] += buf
         send = g[_slab(a, slice(n + w, n + 2 * w), interior)].contiguous() if hi is not None else None
         mine = _slab(a, slice(w, 2 * w), interior)
-        buf = torch.empty_like(g[mine]) if lo is not None else None
+        buf = _buffer(g[mine]) if lo is not None else None
         comm.sendrecv(send, hi, buf, lo)
         if buf is not None:
             g[mine] += buf
+
+
+def _layout_of(x: Tensor) -> torch.memory_format:
+    """The memory format ``x`` is laid out in: channels-last (2D, 3D) when it is contiguous that
+    way and not channels-first, else the default (contiguous) one.
+
+    >>> _layout_of(torch.zeros(1, 2, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d))
+    torch.channels_last_3d
+    >>> _layout_of(torch.zeros(1, 2, 3))
+    torch.contiguous_format
+    """
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is not None and x.is_contiguous(memory_format=fmt) and not x.is_contiguous():
+        return fmt
+    return torch.contiguous_format
+
+
+def _padded_like(x: Tensor, width: int) -> Tensor:
+    """Zeros of the shape of ``x`` padded by ``width`` cells on both sides of every space axis,
+    in the layout of ``x``, as ``F.pad`` makes them: a channels-last conditioner activation stays
+    channels-last, so neither filling the interior nor the convolution that reads the result
+    reorders the volume (a channels-first array here cost two strided reorders of every padded
+    activation, and the adjoint a third)."""
+    shape = x.shape[:2] + tuple(m + 2 * width for m in x.shape[2:])
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_layout_of(x)).zero_()
 
 
 class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, width: int, neighbors: tuple, comm: Communicator) -> Tensor:
         ctx.width, ctx.neighbors, ctx.comm = width, neighbors, comm
-        out = x.new_zeros(x.shape[:2] + tuple(m + 2 * width for m in x.shape[2:]))
+        out = _padded_like(x, width)
         out[(slice(None), slice(None)) + tuple(slice(width, width + m) for m in x.shape[2:])] = x.detach()
         _exchange(out, width, neighbors, comm)
         return out
@@ -105,7 +137,7 @@ class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx: FunctionCtx, g: Tensor):
         w = ctx.width
-        g = g.contiguous().clone()
+        g = g.clone(memory_format=torch.preserve_format)  # the adjoint adds into it: one copy, in the layout of g
         _exchange_adjoint(g, w, ctx.neighbors, ctx.comm)
         return g[(slice(None), slice(None)) + tuple(slice(w, m - w) for m in g.shape[2:])], None, None, None
 

@@ -93,5 +93,10 @@ for ndim in (1, 2, 3):
             slice(o, o + m + 2 * width) for o, m in zip(part.offsets, local))]
         got = halo_exchange(part.local_view(X), width, neighbors, part.spatial)
         v.check(f"halo = serial padding ndim={ndim} grid={space_grid} width={width}", torch.equal(got, window))
+        if ndim >= 2:  # a channels-last block stays channels-last (as F.pad keeps it), same values
+            fmt = torch.channels_last if ndim == 2 else torch.channels_last_3d
+            last = halo_exchange(part.local_view(X).contiguous(memory_format=fmt), width, neighbors, part.spatial)
+            v.check(f"halo channels-last ndim={ndim} grid={space_grid} width={width}",
+                    torch.equal(last, window) and last.is_contiguous(memory_format=fmt))
 
 v.finish()
