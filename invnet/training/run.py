@@ -242,7 +242,7 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
     if comm.size > 1 or device.type != "cpu":
         assignment = device_assignment(device, comm)
         _say(comm, assignment)
-    if validation is None:
+    if held_out is None:  # (`validation` is only the caller's set; a config's or a simulator's fixed set counts)
         _say(comm, "no validation pairs: no early stopping and no best checkpoint (invnet sample and info will use "
                    "the last checkpoint)")
     if ckpt is not None:
