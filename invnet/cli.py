@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
-from typing import Callable, Optional, Sequence, TextIO, Union
+from typing import Any, Callable, Optional, Sequence, TextIO, Union
 
 __all__ = ["main"]
 
@@ -84,14 +85,29 @@ def _parse_indices(text: Optional[str]) -> Optional[Sequence[int]]:
 def _sample(args: argparse.Namespace) -> int:
     from .distributed import default_comm
     from .inference import report_path, sample_job
+    from .inference.temperature import parse_temperature
     from .training.signals import PreemptionFlag
 
     device = _device_option(args.device)
+    temperature = parse_temperature(args.temperature)
     comm = default_comm()  # MPI under `mpiexec ... -m invnet sample`: the run's grid, each rank its own chunks
+    if temperature is None and not args.calibration_data:
+        raise ValueError("--temperature auto needs --calibration-data: held-out pairs (truth --x and observation "
+                         "--y) that are neither training pairs nor the --data to be sampled")
+    if temperature is None and comm.size > 1:
+        raise ValueError("--temperature auto runs in one process: choose the temperature with a serial "
+                         "`invnet sample`, then pass the number to the parallel job")
     checkpoint = _chosen_checkpoint(args, comm.rank == 0)
+    notes = None
+    if temperature is None:
+        fit = _fit_temperature(checkpoint, args, device)
+        temperature = fit.temperature
+        notes = {"temperature_fit": dict(fit.as_dict(), data=os.path.abspath(args.calibration_data))}
+        print(f"temperature {fit.temperature:.4f}: held-out ratio {fit.ratio:.4f} (target {fit.target:.4f}; "
+              f"{fit.ratio_at_1:.4f} at T = 1) on {fit.n_observations} pairs of {args.calibration_data}")
     with PreemptionFlag(raise_on_signal=True):  # SIGTERM/SIGUSR1/Ctrl-C: stop now, the partial store is removed
         report = sample_job(checkpoint, args.data, args.out, n_samples=args.n, batch_size=args.batch_size,
-                            temperature=args.temperature, keep=args.keep, indices=_parse_indices(args.indices),
+                            temperature=temperature, notes=notes, keep=args.keep, indices=_parse_indices(args.indices),
                             x_name=args.x, y_name=args.y, plots=args.plots, seed=args.seed, overwrite=args.overwrite,
                             progress=not args.no_progress, comm=comm, grid=args.grid, device=device)
     if comm.rank != 0:
@@ -111,6 +127,27 @@ def _sample(args: argparse.Namespace) -> int:
     if args.plots:
         print(f"plots: {args.plots}")
     return 0
+
+
+def _fit_temperature(checkpoint: str, args: argparse.Namespace, device: Optional[str]) -> Any:
+    """``--temperature auto``: the temperature whose spread-to-error ratio on the pairs of
+    ``--calibration-data`` is a calibrated posterior's (:mod:`invnet.inference.temperature`)."""
+    import numpy as np
+    import torch
+
+    from .data.arrays import open_array
+    from .inference import PosteriorSampler
+    from .inference.temperature import calibrate_temperature
+
+    xs, ys = (open_array(args.calibration_data, name) for name in (args.x, args.y))
+    if xs.shape[0] != ys.shape[0]:
+        raise ValueError(f"{args.calibration_data}: {args.x} and {args.y} hold different numbers of pairs "
+                         f"({xs.shape[0]} vs {ys.shape[0]})")
+    x = torch.from_numpy(np.asarray(xs.read(tuple(slice(None) for _ in xs.shape))))
+    y = torch.from_numpy(np.asarray(ys.read(tuple(slice(None) for _ in ys.shape))))
+    sampler = PosteriorSampler.from_checkpoint(checkpoint, device)
+    return calibrate_temperature(sampler, list(x), list(y), n_samples=args.calibration_n,
+                                 batch_size=min(args.batch_size, args.calibration_n), seed=args.seed)
 
 
 def _chosen_checkpoint(args: argparse.Namespace, say: bool) -> str:
@@ -208,7 +245,12 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="Zarr store to create (e.g. results.zarr)")
     sample.add_argument("--n", type=int, default=100, help="samples per observation")
     sample.add_argument("--batch-size", type=int, default=50, help="samples drawn at once")
-    sample.add_argument("--temperature", type=float, default=1.0, help="latent scale (1: the learned posterior)")
+    sample.add_argument("--temperature", default="1",
+                        help="latent scale (1: the learned posterior), or auto: chosen on --calibration-data so that "
+                             "the samples' spread matches their error there (docs/config.md)")
+    sample.add_argument("--calibration-data", default=None,
+                        help="held-out pairs (HDF5/Zarr with --x and --y) for --temperature auto")
+    sample.add_argument("--calibration-n", type=int, default=32, help="samples per pair for --temperature auto")
     sample.add_argument("--keep", type=int, default=4, help="samples stored per observation")
     sample.add_argument("--indices", default=None, help="rows to use: 'a:b' or 'i,j,k' (default: all)")
     sample.add_argument("--y", default="y", help="observation array name")

@@ -59,3 +59,29 @@ def test_bad_input_gives_exit_code_2_and_a_message(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     assert main(["info", str(tmp_path / "nowhere")]) == 2
     assert main(["sample", str(tmp_path), "--data", "x.h5", "--out", "o.zarr"]) == 2
+
+
+def test_sample_with_the_temperature_chosen_on_held_out_pairs(demo_dir, tmp_path, capsys):
+    data = str(demo_dir / "data.h5")
+    out = str(tmp_path / "auto.zarr")
+    assert main(["sample", str(demo_dir / "run"), "--data", data, "--indices", "0:2", "--n", "6", "--out", out,
+                 "--temperature", "auto", "--calibration-data", data, "--calibration-n", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out ratio" in printed and "target 1.6000" in printed
+    g = zarr.open_group(out, mode="r")
+    fit = g.attrs["temperature_fit"]
+    assert g.attrs["temperature"] == fit["temperature"] and abs(fit["ratio"] / fit["target"] - 1) <= 0.002
+    report = json.loads((tmp_path / "auto_report.json").read_text())
+    assert report["temperature_fit"]["n_samples"] == 4 and report["temperature_fit"]["data"] == data
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "auto"], "--temperature auto needs --calibration-data"),
+    (["--temperature", "hot"], "--temperature must be a positive number or 'auto'"),
+    (["--temperature", "-1"], "--temperature must be a positive number or 'auto'"),
+])
+def test_bad_temperatures_are_refused_before_anything_is_written(demo_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "never.zarr"
+    assert main(["sample", str(demo_dir / "run"), "--data", str(demo_dir / "data.h5"), "--out", str(out),
+                 *extra]) == 2
+    assert message in capsys.readouterr().err and not out.exists()

@@ -182,7 +182,7 @@ def sample_job(
     keep: int = 4, indices: Optional[Sequence[int]] = None, x_name: Optional[str] = "x", y_name: str = "y",
     plots: Optional[str] = None, n_plots: int = 3, seed: int = 0, comm: Optional[Communicator] = None,
     overwrite: bool = False, progress: bool = False, grid: Optional[Sequence[int]] = None,
-    device: Optional[str] = None,
+    device: Optional[str] = None, notes: Optional[dict] = None,
 ) -> dict:
     r"""Draw ``n_samples`` posterior samples for each observation ``y[i]`` (``i`` in ``indices``,
     all by default) of the HDF5/Zarr file ``data`` and write, per observation, the posterior
@@ -254,7 +254,7 @@ def sample_job(
         remove_leftovers(os.path.dirname(os.path.abspath(out)), of=os.path.basename(os.path.abspath(out)))
     attrs = dict(STORE_MARK, checkpoint=os.path.abspath(checkpoint), data=os.path.abspath(data), y=y_name,
                  n_samples=n_samples, temperature=temperature, seed=seed, grid=list(strategy.grid),
-                 noise={"kind": "tiles", "tile": TILE})
+                 noise={"kind": "tiles", "tile": TILE}, **(notes or {}))
     cal = Calibration() if xs is not None else None
     # SBC and TARP summarise whole unknowns (random projections of the full volume), which no rank
     # of a split volume holds: they are computed when each observation is on one rank
@@ -300,7 +300,8 @@ def sample_job(
             cal.sum_over_ranks(comm, shared_by=strategy.spatial_size)  # the report covers every rank's observations
         if diag is not None and comm.size > 1:
             diag.sum_over_ranks(comm, lo, m)
-        report = {**cal.report(), **(diag.report() if diag is not None else {})} if cal is not None else {}
+        report = {**cal.report(), **(diag.report() if diag is not None else {}), **(notes or {})} \
+            if cal is not None else {}
         comm.barrier()  # every rank's part is in before rank 0 renames the store into place
         if comm.rank == 0 and report:
             writer.group.attrs["calibration"] = report
