@@ -226,6 +226,13 @@ def _median(rs: list[dict], key: str) -> Optional[float]:
     return statistics.median(vals) if vals else None
 
 
+def _per_round_ratio(timed: list[dict], label: str, ref: str) -> Optional[float]:
+    """Median over the round-robin rounds of ``label``'s step time / ``ref``'s in the same round."""
+    ratios = [a / b for r in timed if f"{label}_times_s" in r and f"{ref}_times_s" in r
+              for a, b in zip(r[f"{label}_times_s"], r[f"{ref}_times_s"])]
+    return statistics.median(ratios) if ratios else None
+
+
 def summarize(log: list[dict], libs: list[str]) -> dict:
     ok = [r for r in log if "error" not in r]
     mem = [r for r in ok if r["measure"] == "memory"]
@@ -264,6 +271,8 @@ def summarize(log: list[dict], libs: list[str]) -> dict:
         row = {"library": label, "depth": rs[0]["depth"], "rss_mb": _median(rs, "peak_growth_mb"),
                "saved_mb": _median(rs, "saved_mb"), "time_s": _median(timed, f"{label}_time_median_s"),
                "budget_bytes": _library_and_budget(label, rs[0])[1]}
+        for ref in ("invnet-plain", "normflows"):  # round by round: a slow drift of the machine cancels
+            row[f"per_round_vs_{ref}"] = _per_round_ratio(timed, label, ref)
         budget_rows.append(row)
     accumulate_rows = []
     for depth in sorted({r["depth"] for r in mem if r["sweep"] == "accumulate"}):
@@ -334,12 +343,15 @@ def _print_budget_tables(summary: dict, libs: list[str], f) -> None:
     if summary.get("budget"):
         plain = next((r for r in summary["budget"] if r["library"] == "invnet-plain"), {})
         print(f"\nMemory budget trade-off at K={summary['budget'][0]['depth']} (time relative to invnet-plain)")
-        print("| library | budget (bytes) | peak RSS growth (MB) | saved (MB) | step time (s) | time / plain |")
-        print("|---|---|---|---|---|---|")
+        print("| library | budget (bytes) | peak RSS growth (MB) | saved (MB) | step time (s) | time / plain | "
+              "per round: / plain | per round: / normflows |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in summary["budget"]:
             ratio = r["time_s"] / plain["time_s"] if r.get("time_s") and plain.get("time_s") else None
             print(f"| {r['library']} | {r['budget_bytes'] if r['budget_bytes'] is not None else '-'} | "
-                  f"{f(r['rss_mb'])} | {f(r['saved_mb'])} | {f(r['time_s'], '{:.3f}')} | {f(ratio, '{:.2f}')} |")
+                  f"{f(r['rss_mb'])} | {f(r['saved_mb'])} | {f(r['time_s'], '{:.3f}')} | {f(ratio, '{:.2f}')} | "
+                  f"{f(r.get('per_round_vs_invnet-plain'), '{:.3f}')} | "
+                  f"{f(r.get('per_round_vs_normflows'), '{:.3f}')} |")
     if summary.get("accumulate"):
         default = {r["depth"]: r for r in summary["depth"]}
         print("\nGradient accumulation (.grad kept): peak RSS growth (MB), default step in brackets")
