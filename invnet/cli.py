@@ -245,7 +245,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="Zarr store to create (e.g. results.zarr)")
     sample.add_argument("--n", type=int, default=100, help="samples per observation")
     sample.add_argument("--batch-size", type=int, default=50, help="samples drawn at once")
-    sample.add_argument("--temperature", default="1",
+    sample.add_argument("--temperature", default="1.0",
                         help="latent scale (1: the learned posterior), or auto: chosen on --calibration-data so that "
                              "the samples' spread matches their error there (docs/config.md)")
     sample.add_argument("--calibration-data", default=None,

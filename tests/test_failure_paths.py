@@ -259,8 +259,8 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
 # ------------------------------------------------------------------------------ partial outputs of sample
 @pytest.mark.parametrize("args, words", [
     (["--batch-size", "0"], ["batch_size (--batch-size) must be a positive integer"]),
-    (["--temperature", "-1"], ["temperature (--temperature) must be a positive number"]),
-    (["--temperature", "nan"], ["temperature (--temperature) must be a positive number"]),
+    (["--temperature", "-1"], ["--temperature must be a positive number or 'auto'"]),
+    (["--temperature", "nan"], ["--temperature must be a positive number or 'auto'"]),
     (["--keep", "9", "--n", "4"], ["keep (--keep) must lie in [0, n_samples=4]"]),
     (["--indices", "0:99"], ["indices must lie in [0, 24)"]),
     (["--indices", "a:b"], ["--indices must be 'a:b' or 'i,j,k'"]),

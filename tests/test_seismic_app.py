@@ -76,7 +76,7 @@ def test_simulator_is_a_function_of_its_generator_and_standardised():
 
 TINY = ["--set", "model.hidden=4", "--set", "model.depth=1", "--set", "data.validation_size=8",
         "--set", "training.batch_size=4", "--set", "training.validate_every=2", "--set", "training.progress=false",
-        "--n-test", "2", "--samples", "8", "--no-plots"]
+        "--n-test", "2", "--samples", "8", "--calibration-pairs", "8", "--calibration-samples", "4", "--no-plots"]
 
 
 def test_2d_application_trains_on_simulated_pairs_resumes_exactly_and_reports(tmp_path, capsys):
@@ -89,6 +89,14 @@ def test_2d_application_trains_on_simulated_pairs_resumes_exactly_and_reports(tm
     assert results["rmse_mean_log_impedance"] == pytest.approx(results["rmse_mean"] * results["x_std"])
     assert 0 <= results["coverage"]["0.9"]["empirical"] <= 1 and "ratio_sample_to_mean_sq_error" in results
     assert (straight / "posterior.zarr").is_dir() and (straight / "test.h5").is_file()
+    # --temperature auto (the default): chosen on 8 held-out simulations, where the ratio meets its target
+    fit = results["temperature_fit"]
+    assert fit["n_observations"] == 8 and fit["n_samples"] == 4 and fit["target"] == pytest.approx(2 * 4 / 5)
+    assert results["temperature"] == fit["temperature"] and abs(fit["ratio"] / fit["target"] - 1) <= 0.002
+    assert fit["evaluations"][0][0] == 1.0 and results["uncalibrated"]["temperature"] == 1.0
+    if fit["temperature"] != 1.0:  # the T = 1 posterior is sampled too, with the same latents
+        assert (straight / "posterior_T1.zarr").is_dir()
+        assert results["uncalibrated"]["ratio"] != results["ratio_sample_to_mean_sq_error"]
     # the same 4 steps in two runs (a stop after 2, then the same command): the same weights
     split = tmp_path / "split"
     schedule = ["--set", "scheduler.T_max=4"]  # the schedule of the whole run: a resume may not change it
@@ -110,6 +118,18 @@ def test_3d_application_runs_tiny(tmp_path):
     assert main(argv) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["shape"] == [8, 8, 8] and results["elements"] == 2 * 8**3
+
+
+def test_a_fixed_temperature_skips_the_calibration_and_a_bad_one_is_refused_before_training(tmp_path, capsys):
+    argv = ["--out", str(tmp_path / "run"), "--steps", "1", *TINY, "--set", "model.levels=1"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--temperature", "warm"])
+    assert "--temperature must be a positive number or 'auto'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main([*argv, "--temperature", "1.5"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["temperature"] == 1.5 and results["temperature_fit"] is None
+    assert results["uncalibrated"]["temperature"] == 1.0 and (tmp_path / "run" / "posterior_T1.zarr").is_dir()
 
 
 def test_a_config_with_another_source_is_refused_before_training(tmp_path):

@@ -355,7 +355,7 @@ def _draw(plots: str, shown: list[tuple], cal: Optional[Calibration], report: di
     os.makedirs(plots, exist_ok=True)
     for i, truth, y, mean, std, samples in shown:
         plot_posterior(os.path.join(plots, f"posterior_{i:05d}.png"), truth, y, mean, std, samples,
-                       f"observation {i}: {n_samples} samples, T={temperature}")
+                       f"observation {i}: {n_samples} samples, T={temperature:.4g}")
     if cal is not None and report:
         plot_error_vs_std(os.path.join(plots, "error_vs_std.png"), cal)
         plot_coverage(os.path.join(plots, "coverage.png"), report)
