@@ -28,9 +28,10 @@ import torch
 
 from invnet.data.atomic import atomic_file, atomic_path
 from invnet.inference import sample_job
+from invnet.inference.temperature import parse_temperature
 
 from ..common import app_parser, load_app_config, require_source, run_main, train
-from .calibrate import CALIBRATION_SEED, choose_temperature, parse_temperature
+from .calibrate import CALIBRATION_SEED, choose_temperature
 from .forward import simulate, standardization
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -118,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         x_std=x_std, shape=shape, noise=noise, n_test=args.n_test, network=cfg["model"],
         temperature=temperature,
         temperature_fit=None if fit is None else dict(fit.as_dict(), seed=CALIBRATION_SEED),
-        uncalibrated=uncalibrated if uncalibrated is not None else _headline(report, temperature),
+        uncalibrated=uncalibrated or _headline(report, temperature),
         steps=result.step, batch_size=cfg["training"]["batch_size"],
         pairs_seen=result.step * cfg["training"]["batch_size"],
         validation_size=cfg["data"]["validation_size"], final_train_bpd=result.last_train_loss,
@@ -137,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{report['mean_posterior_std_log_impedance']:.4f}; coverage 50/90/95%: "
           + "/".join(f"{cov[k]['empirical']:.3f}" for k in ("0.5", "0.9", "0.95"))
           + f"; ratio {report['ratio_sample_to_mean_sq_error']:.3f} (2 if calibrated); z std {report['z_std']:.3f}")
-    if uncalibrated is not None and temperature != 1.0:
+    if uncalibrated is not None:
         print("at T = 1: coverage 50/90/95%: " + "/".join(f"{v:.3f}" for v in uncalibrated["coverage"])
               + f"; ratio {uncalibrated['ratio']:.3f}; RMSE {uncalibrated['rmse_mean']:.4f} (standardised)")
     print(f"results: {out}; posterior: {os.path.join(run, 'posterior.zarr')}; figures: {plots}")

@@ -14,11 +14,11 @@ from typing import Callable, Optional
 import torch
 
 from invnet.inference import PosteriorSampler
-from invnet.inference.temperature import TemperatureFit, calibrate_temperature, parse_temperature
+from invnet.inference.temperature import TemperatureFit, calibrate_temperature
 
 from .forward import simulate
 
-__all__ = ["CALIBRATION_SEED", "parse_temperature", "choose_temperature"]  # parse_temperature: invnet's
+__all__ = ["CALIBRATION_SEED", "choose_temperature"]
 
 #: seed of the calibration pairs (the test pairs use 2; the trainer's streams are SeedSequences)
 CALIBRATION_SEED = 3

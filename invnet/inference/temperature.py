@@ -21,7 +21,7 @@ ICML 2017, "On calibration of modern neural networks"): it fixes a global over- 
 under-dispersion, not a posterior of the wrong shape, and what it reports must be measured on
 other held-out pairs again. The latents :math:`z_{ij}` are the same for every :math:`T`
 (common random numbers, seeded per observation), so :math:`r(T)` is a smooth function of
-:math:`T` and the root is found by bracketing and bisection in :math:`\log T`.
+:math:`T` and the root is found by bracketing and regula falsi in :math:`\log T`.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sampler import Sampler
+from .sampler import Sampler, summarize_posterior
 
 __all__ = ["TemperatureFit", "calibrated_ratio", "ratio_terms", "calibrate_temperature", "parse_temperature"]
 
@@ -80,19 +80,9 @@ def ratio_terms(sampler: Sampler, xs: Sequence[Tensor], ys: Sequence[Tensor], n_
     for i, (x, y) in enumerate(zip(xs, ys)):
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
         t = torch.as_tensor(x, dtype=torch.float64)
-        total = torch.zeros_like(t)
-        sq = 0.0
-        done = 0
-        while done < n_samples:
-            m = min(batch_size, n_samples - done)
-            s = sampler.sample(m, y, temperature=temperature, generator=gen).detach().to(torch.float64)
-            if s.shape[1:] != t.shape:
-                raise ValueError(f"truth {i} has shape {tuple(t.shape)}, the samples have {tuple(s.shape[1:])}")
-            total += s.sum(0)
-            sq += float(((s - t) ** 2).sum())
-            done += m
-        spread[i] = sq / n_samples
-        error[i] = float(((total / n_samples - t) ** 2).sum())
+        summary = summarize_posterior(sampler, y, n_samples, batch_size, temperature, keep=0, truth=t, generator=gen)
+        spread[i] = summary.sq_err_samples
+        error[i] = float(((summary.mean.to(torch.float64) - t) ** 2).sum())
     return spread, error
 
 
@@ -169,23 +159,20 @@ def calibrate_temperature(
     if rtol <= 0 or max_evaluations < 2:
         raise ValueError(f"rtol must be positive and max_evaluations at least 2, got {rtol}, {max_evaluations}")
     target = calibrated_ratio(n_samples)
-    evaluations: list[tuple[float, float]] = []
     terms: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+    ratios: dict[float, float] = {}  # every T tried, in order, and its held-out ratio
 
     def excess(T: float) -> float:  # log r(T) - log r*, increasing in T
         spread, error = ratio_terms(sampler, xs, ys, n_samples, T, batch_size, seed)
         r = float(spread.sum() / max(error.sum(), np.finfo(float).tiny))
-        evaluations.append((T, r))
-        terms[T] = (spread, error)
+        terms[T], ratios[T] = (spread, error), r
         if log is not None:
             log(f"temperature {T:.4f}: held-out ratio {r:.4f} (target {target:.4f})")
         return math.log(r / target)
 
     def result(T: float) -> TemperatureFit:
-        spread, error = terms[T]
-        ratio = dict(evaluations)[T]
-        return TemperatureFit(T, ratio, target, dict(evaluations)[1.0], _bootstrap_interval(spread, error, seed=seed),
-                              len(ys), n_samples, list(evaluations))
+        return TemperatureFit(T, ratios[T], target, ratios[1.0], _bootstrap_interval(*terms[T], seed=seed),
+                              len(ys), n_samples, list(ratios.items()))
 
     tol = math.log1p(rtol)
     f1 = excess(1.0)
@@ -201,7 +188,7 @@ def calibrate_temperature(
             return result(b)
         if (fb > 0) != (fa > 0):
             break
-        if b in (lo_T, hi_T) or len(evaluations) >= max_evaluations:
+        if b in (lo_T, hi_T) or len(ratios) >= max_evaluations:
             side = "narrow" if fb < 0 else "wide"
             raise ValueError(f"the held-out ratio is {math.exp(fb) * target:.3f} at temperature {b:g} (target "
                              f"{target:.3f}): the samples stay too {side} within bounds {bounds}; widen the bounds "
@@ -210,13 +197,10 @@ def calibrate_temperature(
     # Illinois-modified regula falsi in log T (superlinear, keeps the bracket)
     la, lb = math.log(a), math.log(b)
     side = 0
-    best = min(((abs(fa), a), (abs(fb), b)))[1]
-    while len(evaluations) < max_evaluations:
+    while len(ratios) < max_evaluations:
         lc = (la * fb - lb * fa) / (fb - fa)
         c = math.exp(lc)
         fc = excess(c)
-        if abs(fc) < abs(dict((t, math.log(r / target)) for t, r in evaluations)[best]):
-            best = c
         if abs(fc) <= tol or abs(lb - la) < 1e-6:
             return result(c)
         if (fc > 0) == (fb > 0):
@@ -229,4 +213,4 @@ def calibrate_temperature(
             if side == 1:
                 fb /= 2
             side = 1
-    return result(best)
+    return result(min(ratios, key=lambda T: abs(math.log(ratios[T] / target))))  # the closest one tried
