@@ -218,14 +218,17 @@ def test_consecutive_kept_units_form_one_graph(monkeypatch):
     with invnet.memory_saving(False):
         reference = grads(net, x, None)
     sizes = count_segments(monkeypatch)
-    with invnet.memory_budget("unlimited"):
-        got = grads(net, x, None)
-    assert sizes == [6]  # the nested chain joins its neighbours
-    assert max_error(got, reference) <= 1e-10
-
     with invnet.memory_budget("1MB"):
         grads(net, x, None)  # measures every unit
     nbytes = invnet.memory_plans(net)[-1].nbytes
+    with invnet.memory_budget(sum(nbytes)):  # room for every unit
+        grads(net, x, None)  # plans
+        sizes.clear()
+        got = grads(net, x, None)
+    assert all(invnet.memory_plans(net)[-1].keep)
+    assert sizes == [6]  # the nested chain joins its neighbours
+    assert max_error(got, reference) <= 1e-10
+
     budget = sum(nbytes) - nbytes[3] // 2  # everything but (at least) one unit fits
     with invnet.memory_budget(budget):
         grads(net, x, None)  # plans
@@ -244,7 +247,47 @@ def test_a_network_s_own_code_cuts_the_segments(monkeypatch):
     with invnet.memory_saving(False):
         reference = grads(net, x, c)
     sizes = count_segments(monkeypatch)
-    with invnet.memory_budget("unlimited"):
+    with invnet.memory_budget("1GB"):
+        grads(net, x, c)  # measures
+        grads(net, x, c)  # plans: every unit fits
+        sizes.clear()
         got = grads(net, x, c)
+    assert all(invnet.memory_plans(net)[0].keep)
     assert len(sizes) > 1 and sum(sizes) == len(invnet.memory_plans(net)[0].units)
     assert max_error(got, reference) <= 1e-10
+
+
+def test_an_unlimited_budget_is_plain_autograd(monkeypatch):
+    """Every unit keeps, so the step is plain autograd itself: no memory-saving node in the graph,
+    no kept segment, what autograd saves is what it saves with memory saving off, and the plan
+    still lists every unit as kept."""
+    net, x, c = build("cond_glow")
+    sizes = count_segments(monkeypatch)
+
+    def saved_bytes():
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            z, ld = net(x, c)
+        return z, ld, sum(seen.values())
+
+    with invnet.memory_saving(False):
+        *_, plain = saved_bytes()
+    with invnet.memory_budget("unlimited"):
+        z, ld, unlimited = saved_bytes()
+    names, todo, seen = set(), [z.grad_fn, ld.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [n for n, _ in node.next_functions]
+    assert not any("MemorySavingCall" in n for n in names) and sizes == []
+    assert unlimited == plain
+    (plan,) = invnet.memory_plans(net)
+    assert all(plan.keep) and plan.nbytes is None and len(plan.units) > 4

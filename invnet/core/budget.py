@@ -9,9 +9,9 @@ that are not themselves chains) either
 * **keep** their activations: the unit's own ``_forward`` is recorded by ordinary autograd (on
   detached leaves of its input, condition and parameters), and its backward is that graph's
   ``torch.autograd.grad``: no rebuild, no recomputation. Kept units that follow each other in a
-  chain are recorded as one graph (a *segment*) and differentiated by one call, so that an
-  unlimited budget runs at the speed of plain autograd; a recomputed unit, or a chain entered
-  from a network's own code (a multiscale split), starts a new segment; or
+  chain are recorded as one graph (a *segment*) and differentiated by one call; a recomputed
+  unit, or a chain entered from a network's own code (a multiscale split), starts a new segment;
+  or
 * **recompute**: the unit runs without a graph, and its hand-written ``_vjp`` rebuilds its input
   from its output as before.
 
@@ -29,7 +29,9 @@ nothing and peaks at one unit's activations). The plan is then cached on the net
 direction (``forward`` or ``inverse``), the shapes of input and condition, dtype and device, so the
 decision is the same at every later step (a new shape measures once more; see
 :func:`memory_plans` and :func:`clear_memory_plans`). An unlimited budget keeps every unit from the
-first step and measures nothing; a budget of 0 (or ``None``, the default outside the context)
+first step and measures nothing: the call then *is* plain autograd, so the bridge runs it as such
+(no memory-saving node, no segments; the tape only lists the units for the plan it reports) and it
+costs what plain autograd costs. A budget of 0 (or ``None``, the default outside the context)
 keeps nothing: today's memory-free backward.
 
 Gradients are the same either way (kept units differentiate the forward, recomputed ones the
@@ -232,8 +234,9 @@ class _Segment:
     their graphs: the segment starts from a detached leaf of its first unit's input, chains the
     units' graphs, and is differentiated by one ``torch.autograd.grad`` when the backward reaches
     its last unit. The earlier units of the segment then pass the rebuilt input and its cotangent
-    through. One call per segment instead of one per unit is what brings an unlimited budget to
-    the speed of plain autograd. The graph is held through gradient edges of the outputs (the last
+    through. One call per segment instead of one per unit keeps the per-unit overhead of a budget
+    that keeps most units small (an unlimited budget skips segments altogether: it is plain
+    autograd). The graph is held through gradient edges of the outputs (the last
     unit's output and every unit's logdet), so that no output tensor is kept alive by this record.
     """
 
@@ -335,6 +338,9 @@ class Tape:
     def __init__(self, module: nn.Module, key: tuple, budget: float, plan: Optional[BudgetPlan]) -> None:
         self.module, self.key, self.budget, self.plan = module, key, budget, plan
         self.measuring = plan is None and math.isfinite(budget)
+        # unlimited: every unit keeps, so the whole call is plain autograd (the bridge runs it
+        # so); the tape only lists the units for the plan it reports
+        self.listing = plan is None and math.isinf(budget)
         self.index = 0
         self.units: list[str] = []
         self.nbytes: list[int] = []
@@ -367,8 +373,8 @@ class Tape:
 
     # -- forward -------------------------------------------------------------------------------
     def _wants(self, index: int, unit: nn.Module) -> bool:
-        if self.plan is None:
-            return not self.measuring  # unlimited: keep all
+        if self.plan is None:  # a measuring step keeps nothing
+            return False
         return index < len(self.plan.keep) and self.plan.keep[index] and self.plan.units[index] == type(unit).__name__
 
     def run(
@@ -377,6 +383,9 @@ class Tape:
         index = self.index
         self.index += 1
         self.units.append(type(unit).__name__)
+        if self.listing:
+            with _paused():
+                return fn(x, c)
         keep = self._wants(index, unit)
         if keep and self.plan is not None and self.plan.nbytes is not None:
             if self.kept_bytes + self.plan.nbytes[index] > self.budget:
@@ -441,7 +450,7 @@ class Tape:
             cache.plans[(self.key, self.budget)] = BudgetPlan(
                 self.key, self.budget, tuple(self.units), keep, tuple(self.nbytes), tuple(self.seconds),
             )
-        elif self.plan is None:  # unlimited: every unit kept, nothing measured
+        elif self.listing:  # unlimited: every unit kept, nothing measured
             units = tuple(self.units)
             everything = BudgetPlan(self.key, self.budget, units, (True,) * len(units))
             cache.plans.setdefault((self.key, self.budget), everything)

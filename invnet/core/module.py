@@ -236,8 +236,16 @@ class InvertibleModule(nn.Module):
                 with plain_forward_mode(type(self).__name__):
                     return self._inverse(inp, c) if inverse else self._forward(inp, c)
             if torch.is_grad_enabled() and memory_saving_enabled():
+                # under a memory budget (top-level calls only), the chains inside keep or
+                # recompute each unit as the cached plan says (invnet.core.budget)
+                tape = Tape.for_call(self, inverse, inp, c) if top_level else None
+                if tape is not None and tape.listing:
+                    # an unlimited budget keeps every activation: that is plain autograd, run as
+                    # such (no bridge, no per-unit graphs), so it costs what plain autograd does
+                    with tape.record(), memory_saving(False):
+                        return self._inverse(inp, c) if inverse else self._forward(inp, c)
                 params = self._grad_params()
-                return _MemorySavingCall.apply(self, inverse, inp, c, *params)
+                return _MemorySavingCall.apply(self, inverse, tape, inp, c, *params)
             return self._inverse(inp, c) if inverse else self._forward(inp, c)
 
 
@@ -320,11 +328,9 @@ class _MemorySavingCall(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, module: InvertibleModule, inverse: bool, inp: Tensor, c: Optional[Tensor], *params: Tensor
+        ctx: FunctionCtx, module: InvertibleModule, inverse: bool, tape: Optional[Tape], inp: Tensor,
+        c: Optional[Tensor], *params: Tensor
     ):
-        # under a memory budget (top-level calls only), the chains inside keep or recompute
-        # each unit as the cached plan says (invnet.core.budget)
-        tape = Tape.for_call(module, inverse, inp, c) if _nesting_depth() == 1 else None
         with tape.record() if tape is not None else contextlib.nullcontext():
             out, logdet = module._inverse(inp, c) if inverse else module._forward(inp, c)
         ctx.tape = tape if tape is not None and tape.has_kept else None
@@ -340,7 +346,7 @@ class _MemorySavingCall(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: FunctionCtx, dout: Tensor, dlogdet: Tensor):
         (c,) = ctx.saved_tensors
-        direct = _accumulating_in_place(ctx.params, ctx.needs_input_grad[4:])
+        direct = _accumulating_in_place(ctx.params, ctx.needs_input_grad[5:])
         grads = GradStore(into_grad=direct)
         vjp = ctx.module._vjp_inverse if ctx.inverse else ctx.module._vjp
         # rebuild and differentiate under the forward's autocast state, whatever the context of
@@ -348,9 +354,9 @@ class _MemorySavingCall(torch.autograd.Function):
         replay = ctx.tape.replay(_graph_kept()) if ctx.tape is not None else contextlib.nullcontext()
         with full_precision(ctx.precision.without_cache()), replay:
             _, dinp, dc = vjp(ctx.output.take(), dout, dlogdet, c, grads)
-        if c is None or not ctx.needs_input_grad[3]:
+        if c is None or not ctx.needs_input_grad[4]:
             dc = None
-        return (None, None, dinp, dc, *[_already_in_grad(p) if grads.went_into_grad(p) else grads.get(p)
+        return (None, None, None, dinp, dc, *[_already_in_grad(p) if grads.went_into_grad(p) else grads.get(p)
                                          for p in ctx.params])
 
 
