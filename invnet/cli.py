@@ -208,7 +208,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", formatter_class=fmt,
                           help="train a conditional flow on a built-in posterior problem; plots, Zarr, report",
                           description="Simulate a deblurring problem, train a conditional flow, sample held-out "
-                                      "posteriors and report calibration. The default size takes about a minute on "
+                                      "posteriors and report calibration. The default size takes about two minutes on "
                                       "2 idle CPU cores.")
     demo.add_argument("--out", default="invnet_demo_output", help="output folder (created; the demo's own)")
     demo.add_argument("--size", choices=["tiny", "small", "large"], default="small",

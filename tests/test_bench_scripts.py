@@ -322,3 +322,18 @@ def test_bench_kernels_conditioners_and_profile_tiny(tmp_path):
 def test_bench_kernels_without_gpu_says_so():
     proc = run_script("bench_kernels.py", "--device", "cuda", "--out", "/nonexistent/x.json")
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+def test_demo_calibration_on_a_tiny_demo(tmp_path):
+    from invnet.cli import main
+
+    demo = tmp_path / "demo"
+    assert main(["demo", "--size", "tiny", "--out", str(demo)]) == 0
+    proc = run_script("demo_calibration.py", str(demo), "--observations", "3", "--samples", "12")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = proc.stdout.strip().splitlines()[-1]
+    assert row.startswith(f"| {demo} |") and "TARP" in row
+    proc = run_script("demo_calibration.py", str(demo), "--observations", "50")
+    assert proc.returncode != 0 and "held-out pairs" in proc.stderr
+    proc = run_script("demo_calibration.py", str(tmp_path))
+    assert proc.returncode != 0 and "not a finished `invnet demo` folder" in proc.stderr

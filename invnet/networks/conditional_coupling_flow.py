@@ -33,7 +33,8 @@ class ConditionalCouplingFlow(MultiscaleFlow):
         clamp: bound of the coupling log-scales.
         vector_condition: the condition is a vector ``(N, cond_channels)`` (e.g. a summary
             network's output) instead of a field with the space shape of ``x``.
-        coupling: ``"affine"`` (default) or ``"additive"``; see :data:`~invnet.layers.COUPLINGS`.
+        coupling: ``"affine"`` (default), ``"additive"`` or ``"spline"`` (rational-quadratic); see
+            :data:`~invnet.layers.COUPLINGS`.
 
     >>> import torch
     >>> flow = ConditionalCouplingFlow(1, 2, ndim=2, depth=2, hidden=8)
