@@ -340,7 +340,9 @@ class Tape:
         self.measuring = plan is None and math.isfinite(budget)
         # unlimited: every unit keeps, so the whole call is plain autograd (the bridge runs it
         # so); the tape only lists the units for the plan it reports
-        self.listing = plan is None and math.isinf(budget)
+        # (at every step: the all-kept plan the first step stores must not send later steps
+        # down the per-unit path)
+        self.listing = math.isinf(budget)
         self.index = 0
         self.units: list[str] = []
         self.nbytes: list[int] = []
