@@ -66,6 +66,10 @@ def test_gradients_equal_for_every_budget(name):
     with invnet.memory_budget("1MB"):
         grads(net, x, c)  # first step: measures
     total = sum(invnet.memory_plans(net)[-1].nbytes)
+    with invnet.memory_budget(total):  # room for every unit: all kept, in segments
+        grads(net, x, c)  # plans
+        kept = grads(net, x, c)
+    assert all(invnet.memory_plans(net)[-1].keep)
     middle_budget = total // 2
     with invnet.memory_budget(middle_budget):
         grads(net, x, c)  # measuring step for this budget's key: plans from the cached figures
@@ -75,7 +79,7 @@ def test_gradients_equal_for_every_budget(name):
     assert 0 < plan.kept_bytes <= middle_budget
     with invnet.memory_budget(0):
         none = grads(net, x, c)
-    for got in (full, middle, none):
+    for got in (full, kept, middle, none):
         assert max_error(got, reference) <= 1e-10
 
 
@@ -85,9 +89,9 @@ def test_inverse_direction_with_a_budget():
         z, _ = net(x, c)
     with invnet.memory_saving(False):
         reference = grads(net, z, c, inverse=True)
-    for budget in ("unlimited", 2000):
+    for budget in ("unlimited", "1GB", 2000):  # plain autograd; every unit kept; some kept
         with invnet.memory_budget(budget):
-            grads(net, z, c, inverse=True)
+            grads(net, z, c, inverse=True)  # measures (finite budgets)
             got = grads(net, z, c, inverse=True)
         assert max_error(got, reference) <= 1e-10
     assert invnet.memory_plans(net)[0].key[0] == "inverse"
@@ -143,11 +147,13 @@ def test_plan_is_cached_per_shape_and_stable():
     assert invnet.memory_plans(net) == []
 
 
-def test_backward_twice_with_retain_graph():
+@pytest.mark.parametrize("budget", ["unlimited", "1GB"])  # plain autograd; every unit kept in segments
+def test_backward_twice_with_retain_graph(budget):
     net, x, _ = build("hint")
     with invnet.memory_saving(False):
         reference = grads(net, x, None)[0]
-    with invnet.memory_budget("unlimited"):
+    with invnet.memory_budget(budget):
+        grads(net, x, None)  # measures (the finite budget)
         xg = x.clone().requires_grad_(True)
         z, ld = net(xg)
         w = torch.linspace(-1, 1, z.numel(), dtype=D).reshape(z.shape)
@@ -157,15 +163,20 @@ def test_backward_twice_with_retain_graph():
     assert max_error([g1, g2], [reference, reference]) <= 1e-10
 
 
-def test_hooks_fire_once_with_kept_blocks():
+@pytest.mark.parametrize("budget", ["unlimited", "1GB"])  # plain autograd; every unit kept in segments
+def test_hooks_fire_once_with_kept_blocks(budget):
     net, x, _ = build("glow")
+    with invnet.memory_budget(budget):
+        z, ld = net(x)  # measures (the finite budget)
+    (z.sum() + ld.sum()).backward()
     counts = {}
     for i, p in enumerate(net.parameters()):
         p.register_hook(lambda g, i=i: counts.__setitem__(i, counts.get(i, 0) + 1))
-    with invnet.memory_budget("unlimited"):
+    with invnet.memory_budget(budget):
         z, ld = net(x)
     (z.sum() + ld.sum()).backward()
     assert set(counts.values()) == {1} and len(counts) == len(list(net.parameters()))
+    assert all(invnet.memory_plans(net)[-1].keep)
 
 
 def test_greedy_prefers_time_per_byte_and_fills_gaps():

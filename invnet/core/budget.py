@@ -331,9 +331,12 @@ def _storage_key(t: Tensor) -> Any:
 
 
 class Tape:
-    """What one call of the memory-free bridge does with its units under a budget: ``measure``
-    (first step: count and time every unit, keep none), or ``keep`` (follow the plan). The bridge
-    makes it (:meth:`for_call`), records into it in the forward and replays it in the backward."""
+    """What one top-level call does with its units under a budget: ``measure`` (first step:
+    count and time every unit, keep none), ``keep`` (follow the plan), or ``list`` (an unlimited
+    budget: the call is plain autograd and the tape only names its units for the plan).
+    :meth:`InvertibleModule._call <invnet.core.module.InvertibleModule>` makes it
+    (:meth:`for_call`); the bridge records into it in the forward and replays it in the backward
+    (a listing tape is never replayed)."""
 
     def __init__(self, module: nn.Module, key: tuple, budget: float, plan: Optional[BudgetPlan]) -> None:
         self.module, self.key, self.budget, self.plan = module, key, budget, plan
@@ -355,7 +358,7 @@ class Tape:
 
     @classmethod
     def for_call(cls, module: nn.Module, inverse: bool, inp: Tensor, c: Optional[Tensor]) -> Optional[Tape]:
-        """The tape for a bridge call now, or ``None`` when no budget (or budget 0) is in force."""
+        """The tape for a top-level call now, or ``None`` when no budget (or budget 0) is in force."""
         budget = current_memory_budget()
         if not budget:
             return None
