@@ -23,6 +23,7 @@ import torch
 from invnet.data import train_validation_split
 from invnet.inference import sample_job
 from invnet.inference.diagnostics import diagnostics_summary
+from invnet.training import load_config
 
 
 def evaluate(folder: str, observations: int, samples: int, seed: int) -> dict:
@@ -32,8 +33,8 @@ def evaluate(folder: str, observations: int, samples: int, seed: int) -> dict:
         raise SystemExit(f"{folder}: not a finished `invnet demo` folder (needs run/checkpoints/best and data.h5)")
     with h5py.File(data, "r") as f:
         n = int(f.attrs["n"])
-        split_seed = int(f.attrs["seed"])
-    _, val = train_validation_split(n, 0.1, split_seed)  # the demo's config: validation_fraction 0.1, its seed
+    split = load_config(os.path.join(folder, "config.toml"))["data"]  # the split the demo trained with
+    _, val = train_validation_split(n, split["validation_fraction"], split["seed"])
     if observations > len(val):
         raise SystemExit(f"{folder}: only {len(val)} held-out pairs, asked for {observations}")
     with tempfile.TemporaryDirectory() as tmp:

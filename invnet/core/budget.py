@@ -341,10 +341,8 @@ class Tape:
     def __init__(self, module: nn.Module, key: tuple, budget: float, plan: Optional[BudgetPlan]) -> None:
         self.module, self.key, self.budget, self.plan = module, key, budget, plan
         self.measuring = plan is None and math.isfinite(budget)
-        # unlimited: every unit keeps, so the whole call is plain autograd (the bridge runs it
-        # so); the tape only lists the units for the plan it reports
-        # (at every step: the all-kept plan the first step stores must not send later steps
-        # down the per-unit path)
+        # unlimited, at every step (a stored all-kept plan must not send later steps down the
+        # per-unit path): the call is plain autograd and the tape only lists its units
         self.listing = math.isinf(budget)
         self.index = 0
         self.units: list[str] = []
