@@ -3,7 +3,9 @@
 Blocks rebuild their input from their output, so training keeps the activations of one block at a
 time whatever the depth. See docs/architecture.md.
 """
-from . import layers, networks
+# host_memory must be imported before anything that imports torch (large CPU tensors on huge
+# pages; invnet/host_memory.py says why): keep it first in this line
+from . import host_memory, layers, networks
 from .core import (
     Backward,
     Chain,

@@ -167,6 +167,10 @@ def versions() -> dict[str, str]:
         ).stdout.strip()
     except OSError:
         pass
+    from invnet import host_memory  # the workers' setting: their own records say whether it took
+
+    out["huge_pages"] = (f"{host_memory.PYTORCH_VARIABLE}={os.environ.get(host_memory.PYTORCH_VARIABLE, 'unset')}, "
+                         f"kernel mode {host_memory.kernel_mode()}")
     if torch.cuda.is_available():
         out["cuda_device"] = torch.cuda.get_device_name(0)
         out["cuda"] = str(torch.version.cuda)

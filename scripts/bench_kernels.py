@@ -55,6 +55,8 @@ from typing import Any, Callable
 import bench_common as bc
 import torch
 
+from invnet import host_memory  # before the first tensor: large CPU tensors on huge pages
+
 HERE = os.path.abspath(__file__)
 NETWORKS = ("glow", "hint", "chain")
 NO_GPU_MESSAGE = (
@@ -234,6 +236,7 @@ def worker(cfg: dict) -> dict:
     torch.set_num_threads(cfg["threads"])
     out = dict(cfg)
     out["rss_baseline_mb"] = (bc._status_kb("VmRSS") or 0) / 1024.0  # interpreter and torch, before the network
+    out["huge_pages"] = host_memory.describe()
     steps, info = make_steps(cfg, device)
     out.update(info)
     runs: list[tuple[str, Callable[[], None]]] = []
