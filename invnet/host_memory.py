@@ -7,8 +7,8 @@ largest mmap threshold (32 MiB on 64-bit Linux) straight from the kernel and giv
 kernel zeroing each page first. Measured on one 3D conditioner (12 -> 16 -> 8 channels, forward and
 backward, one thread): 46 ns of kernel time per voxel at 64^3 (activations of 16 MB, below the
 threshold, recycled by glibc), 1164 ns at 128^3 (134 MB, faulted in every time) against 1566 ns of
-arithmetic; a 3D conditional Glow's step cost 1.7x more per voxel at 256^3 than at 128^3 for this
-reason alone (docs/benchmarks.md, section 4).
+arithmetic. A 3D conditional Glow's step cost 1.63x more per voxel at 256^3 than at 128^3 without
+huge pages and 1.11x with them (docs/benchmarks.md, section 4).
 
 With transparent huge pages (2 MiB) the kernel takes 512 times fewer faults. PyTorch asks for them
 (``madvise(MADV_HUGEPAGE)`` on every CPU allocation of 2 MiB or more) when the environment variable
