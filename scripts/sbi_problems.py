@@ -221,16 +221,28 @@ class SLCP(Problem):
 
         return log_density
 
+    @staticmethod
+    def starting_points(
+        log_density, cand: np.ndarray, lp: np.ndarray, chains: int, rng: np.random.Generator
+    ) -> np.ndarray:
+        """``chains`` draws from the candidates ``cand`` (log-densities ``lp``) weighted by their
+        density, each moved by a tiny jitter so that no two chains start alike; a jittered point
+        that left the support (a candidate on the prior's edge) keeps its candidate's place."""
+        w = np.exp(lp - lp[np.isfinite(lp)].max())
+        picked = cand[rng.choice(len(cand), chains, replace=True, p=w / w.sum())]
+        start = picked + 1e-3 * rng.standard_normal(picked.shape)
+        start[:, 2:4] = np.abs(start[:, 2:4])
+        outside = ~np.isfinite(log_density(start))
+        start[outside] = picked[outside]
+        return start
+
     def reference_posterior(self, y, n, rng, chains: int = 200, burn: int = 4000, thin: int = 10):
         log_density = self._log_folded_posterior(y)
         # start the chains at likelihood-weighted prior draws in the orthant t3, t4 > 0
         cand = self.sample_prior(400_000, rng)
         cand[:, 2:4] = np.abs(cand[:, 2:4])
         lp = log_density(cand)
-        w = np.exp(lp - lp[np.isfinite(lp)].max())
-        start = cand[rng.choice(len(cand), chains, replace=True, p=w / w.sum())]
-        start = start + 1e-3 * rng.standard_normal(start.shape)  # distinct starting points
-        start[:, 2:4] = np.abs(start[:, 2:4])
+        start = self.starting_points(log_density, cand, lp, chains, rng)
         per_chain = -(-n // chains)
         folded = metropolis(log_density, start, per_chain, rng, burn=burn, thin=thin)
         folded = folded[rng.permutation(len(folded))[:n]]

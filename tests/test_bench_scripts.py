@@ -185,6 +185,21 @@ def test_slcp_likelihood_and_reference_symmetry():
         assert abs((ref[:, k] > 0).mean() - 0.5) < 4 * 0.5 / np.sqrt(4000)
 
 
+def test_slcp_chains_start_inside_the_support_when_the_mass_sits_on_its_edge():
+    import numpy as np
+
+    sp = _sbi_problems()
+    slcp = sp.SLCP()
+    rng = np.random.default_rng(0)
+    y = slcp.simulate(np.array([[3.0, -3.0, 1.0, 1.0, 0.0]]), rng)[0]
+    log_density = slcp._log_folded_posterior(y)
+    # candidates exactly on the prior's edge (the jitter pushes half of them out of it)
+    cand = np.tile([3.0, -3.0, 1.0, 1.0, 0.0], (50, 1))
+    start = slcp.starting_points(log_density, cand, log_density(cand), 200, rng)
+    assert np.isfinite(log_density(start)).all()
+    assert len(np.unique(start, axis=0)) > 1  # jittered where the support allows
+
+
 def test_bench_posterior_tiny_and_resumable(tmp_path):
     pytest.importorskip("sklearn")
     out, work = tmp_path / "res.json", tmp_path / "work"
