@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 __all__ = ["PYTORCH_VARIABLE", "OPT_OUT_VARIABLE", "kernel_mode", "huge_pages_in_use", "describe"]
 
@@ -96,14 +97,16 @@ def huge_pages_in_use() -> bool:
         return False
 
 
-def describe() -> str:
-    """One line for reports: whether large CPU tensors get huge pages, and if not, why.
+def describe(in_use: Optional[bool] = None) -> str:
+    """One line for reports: whether large CPU tensors get huge pages, and if not, why
+    (``in_use``: the answer of :func:`huge_pages_in_use` when the caller has it, so that the
+    probe is not allocated twice).
 
     >>> describe().startswith("huge pages for CPU tensors")
     True
     """
     mode = kernel_mode()
-    if huge_pages_in_use():
+    if huge_pages_in_use() if in_use is None else in_use:
         return f"huge pages for CPU tensors of 2 MiB or more: in use (kernel mode {mode})"
     if mode in ("never", "unavailable"):
         why = f"the kernel's transparent-huge-page mode is {mode}"

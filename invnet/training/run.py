@@ -244,7 +244,7 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
         assignment = device_assignment(device, comm)
         _say(comm, assignment)
     if device.type == "cpu" and host_memory.kernel_mode() == "madvise" and not host_memory.huge_pages_in_use():
-        _say(comm, host_memory.describe() + ": large 3D steps slow down (invnet/host_memory.py)")
+        _say(comm, host_memory.describe(in_use=False) + ": large 3D steps slow down (invnet/host_memory.py)")
     if held_out is None:  # (`validation` is only the caller's set; a config's or a simulator's fixed set counts)
         _say(comm, "no validation pairs: no early stopping and no best checkpoint (invnet sample and info will use "
                    "the last checkpoint)")
