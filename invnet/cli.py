@@ -299,6 +299,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     previous = warnings.showwarning
     warnings.showwarning = one_line_warning
     try:
+        if argv is None and args.command in ("train", "sample"):
+            # jemalloc where installed: glibc re-faults a large step's memory at every step (the
+            # module says why); from the command line only, never when called as a function
+            from .host_allocator import relaunch_under_jemalloc
+
+            relaunch_under_jemalloc()
         return func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
             PermissionError) as err:

@@ -55,7 +55,7 @@ from typing import Any, Callable
 import bench_common as bc
 import torch
 
-from invnet import host_memory  # before the first tensor: large CPU tensors on huge pages
+from invnet import host_allocator, host_memory  # before the first tensor: large CPU tensors on huge pages
 
 HERE = os.path.abspath(__file__)
 NETWORKS = ("glow", "hint", "chain")
@@ -237,6 +237,7 @@ def worker(cfg: dict) -> dict:
     out = dict(cfg)
     out["rss_baseline_mb"] = (bc._status_kb("VmRSS") or 0) / 1024.0  # interpreter and torch, before the network
     out["huge_pages"] = host_memory.describe()
+    out["allocator"] = host_allocator.allocator_in_use()
     steps, info = make_steps(cfg, device)
     out.update(info)
     runs: list[tuple[str, Callable[[], None]]] = []
@@ -389,9 +390,13 @@ def main(argv=None) -> int:
                    help="no timing: list every convolution kernel call of one step (load-independent)")
     p.add_argument("--budget-gb", type=float, default=20.0, help="skip sizes whose memory estimate exceeds this")
     p.add_argument("--timeout", type=float, default=5400, help="seconds per configuration")
+    p.add_argument("--allocator", default="jemalloc", choices=["jemalloc", "system"],
+                   help="the workers' C allocator: jemalloc where installed (what invnet train does), or glibc's")
     p.add_argument("--out", default="docs/benchmarks/kernels_cpu.json")
     args = p.parse_args(argv)
+    os.environ[host_allocator.CHOICE_VARIABLE] = args.allocator  # read by each worker's relaunch
     if args.worker:
+        host_allocator.relaunch_under_jemalloc()  # as `invnet train` does (INVNET_ALLOCATOR set by the parent)
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -472,7 +477,7 @@ def _line(r: dict) -> str:
             for name, calls in r["conv_calls"].items())
     ns = "  ".join(f"{k} {v:.0f}" for k, v in r["ns_per_voxel"].items())
     slow = ", ".join(k for k, v in r["slow_conv3d"].items() if v) or "none"
-    return f"{head} ns/voxel {ns}; slow_conv3d in: {slow}"
+    return f"{head} ns/voxel {ns}; slow_conv3d in: {slow}; allocator {r.get('allocator', '?')}"
 
 
 def print_profiles(results: list[dict]) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import invnet.training.checkpoint as checkpoint_module
+from invnet import host_allocator
 from invnet.core.checks import gradient_error, invertibility_error, logdet_error, randomize_parameters_
 from invnet.networks import ConditionalCouplingFlow
 from invnet.training import (
@@ -177,6 +178,8 @@ progress = false
     ck = read_checkpoint(str(tmp_path / "run"))
     assert 2 <= ck.step < 100000
     assert "preempted" in out
+    # the command runs under jemalloc where it is installed (relaunched by invnet/host_allocator.py)
+    assert ("host allocator: jemalloc" in out) == (host_allocator.find_jemalloc() is not None), out
     steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps_logged[-1] == ck.step
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .. import host_memory
+from .. import host_allocator, host_memory
 from ..data import BatchLoader, Normalization, PairDataset, Shard, data_moments, open_pairs, train_validation_split
 from ..data.atomic import atomic_file, move_aside
 from ..data.quality import warn_about_data
@@ -245,6 +245,8 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
         _say(comm, assignment)
     if device.type == "cpu" and host_memory.kernel_mode() == "madvise" and not host_memory.huge_pages_in_use():
         _say(comm, host_memory.describe(in_use=False) + ": large 3D steps slow down (invnet/host_memory.py)")
+    if device.type == "cpu":
+        _say(comm, host_allocator.describe())
     if held_out is None:  # (`validation` is only the caller's set; a config's or a simulator's fixed set counts)
         _say(comm, "no validation pairs: no early stopping and no best checkpoint (invnet sample and info will use "
                    "the last checkpoint)")
