@@ -73,6 +73,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from bench_common import FixedPairs, reset_peak_rss, status_mb  # noqa: E402
 
+from invnet import host_allocator  # noqa: E402
 from invnet.core.memory_trace import trace_live_bytes  # noqa: E402
 from invnet.distributed import ParallelStrategy, SerialComm, default_comm  # noqa: E402
 from invnet.distributed import halo as halo_module  # noqa: E402
@@ -349,7 +350,8 @@ def main() -> None:
     common = {"binding": _gather_strings(comm, binding),
               "hidden": args.hidden, "levels": args.levels, "depth": args.depth, "batch": args.batch,
               "kernels": "reference (PyTorch's choice)" if args.reference_kernels else "invnet rule",
-              "threads_per_rank": torch.get_num_threads(), "load_average": os.getloadavg()}
+              "threads_per_rank": torch.get_num_threads(), "load_average": os.getloadavg(),
+              "allocator": _gather_strings(comm, host_allocator.allocator_in_use())}
     if args.mode == "fit":
         record = fit(args, comm)
     else:

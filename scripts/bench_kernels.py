@@ -394,11 +394,11 @@ def main(argv=None) -> int:
                    help="the workers' C allocator: jemalloc where installed (what invnet train does), or glibc's")
     p.add_argument("--out", default="docs/benchmarks/kernels_cpu.json")
     args = p.parse_args(argv)
-    os.environ[host_allocator.CHOICE_VARIABLE] = args.allocator  # read by each worker's relaunch
     if args.worker:
         host_allocator.relaunch_under_jemalloc()  # as `invnet train` does (INVNET_ALLOCATOR set by the parent)
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    os.environ[host_allocator.CHOICE_VARIABLE] = args.allocator  # inherited by the workers (run_fresh)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(NO_GPU_MESSAGE)
         return 0

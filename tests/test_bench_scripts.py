@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from invnet import host_allocator
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 
@@ -314,6 +316,12 @@ def test_bench_kernels_tiny(tmp_path):
             assert not r["slow_conv3d"]["invnet"], r["ops"]["invnet"]
     assert [s["net"] for s in record["summary"]] == ["glow", "hint"]
     assert "slow_conv3d in profile" in proc.stdout
+    # the workers run under jemalloc where it is installed, as invnet train does; --allocator system keeps glibc
+    assert {r["allocator"] for r in record["results"]} == {"jemalloc" if host_allocator.find_jemalloc() else "system"}
+    proc = run_script("bench_kernels.py", "--allocator", "system", "--nets", "chain", "--sizes", "8", "--batches", "1",
+                      "--threads", "1", "--repeats", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["allocator"] for r in json.loads(out.read_text())["results"]] == ["system"]
 
 
 def test_bench_kernels_conditioners_and_profile_tiny(tmp_path):
