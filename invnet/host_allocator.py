@@ -23,9 +23,13 @@ What this module does:
   reuse; the settings of PyTorch's own CPU launcher, ``torch.backends.xeon.run_cpu``). The
   ``invnet`` command calls it for ``train`` and ``sample`` before it does anything else. It does
   nothing when the allocator is already jemalloc or tcmalloc, when ``INVNET_ALLOCATOR=system``,
-  when jemalloc is not found, off Linux, or once MPI is initialised (an MPI process cannot replace
-  itself; under ``mpiexec ... python -m mpi4py`` pass the two variables to mpiexec instead,
-  docs/distributed.md).
+  when jemalloc is not found, off Linux, in a frozen or embedded interpreter, when the process is a
+  program that calls :func:`invnet.cli.main` rather than the command itself (its command line is
+  not safe to run twice), or once MPI is initialised (an MPI process cannot replace itself; under
+  ``mpiexec ... python -m mpi4py`` pass the two variables to mpiexec instead,
+  docs/distributed.md). The relaunched process puts ``LD_PRELOAD`` and ``MALLOC_CONF`` back as the
+  user had them, so the processes it starts do not inherit the preload, and warns once if the
+  loader refused the library (it then runs on glibc's allocator, as before).
 
 The cost: jemalloc configured so keeps the memory of the step's peak mapped until the process ends
 (the resident size stays at the peak instead of falling between steps; the peak itself is the same,
@@ -36,6 +40,7 @@ This module imports nothing heavy: the command calls it before torch does any wo
 from __future__ import annotations
 
 import ctypes.util
+import json
 import os
 import sys
 from typing import Mapping, Optional, Sequence
@@ -76,10 +81,26 @@ def allocator_in_use(maps_path: str = "/proc/self/maps") -> str:
     return "system"
 
 
+def _check_library(path: str, origin: str) -> str:
+    """``path`` made absolute, after checking that the dynamic loader can take it in ``LD_PRELOAD``."""
+    path = os.path.abspath(path)
+    if any(c in path for c in ": \t"):
+        raise ValueError(f"{origin}={path}: LD_PRELOAD cannot hold a path with ':' or blanks (expected the path of "
+                         f"{_LIBRARY} without them)")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        raise FileNotFoundError(f"{origin}={path}: no such file (expected the path of {_LIBRARY})") from None
+    if magic != b"\x7fELF":
+        raise ValueError(f"{origin}={path}: not a shared library (expected the path of {_LIBRARY})")
+    return path
+
+
 def find_jemalloc(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """The path of ``libjemalloc.so.2``: ``INVNET_JEMALLOC`` if set (it must exist), else the
-    first found in the active conda environment, the standard library folders, or by the
-    dynamic linker's cache; None when there is none.
+    """The path of ``libjemalloc.so.2``: ``INVNET_JEMALLOC`` if set (it must be a shared library),
+    else the first found in this Python's prefix (conda, virtual environments), the standard
+    library folders, or by the dynamic linker's cache; None when there is none.
 
     >>> find_jemalloc({"INVNET_JEMALLOC": "/no/such/libjemalloc.so.2"})
     Traceback (most recent call last):
@@ -89,32 +110,62 @@ def find_jemalloc(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     environ = os.environ if environ is None else environ
     given = environ.get(PATH_VARIABLE, "").strip()
     if given:
-        if not os.path.isfile(given):
-            raise FileNotFoundError(f"{PATH_VARIABLE}={given}: no such file (expected the path of {_LIBRARY})")
-        return given
-    dirs = [os.path.join(environ[v], "lib") for v in ("CONDA_PREFIX", "VIRTUAL_ENV") if environ.get(v)]
-    for folder in dirs + list(_STANDARD_DIRS):
+        return _check_library(given, PATH_VARIABLE)
+    prefixes = [environ["CONDA_PREFIX"]] if environ.get("CONDA_PREFIX") else [sys.prefix]
+    for folder in [os.path.join(p, "lib") for p in prefixes] + list(_STANDARD_DIRS):
         path = os.path.join(folder, _LIBRARY)
         if os.path.isfile(path):
-            return path
-    name = ctypes.util.find_library("jemalloc")  # e.g. "libjemalloc.so.2", resolvable by the loader
-    return name or None
+            try:
+                return _check_library(path, "found")
+            except (ValueError, FileNotFoundError):
+                continue
+    name = ctypes.util.find_library("jemalloc")  # a name the loader resolves, e.g. "libjemalloc.so.2"
+    return name if name and name.endswith(".so.2") else None  # (.so.1 predates MALLOC_CONF's settings)
 
 
 def relaunch_environment(environ: Mapping[str, str], library: str) -> dict[str, str]:
     """The environment of the relaunched process: ``library`` first in ``LD_PRELOAD``,
-    :data:`MALLOC_CONF` unless the user set one, and the marker that stops a second relaunch.
+    :data:`MALLOC_CONF` unless the user set one, and the marker that stops a second relaunch and
+    carries the user's own two values, which the relaunched process puts back so that the
+    processes it starts do not inherit the preload (:func:`relaunch_under_jemalloc`).
 
     >>> env = relaunch_environment({"LD_PRELOAD": "/x/libfoo.so"}, "/lib/libjemalloc.so.2")
     >>> env["LD_PRELOAD"], env["MALLOC_CONF"].startswith("oversize_threshold:1")
     ('/lib/libjemalloc.so.2:/x/libfoo.so', True)
     """
     env = dict(environ)
+    saved = {"library": library, "LD_PRELOAD": env.get("LD_PRELOAD"), "MALLOC_CONF": env.get("MALLOC_CONF")}
     preload = env.get("LD_PRELOAD", "").strip()
     env["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
     env.setdefault("MALLOC_CONF", MALLOC_CONF)
-    env[_RELAUNCHED_VARIABLE] = "1"
+    env[_RELAUNCHED_VARIABLE] = json.dumps(saved)
     return env
+
+
+#: in a relaunched process: the library it was relaunched with, and whether it did load
+_relaunched: dict[str, object] = {}
+
+
+def _settle_after_relaunch(marker: str) -> None:
+    """In the relaunched process: put the user's LD_PRELOAD and MALLOC_CONF back (jemalloc is
+    loaded by now; child processes should not inherit it), drop the marker, and warn once when the
+    loader could not preload the library."""
+    try:
+        saved = json.loads(marker)
+    except ValueError:
+        saved = {}
+    os.environ.pop(_RELAUNCHED_VARIABLE, None)
+    for name in ("LD_PRELOAD", "MALLOC_CONF"):
+        if saved.get(name) is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved[name]
+    library = str(saved.get("library", "jemalloc"))
+    loaded = allocator_in_use() == "jemalloc"
+    _relaunched.update(library=library, loaded=loaded)
+    if not loaded:
+        print(f"invnet: warning: {library} could not be preloaded; running on the C library's malloc "
+              f"(invnet/host_allocator.py)", file=sys.stderr, flush=True)
 
 
 def _skip_reason(environ: Mapping[str, str]) -> Optional[str]:
@@ -124,10 +175,12 @@ def _skip_reason(environ: Mapping[str, str]) -> Optional[str]:
         raise ValueError(f"{CHOICE_VARIABLE}={choice!r}: expected 'jemalloc' or 'system'")
     if choice == "system":
         return f"{CHOICE_VARIABLE}=system"
-    if environ.get(_RELAUNCHED_VARIABLE) == "1":
-        return "already relaunched"
+    if _relaunched:
+        return "relaunched once already"
     if not sys.platform.startswith("linux"):
         return "not Linux"
+    if getattr(sys, "frozen", False) or not sys.executable:
+        return "not a plain Python interpreter"
     if allocator_in_use() in ("jemalloc", "tcmalloc"):
         return "already preloaded"
     if "mpi4py.MPI" in sys.modules:
@@ -135,11 +188,26 @@ def _skip_reason(environ: Mapping[str, str]) -> Optional[str]:
     return None
 
 
+def _started_as_the_command() -> bool:
+    """Whether this process is the ``invnet`` command itself (its console script or
+    ``python -m invnet``), not a program that calls :func:`invnet.cli.main`: only then is its
+    command line safe to run again."""
+    first = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    package = os.path.dirname(os.path.abspath(__file__))
+    return os.path.basename(first) == "invnet" or first == os.path.join(package, "__main__.py")
+
+
 def relaunch_under_jemalloc(argv: Optional[Sequence[str]] = None) -> None:
-    """Replace this process with the same command line (``argv``, default ``sys.orig_argv``) run
-    under jemalloc, when the rules of the module docstring allow; otherwise return and do nothing.
-    Call it first thing: the process is replaced, so nothing done before survives."""
-    if _skip_reason(os.environ) is not None:
+    """Replace this process with the same command line run under jemalloc, when the rules of the
+    module docstring allow; otherwise return and do nothing. ``argv``: the full command line to
+    run again (default ``sys.orig_argv``, and then only when this process is the ``invnet``
+    command). Call it first thing: the process is replaced, so nothing done before survives. In
+    the relaunched process it puts the environment back as the user had it and returns."""
+    marker = os.environ.get(_RELAUNCHED_VARIABLE)
+    if marker is not None and not _relaunched:
+        _settle_after_relaunch(marker)
+        return
+    if _skip_reason(os.environ) is not None or (argv is None and not _started_as_the_command()):
         return
     library = find_jemalloc()
     if library is None:
@@ -147,7 +215,10 @@ def relaunch_under_jemalloc(argv: Optional[Sequence[str]] = None) -> None:
     args = list(sys.orig_argv if argv is None else argv)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, args, relaunch_environment(os.environ, library))
+    try:
+        os.execve(sys.executable, args, relaunch_environment(os.environ, library))
+    except OSError:  # no usable interpreter path (embedded Python, noexec): carry on as we are
+        return
 
 
 def describe() -> str:
@@ -166,6 +237,8 @@ def describe() -> str:
         return f"host allocator: the C library's malloc ({err})"
     if reason == f"{CHOICE_VARIABLE}=system":
         return f"host allocator: the C library's malloc ({reason})"
+    if _relaunched and not _relaunched["loaded"]:
+        return f"host allocator: the C library's malloc ({_relaunched['library']} could not be preloaded)"
     if found is None:
         return ("host allocator: the C library's malloc; large 3D steps pay page faults at every step "
                 "(install jemalloc, e.g. `apt install libjemalloc2`, and invnet train and sample use it; "

@@ -390,15 +390,19 @@ def main(argv=None) -> int:
                    help="no timing: list every convolution kernel call of one step (load-independent)")
     p.add_argument("--budget-gb", type=float, default=20.0, help="skip sizes whose memory estimate exceeds this")
     p.add_argument("--timeout", type=float, default=5400, help="seconds per configuration")
-    p.add_argument("--allocator", default="jemalloc", choices=["jemalloc", "system"],
+    p.add_argument("--allocator", default=os.environ.get(host_allocator.CHOICE_VARIABLE, "jemalloc"),
+                   choices=["jemalloc", "system"],
                    help="the workers' C allocator: jemalloc where installed (what invnet train does), or glibc's")
     p.add_argument("--out", default="docs/benchmarks/kernels_cpu.json")
     args = p.parse_args(argv)
     if args.worker:
-        host_allocator.relaunch_under_jemalloc()  # as `invnet train` does (INVNET_ALLOCATOR set by the parent)
+        host_allocator.relaunch_under_jemalloc(sys.orig_argv)  # as `invnet train` does (INVNET_ALLOCATOR: the parent's)
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     os.environ[host_allocator.CHOICE_VARIABLE] = args.allocator  # inherited by the workers (run_fresh)
+    if args.allocator == "system":  # nor a jemalloc the caller preloaded
+        kept = [x for x in os.environ.get("LD_PRELOAD", "").split(":") if x and "jemalloc" not in x]
+        os.environ["LD_PRELOAD"] = ":".join(kept)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(NO_GPU_MESSAGE)
         return 0

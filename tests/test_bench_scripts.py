@@ -17,7 +17,9 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 
 
 def run_script(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    drop = ("LD_PRELOAD", "MALLOC_CONF", "INVNET_ALLOCATOR", "INVNET_JEMALLOC", "INVNET_ALLOCATOR_RELAUNCHED")
+    env = {k: v for k, v in os.environ.items() if k not in drop}  # the scripts' own allocator choice
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, os.path.join(SCRIPTS, name), *args], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=timeout, check=False,

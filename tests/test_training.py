@@ -142,9 +142,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert read_checkpoint(latest_checkpoint(trainer.checkpoint_dir)).step == 3
 
 
+ALLOCATOR_VARIABLES = ("LD_PRELOAD", "MALLOC_CONF", "INVNET_ALLOCATOR", "INVNET_JEMALLOC",
+                       "INVNET_ALLOCATOR_RELAUNCHED")
+
+
 def train_then_signal(cfg_path, metrics, sig):
     """`invnet train CFG` in a subprocess; once two metrics lines are written, send `sig`."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARIABLES}  # the command's own choice
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "invnet", "train", cfg_path], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
