@@ -10,6 +10,7 @@ docs/posterior_accuracy.md:
     python -m invnet demo --out /tmp/demo_small
     python -m invnet demo --out /tmp/demo_large --size large
     python scripts/demo_calibration.py /tmp/demo_small /tmp/demo_large --observations 300
+    python scripts/demo_calibration.py /tmp/demo_small --temperatures 1 1.03 1.05   # a row per temperature
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from invnet.inference.diagnostics import diagnostics_summary
 from invnet.training import load_config
 
 
-def evaluate(folder: str, observations: int, samples: int, seed: int) -> dict:
+def evaluate(folder: str, observations: int, samples: int, seed: int, temperature: float = 1.0) -> dict:
     best = os.path.join(folder, "run", "checkpoints", "best")
     data = os.path.join(folder, "data.h5")
     if not (os.path.isdir(best) and os.path.isfile(data)):
@@ -39,7 +40,7 @@ def evaluate(folder: str, observations: int, samples: int, seed: int) -> dict:
         raise SystemExit(f"{folder}: only {len(val)} held-out pairs, asked for {observations}")
     with tempfile.TemporaryDirectory() as tmp:
         return sample_job(best, data, os.path.join(tmp, "posterior.zarr"), n_samples=samples, batch_size=100,
-                          indices=val[:observations], seed=seed, progress=False)
+                          indices=val[:observations], seed=seed, temperature=temperature, progress=False)
 
 
 def main() -> None:
@@ -49,16 +50,18 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--temperatures", type=float, nargs="+", default=[1.0], help="sampling temperatures, a row each")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print("| folder | 50% | 90% | 95% | ratio | z std | RMSE | SBC / TARP |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| folder | T | 50% | 90% | 95% | ratio | z std | RMSE | SBC / TARP |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for folder in a.folders:
-        r = evaluate(folder, a.observations, a.samples, a.seed)
-        cov = r["coverage"]
-        print(f"| {folder} | " + " | ".join(f"{cov[k]['empirical']:.3f}" for k in ("0.5", "0.9", "0.95"))
-              + f" | {r['ratio_sample_to_mean_sq_error']:.3f} | {r['z_std']:.3f} | {r['rmse_mean']:.4f} | "
-              f"{diagnostics_summary(r)} |", flush=True)
+        for t in a.temperatures:
+            r = evaluate(folder, a.observations, a.samples, a.seed, t)
+            cov = r["coverage"]
+            print(f"| {folder} | {t:g} | " + " | ".join(f"{cov[k]['empirical']:.3f}" for k in ("0.5", "0.9", "0.95"))
+                  + f" | {r['ratio_sample_to_mean_sq_error']:.3f} | {r['z_std']:.3f} | {r['rmse_mean']:.4f} | "
+                  f"{diagnostics_summary(r)} |", flush=True)
 
 
 if __name__ == "__main__":

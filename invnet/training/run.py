@@ -60,6 +60,11 @@ def _validation_batches(
     return batches
 
 
+#: a batch of this many unknowns or more has conditioner activations past glibc's 32 MiB mmap threshold
+#: (8 or more hidden channels in float32): where the allocator shows in the step time (invnet/host_allocator.py)
+_LARGE_BATCH_ELEMENTS = 1 << 20
+
+
 def _say(comm: Communicator, message: str) -> None:
     if comm.rank == 0:
         print(message, flush=True)
@@ -245,8 +250,9 @@ def trainer_from_config(cfg: dict, comm: Optional[Communicator] = None, resume: 
         _say(comm, assignment)
     if device.type == "cpu" and host_memory.kernel_mode() == "madvise" and not host_memory.huge_pages_in_use():
         _say(comm, host_memory.describe(in_use=False) + ": large 3D steps slow down (invnet/host_memory.py)")
-    if device.type == "cpu":
-        _say(comm, host_allocator.describe())
+    if device.type == "cpu" and (host_allocator.allocator_in_use() != "system"
+                                 or math.prod(x_shape) * t["batch_size"] >= _LARGE_BATCH_ELEMENTS):
+        _say(comm, host_allocator.describe())  # (glibc's cost only shows on batches whose activations pass 32 MiB)
     if held_out is None:  # (`validation` is only the caller's set; a config's or a simulator's fixed set counts)
         _say(comm, "no validation pairs: no early stopping and no best checkpoint (invnet sample and info will use "
                    "the last checkpoint)")
