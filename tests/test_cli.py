@@ -43,7 +43,7 @@ def test_sample_and_info_commands(demo_dir, tmp_path, capsys):
     assert (tmp_path / "plots" / "sbc_ranks.png").exists() and (tmp_path / "plots" / "tarp.png").exists()
     assert main(["info", str(demo_dir / "run")]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["step"] == 6 and info["network"]["type"] == "ConditionalCouplingFlow"
+    assert info["step"] == 6 and info["network"]["type"] == "ConditionalGlow"
     assert info["data_position"]["seed"] == 0
 
 
