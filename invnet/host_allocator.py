@@ -39,7 +39,6 @@ This module imports nothing heavy: the command calls it before torch does any wo
 """
 from __future__ import annotations
 
-import ctypes.util
 import json
 import os
 import sys
@@ -99,8 +98,8 @@ def _check_library(path: str, origin: str) -> str:
 
 def find_jemalloc(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The path of ``libjemalloc.so.2``: ``INVNET_JEMALLOC`` if set (it must be a shared library),
-    else the first found in this Python's prefix (conda, virtual environments), the standard
-    library folders, or by the dynamic linker's cache; None when there is none.
+    else the first found in this Python's prefix (conda, virtual environments) or the standard
+    library folders; None when there is none.
 
     >>> find_jemalloc({"INVNET_JEMALLOC": "/no/such/libjemalloc.so.2"})
     Traceback (most recent call last):
@@ -119,8 +118,7 @@ def find_jemalloc(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
                 return _check_library(path, "found")
             except (ValueError, FileNotFoundError):
                 continue
-    name = ctypes.util.find_library("jemalloc")  # a name the loader resolves, e.g. "libjemalloc.so.2"
-    return name if name and name.endswith(".so.2") else None  # (.so.1 predates MALLOC_CONF's settings)
+    return None  # (not the loader's cache: a stale entry names a file that is gone, and only a path can be checked)
 
 
 def relaunch_environment(environ: Mapping[str, str], library: str) -> dict[str, str]:
